@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Finds a PostgreSQL server for `make run` / `make test`, or starts a private, throwaway one.
+#
+#   scripts/pg.sh url     print a server-admin URL: $DATABASE_URL if it answers, else the
+#                         local server at 127.0.0.1:5432 if it answers, else the private
+#                         cluster (started on demand)
+#   scripts/pg.sh up      start the private cluster (a no-op while it runs); print its URL
+#   scripts/pg.sh down    stop the private cluster and delete it
+#   scripts/pg.sh ensure-db URL NAME
+#                         create database NAME on the server of URL if it is missing
+#
+# The private cluster lives in a mktemp directory under /tmp (reachable by the `postgres`
+# account when we run as root, since initdb and postgres refuse to run as root); its path
+# is remembered in .pgcluster (git-ignored). It runs with fsync off: it is for throwaway
+# data only.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+STATE_FILE=.pgcluster
+log() { echo "pg.sh: $*" >&2; }
+
+find_bin() {
+  local name=$1 dir
+  if command -v "$name" >/dev/null 2>&1; then command -v "$name"; return 0; fi
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    if [ -x "$dir/$name" ]; then echo "$dir/$name"; return 0; fi
+  done
+  return 1
+}
+
+answers() { # URL
+  local psql
+  psql=$(find_bin psql) || return 1
+  PGCONNECT_TIMEOUT=3 "$psql" "$1" -XAtqc 'SELECT 1' >/dev/null 2>&1
+}
+
+as_owner() { # run a command as the cluster owner (postgres when we are root)
+  if [ "$(id -u)" = 0 ]; then
+    if command -v runuser >/dev/null 2>&1; then runuser -u postgres -- "$@"; else su postgres -s /bin/sh -c "$(printf '%q ' "$@")"; fi
+  else
+    "$@"
+  fi
+}
+
+cluster_url() { echo "postgres://postgres@127.0.0.1:$1/postgres"; }
+
+up() {
+  if [ -f "$STATE_FILE" ]; then
+    read -r dir port <"$STATE_FILE" || true
+    if [ -n "${dir:-}" ] && answers "$(cluster_url "$port")"; then
+      cluster_url "$port"; return 0
+    fi
+    log "stale $STATE_FILE (cluster not answering); starting a new one"
+    rm -f "$STATE_FILE"
+  fi
+  local initdb pg_ctl
+  initdb=$(find_bin initdb) || { log "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin."; log "Install them (Debian: apt-get install postgresql) or set DATABASE_URL to a reachable server."; exit 1; }
+  pg_ctl=$(find_bin pg_ctl) || { log "pg_ctl not found next to initdb"; exit 1; }
+  if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    log "running as root and there is no 'postgres' account to run the server as; create one (useradd -r postgres) or run as a normal user"
+    exit 1
+  fi
+  local dir port
+  dir=$(mktemp -d /tmp/ledger-pg.XXXXXX)
+  chmod 755 "$dir"
+  [ "$(id -u)" = 0 ] && chown postgres "$dir"
+  port=55432
+  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+  log "initialising a private cluster in $dir on port $port"
+  as_owner "$initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; exit 1; }
+  as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+  echo "$dir $port" >"$STATE_FILE"
+  cluster_url "$port"
+}
+
+down() {
+  [ -f "$STATE_FILE" ] || { log "no private cluster running"; return 0; }
+  read -r dir port <"$STATE_FILE" || true
+  if [ -n "${dir:-}" ] && [ -d "$dir/data" ]; then
+    as_owner "$(find_bin pg_ctl)" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$dir"
+  fi
+  rm -f "$STATE_FILE"
+  log "private cluster stopped and removed"
+}
+
+url() {
+  if [ -n "${DATABASE_URL:-}" ]; then
+    if answers "$DATABASE_URL"; then echo "$DATABASE_URL"; return 0; fi
+    log "DATABASE_URL is set but the server does not answer; falling back"
+  fi
+  local local_url="postgres://postgres@127.0.0.1:5432/postgres"
+  if answers "$local_url"; then echo "$local_url"; return 0; fi
+  up
+}
+
+ensure_db() { # URL NAME
+  local psql exists
+  psql=$(find_bin psql) || { log "psql not found"; exit 1; }
+  exists=$("$psql" "$1" -XAtqc "SELECT 1 FROM pg_database WHERE datname = '$2'")
+  [ "$exists" = 1 ] || "$psql" "$1" -Xqc "CREATE DATABASE \"$2\"" >/dev/null
+}
+
+case "${1:-}" in
+  url) url ;;
+  up) up ;;
+  down) down ;;
+  ensure-db) ensure_db "$2" "$3" ;;
+  *) echo "usage: $0 url|up|down|ensure-db URL NAME" >&2; exit 2 ;;
+esac

@@ -1,0 +1,119 @@
+//! `/accounts` (contract section 3).
+
+use actix_web::http::{header, Method};
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::{page_limit, resource};
+use crate::db::accounts::{self, Account};
+use crate::db::session::DbSession;
+use crate::error::{ApiError, FieldError};
+
+/// Longest account name, in characters, after trimming.
+const MAX_NAME_CHARS: usize = 100;
+
+/// Registers the account routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource(
+        "/accounts",
+        [
+            (Method::GET, web::to(list)),
+            (Method::POST, web::to(create)),
+        ],
+    ))
+    .service(resource("/accounts/{id}", [(Method::GET, web::to(get))]));
+}
+
+/// `POST /accounts` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    pub name: String,
+    #[serde(default)]
+    pub balance: i64,
+}
+
+impl CreateAccount {
+    /// The trimmed name, or every rule the request breaks.
+    fn validate(&self) -> Result<&str, ApiError> {
+        let name = self.name.trim();
+        let mut errors = Vec::new();
+        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+            errors.push(FieldError::new(
+                "name",
+                "must be 1 to 100 characters after trimming",
+            ));
+        }
+        if self.balance < 0 {
+            errors.push(FieldError::new("balance", "must be >= 0"));
+        }
+        if errors.is_empty() {
+            Ok(name)
+        } else {
+            Err(ApiError::Validation(errors))
+        }
+    }
+}
+
+/// Query of `GET /accounts`.
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    pub limit: Option<i64>,
+    pub after_id: Option<i64>,
+}
+
+/// A page of a keyset-paginated list.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The last item's id when the page is full, else `null`.
+    pub next_after_id: Option<i64>,
+}
+
+impl<T> Page<T> {
+    /// Builds the page; `id` reads an item's id.
+    pub fn new(items: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Self {
+        let full = i64::try_from(items.len()).is_ok_and(|n| n == limit);
+        let next_after_id = if full { items.last().map(id) } else { None };
+        Page {
+            items,
+            next_after_id,
+        }
+    }
+}
+
+async fn create(
+    session: DbSession,
+    body: web::Json<CreateAccount>,
+) -> Result<HttpResponse, ApiError> {
+    let name = body.validate()?;
+    let mut conn = session.conn().await?;
+    let account = accounts::insert(&mut conn, name, body.balance).await?;
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/accounts/{}", account.id)))
+        .json(account))
+}
+
+async fn get(session: DbSession, id: web::Path<i64>) -> Result<web::Json<Account>, ApiError> {
+    let id = id.into_inner();
+    let missing = || ApiError::NotFound(format!("account {id} does not exist"));
+    if id <= 0 {
+        return Err(missing());
+    }
+    let mut conn = session.conn().await?;
+    accounts::find(&mut conn, id)
+        .await?
+        .map(web::Json)
+        .ok_or_else(missing)
+}
+
+async fn list(
+    session: DbSession,
+    params: web::Query<ListParams>,
+) -> Result<web::Json<Page<Account>>, ApiError> {
+    let limit = page_limit(params.limit)?;
+    let after_id = params.after_id.unwrap_or(0);
+    let mut conn = session.conn().await?;
+    let items = accounts::list(&mut conn, after_id, limit).await?;
+    Ok(web::Json(Page::new(items, limit, |a| a.id)))
+}

@@ -1,0 +1,112 @@
+//! The REST API: routes, extractor configuration and the shared bad-input story.
+//!
+//! Every resource is registered through [`resource`], which lists its methods once: a
+//! known path with a wrong method gets 405 `method_not_allowed` with an `Allow` header
+//! (Actix's route macros would fall through to 404). Unknown paths get 404 `not_found`
+//! from [`not_found`]. The JSON, path and query extractors map their failures to the
+//! contract's codes (400, 413, 415), so bad input never reaches a handler, never checks
+//! out a connection and never writes.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::http::Method;
+use actix_web::middleware::from_fn;
+use actix_web::{web, HttpRequest, Resource, Route};
+
+use crate::db::session;
+use crate::error::ApiError;
+
+/// `/accounts`.
+pub mod accounts;
+/// Routes that exist only to prove the session guarantees (`--features test-routes`).
+#[cfg(feature = "test-routes")]
+pub mod test_routes;
+
+/// Registers the API routes and the extractor configuration.
+pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
+    cfg.app_data(json_config(body_limit))
+        .app_data(web::PathConfig::default().error_handler(path_error))
+        .app_data(web::QueryConfig::default().error_handler(query_error));
+    accounts::configure(cfg);
+    #[cfg(feature = "test-routes")]
+    test_routes::configure(cfg);
+}
+
+/// A resource that answers `methods` and 405 (with `Allow`) to anything else, with the
+/// session finalizer around it.
+///
+/// The finalizer wraps each resource rather than the whole app because it must keep a
+/// handle on the request (to answer a panic with a 500), and Actix's router needs the
+/// request unshared until it has matched a resource.
+pub fn resource<const N: usize>(
+    path: &str,
+    methods: [(Method, Route); N],
+) -> Resource<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let allow: Vec<Method> = methods.iter().map(|(m, _)| m.clone()).collect();
+    let mut resource = web::resource(path);
+    for (method, route) in methods {
+        resource = resource.route(route.method(method));
+    }
+    resource
+        .default_service(web::to(move || {
+            let allow = allow.clone();
+            async move { Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }
+        }))
+        .wrap(from_fn(session::finalize))
+}
+
+/// The app's default service: 404 `not_found` for any path no route knows.
+pub async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no route for {}", req.path())))
+}
+
+fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|err, _req| json_error(err).into())
+}
+
+fn json_error(err: JsonPayloadError) -> ApiError {
+    match err {
+        JsonPayloadError::ContentType => ApiError::UnsupportedMediaType(
+            "the body must be sent with Content-Type: application/json".to_owned(),
+        ),
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::PayloadTooLarge(limit),
+        JsonPayloadError::Deserialize(e) => ApiError::BadRequest(format!("invalid JSON body: {e}")),
+        other => ApiError::BadRequest(format!("unreadable body: {other}")),
+    }
+}
+
+fn path_error(err: PathError, _req: &HttpRequest) -> actix_web::Error {
+    let PathError::Deserialize(e) = err else {
+        return ApiError::BadRequest("invalid path".to_owned()).into();
+    };
+    ApiError::BadRequest(format!("invalid path parameter: {e}")).into()
+}
+
+fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let QueryPayloadError::Deserialize(e) = err else {
+        return ApiError::BadRequest("invalid query string".to_owned()).into();
+    };
+    ApiError::BadRequest(format!("invalid query string: {e}")).into()
+}
+
+/// `limit` of the list endpoints: 1..=1000, default 50 (contract section 3).
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    const DEFAULT: i64 = 50;
+    const MAX: i64 = 1000;
+    match limit.unwrap_or(DEFAULT) {
+        n @ 1..=MAX => Ok(n),
+        _ => Err(ApiError::invalid("limit", "must be between 1 and 1000")),
+    }
+}

@@ -1,0 +1,176 @@
+//! Routes that exist only to prove the session guarantees; compiled with
+//! `--features test-routes` (which `make test` turns on), never in a release build.
+//!
+//! Each writes an account named after the route (the `name` query parameter, so a test can
+//! find its own rows) and then misbehaves in one specific way.
+
+use std::time::Duration;
+
+use actix_web::http::Method;
+use actix_web::{web, HttpResponse};
+use diesel::sql_types::BigInt;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use serde::Deserialize;
+
+use super::resource;
+use crate::db::accounts;
+use crate::db::session::DbSession;
+use crate::error::ApiError;
+
+#[derive(Deserialize)]
+struct Params {
+    name: String,
+    #[serde(default)]
+    ms: u64,
+}
+
+/// Registers the test routes under `/_test`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let post = |route: fn() -> actix_web::Route| [(Method::POST, route())];
+    cfg.service(resource(
+        "/_test/write-then-4xx",
+        post(|| web::to(write_then_4xx)),
+    ))
+    .service(resource(
+        "/_test/write-then-err",
+        post(|| web::to(write_then_err)),
+    ))
+    .service(resource(
+        "/_test/write-then-panic",
+        post(|| web::to(write_then_panic)),
+    ))
+    .service(resource(
+        "/_test/commit-fails",
+        post(|| web::to(commit_fails)),
+    ))
+    .service(resource(
+        "/_test/swallowed-error",
+        post(|| web::to(swallowed_error)),
+    ))
+    .service(resource(
+        "/_test/write-then-sleep",
+        post(|| web::to(write_then_sleep)),
+    ))
+    .service(resource("/_test/savepoint", post(|| web::to(savepoint))))
+    .service(resource(
+        "/_test/escaping-guard",
+        post(|| web::to(escaping_guard)),
+    ))
+    .service(resource("/_test/pg-sleep", post(|| web::to(pg_sleep))))
+    .service(resource(
+        "/_test/no-session",
+        [(Method::GET, web::to(no_session))],
+    ));
+}
+
+async fn write(session: &DbSession, name: &str) -> Result<i64, ApiError> {
+    let mut conn = session.conn().await?;
+    Ok(accounts::insert(&mut conn, name, 100).await?.id)
+}
+
+/// Writes, then answers 409 without an error: the status alone must roll back.
+async fn write_then_4xx(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    Ok(HttpResponse::Conflict().json(serde_json::json!({ "written": true })))
+}
+
+/// Writes, then returns an error.
+async fn write_then_err(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    Err(ApiError::invalid("name", "rejected after the write"))
+}
+
+/// Writes, then panics.
+async fn write_then_panic(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    panic!("test route panics after its write");
+}
+
+/// Writes, then violates a deferred constraint, so COMMIT itself fails.
+async fn commit_fails(session: DbSession, q: web::Query<Params>) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    let mut conn = session.conn().await?;
+    diesel::sql_query(
+        "CREATE TEMP TABLE deferred_check (v int UNIQUE DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP",
+    )
+    .execute(&mut *conn)
+    .await?;
+    diesel::sql_query("INSERT INTO deferred_check VALUES (1), (1)")
+        .execute(&mut *conn)
+        .await?;
+    Ok(HttpResponse::Created().finish())
+}
+
+/// Writes, lets a statement fail, ignores the error and answers 200.
+async fn swallowed_error(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    let mut conn = session.conn().await?;
+    let ignored = diesel::sql_query("SELECT 1/0").execute(&mut *conn).await;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "ignored_error": ignored.is_err() })))
+}
+
+/// Writes, then sleeps `ms` while holding the transaction (cancellation, pool exhaustion).
+async fn write_then_sleep(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    let id = write(&session, &q.name).await?;
+    tokio::time::sleep(Duration::from_millis(q.ms)).await;
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+}
+
+/// Writes, then a nested unit of work writes and fails: only the savepoint rolls back.
+async fn savepoint(session: DbSession, q: web::Query<Params>) -> Result<HttpResponse, ApiError> {
+    let outer = write(&session, &q.name).await?;
+    let mut conn = session.conn().await?;
+    let inner_name = format!("{}-inner", q.name);
+    let nested = conn
+        .transaction::<(), ApiError, _>(async |conn| {
+            accounts::insert(conn, &inner_name, 1).await?;
+            Err(ApiError::invalid("inner", "nested unit of work fails"))
+        })
+        .await;
+    Ok(HttpResponse::Created()
+        .json(serde_json::json!({ "id": outer, "nested_failed": nested.is_err() })))
+}
+
+/// Moves the connection guard into a task that outlives the handler, which then writes.
+async fn escaping_guard(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    let mut conn = session.conn().await?;
+    let name = q.name.clone();
+    actix_web::rt::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = accounts::insert(&mut conn, &name, 1).await;
+    });
+    Ok(HttpResponse::Created().finish())
+}
+
+/// Runs `pg_sleep` for `ms` (statement timeout tests).
+async fn pg_sleep(session: DbSession, q: web::Query<Params>) -> Result<HttpResponse, ApiError> {
+    let mut conn = session.conn().await?;
+    diesel::sql_query("SELECT pg_sleep($1::bigint / 1000.0)")
+        .bind::<BigInt, _>(i64::try_from(q.ms).unwrap_or(i64::MAX))
+        .execute(&mut *conn)
+        .await?;
+    Ok(HttpResponse::Ok().finish())
+}
+
+/// Takes no session: must not check out a connection.
+async fn no_session() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "session": false }))
+}

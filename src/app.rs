@@ -1,0 +1,170 @@
+//! The application builder that `main` and the tests share.
+//!
+//! [`Application::build`] builds the pool, prepares the schema, binds the listener (port
+//! 0 picks a free one: see [`Application::port`]) and assembles the Actix app;
+//! [`Application::run_until_stopped`] serves until the server is stopped, then closes the
+//! pool. Signal handling with the drain window lives in [`crate::shutdown`].
+
+use std::io;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServerHandle, ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Logger};
+use actix_web::{web, App, HttpServer};
+
+use crate::config::Config;
+use crate::db::migrate;
+use crate::db::pool::{self, DbPool};
+use crate::db::session::SessionSettings;
+use crate::health::{self, Health};
+use crate::{api, request_id};
+
+/// Access log: peer, request line, status, size, duration and the request id.
+const ACCESS_LOG_FORMAT: &str = r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#;
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    port: u16,
+    server: Server,
+    pool: DbPool,
+    health: web::Data<Health>,
+    config: Config,
+}
+
+impl Application {
+    /// Builds everything and binds the listener. Does not need the database: if it cannot
+    /// be reached, the service starts anyway and migrations are retried in the background.
+    pub async fn build(config: Config) -> io::Result<Self> {
+        let pool = pool::build_pool(&config.db).map_err(io::Error::other)?;
+        pool::spawn_reaper(&pool, &config.db);
+        let health = web::Data::new(Health::new(&config.db, pool.clone()));
+        prepare_schema(&config, &health).await;
+
+        let state = AppState {
+            settings: web::Data::new(SessionSettings::new(pool.clone(), &config.db)),
+            health: health.clone(),
+            body_limit: config.http_body_limit,
+        };
+        let listener = TcpListener::bind((config.host, config.port))?;
+        let port = listener.local_addr()?.port();
+        let server = HttpServer::new(move || app(state.clone()))
+            .listen(listener)?
+            // Signals are ours (see `shutdown`): Actix would stop accepting at once.
+            .disable_signals()
+            .shutdown_timeout(config.shutdown_timeout.as_secs())
+            .run();
+
+        Ok(Application {
+            port,
+            server,
+            pool,
+            health,
+            config,
+        })
+    }
+
+    /// The port the listener is bound to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The pool (tests read its status).
+    pub fn pool(&self) -> &DbPool {
+        &self.pool
+    }
+
+    /// A handle that stops the server.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// The probe state (shutdown flips it to draining).
+    pub fn health(&self) -> web::Data<Health> {
+        self.health.clone()
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serves until stopped, then closes the pool and the readiness connection.
+    pub async fn run_until_stopped(self) -> io::Result<()> {
+        let result = self.server.await;
+        self.pool.close();
+        self.health.close().await;
+        log::info!("stopped");
+        result
+    }
+}
+
+/// What every worker's `App` shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: web::Data<SessionSettings>,
+    pub health: web::Data<Health>,
+    pub body_limit: usize,
+}
+
+/// The Actix app: routes, shared state and middleware, in the order that matters. The
+/// server and in-process tests (`actix_web::test::init_service`) both use it.
+pub fn app(
+    state: AppState,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state.settings)
+        .app_data(state.health)
+        .configure(health::configure)
+        .configure(|cfg| api::configure(cfg, state.body_limit))
+        .default_service(web::to(api::not_found))
+        // The session finalizer wraps each resource (see `api::resource`), inside these.
+        // The access log is outermost so that it sees the stamped X-Request-Id.
+        .wrap(from_fn(request_id::assign))
+        .wrap(Logger::new(ACCESS_LOG_FORMAT))
+}
+
+/// Applies migrations before serving when the database answers quickly; otherwise keeps
+/// retrying in the background while the service starts (readiness fails until done).
+async fn prepare_schema(config: &Config, health: &web::Data<Health>) {
+    if !config.run_migrations {
+        health.set_schema_ready();
+        return;
+    }
+    // A database that does not answer within the health timeout must not hold up the
+    // start (liveness must answer): the background task takes over.
+    let first_try: Duration = config.db.health_timeout;
+    match tokio::time::timeout(first_try, migrate::run_pending(&config.db)).await {
+        Ok(Ok(applied)) => {
+            if !applied.is_empty() {
+                log::info!("applied migrations: {}", applied.join(", "));
+            }
+            health.set_schema_ready();
+        }
+        outcome => {
+            match outcome {
+                Ok(Err(e)) => log::warn!(
+                    "migrations not applied at start-up, retrying in the background: {e}"
+                ),
+                _ => log::warn!(
+                    "database did not answer within {first_try:?}; migrating in the background"
+                ),
+            }
+            let db = config.db.clone();
+            let health = health.clone();
+            tokio::spawn(async move {
+                migrate::run_until_applied(&db).await;
+                health.set_schema_ready();
+            });
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Configuration, read once from the environment at start-up.
+//!
+//! Every variable of the contract (section 6) lives here with its default as a named
+//! constant. `main` loads `.env` with dotenvy first (the real environment wins); this
+//! module never touches files. An empty value counts as unset. Any invalid value is a
+//! [`ConfigError`] that names the variable and says what is wrong, and `main` turns it into
+//! one line on stderr and exit status 2.
+//!
+//! | variable | default |
+//! |---|---|
+//! | `DATABASE_URL` | required |
+//! | `DB_POOL_SIZE` | 5 |
+//! | `DB_MAX_OVERFLOW` | 10 |
+//! | `DB_POOL_IDLE_TIMEOUT` | 10 s |
+//! | `DB_POOL_TIMEOUT` | 30 s |
+//! | `DB_POOL_RECYCLE` | 1800 s |
+//! | `DB_STATEMENT_TIMEOUT` | 0 ms (none) |
+//! | `DB_IDLE_IN_TX_TIMEOUT` | 60000 ms |
+//! | `DB_HEALTH_TIMEOUT` | 2 s |
+//! | `DB_LEAK_WARN_SECS` | 10 s |
+//! | `DB_ECHO` | false |
+//! | `RUN_MIGRATIONS` | true |
+//! | `HTTP_BODY_LIMIT` | 65536 bytes |
+//! | `IDEMPOTENCY_TTL_SECS` | 86400 s |
+//! | `SHUTDOWN_DRAIN_SECS` | 5 s |
+//! | `SHUTDOWN_TIMEOUT_SECS` | 30 s |
+//! | `HOST` / `PORT` | 127.0.0.1 / 8080 |
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::db::url::DatabaseUrl;
+
+pub const DEFAULT_POOL_SIZE: usize = 5;
+pub const DEFAULT_MAX_OVERFLOW: usize = 10;
+pub const DEFAULT_POOL_IDLE_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_POOL_TIMEOUT_SECS: f64 = 30.0;
+pub const DEFAULT_POOL_RECYCLE_SECS: u64 = 1800;
+pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 0;
+pub const DEFAULT_IDLE_IN_TX_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_HEALTH_TIMEOUT_SECS: f64 = 2.0;
+pub const DEFAULT_LEAK_WARN_SECS: u64 = 10;
+pub const DEFAULT_HTTP_BODY_LIMIT: usize = 64 * 1024;
+pub const DEFAULT_IDEMPOTENCY_TTL_SECS: u64 = 86_400;
+pub const DEFAULT_SHUTDOWN_DRAIN_SECS: u64 = 5;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_PORT: u16 = 8080;
+/// Upper bound of `DB_POOL_SIZE` and `DB_MAX_OVERFLOW` (contract section 6).
+const MAX_POOL_SETTING: usize = 1000;
+
+/// A setting that could not be used, naming the variable: `DB_POOL_SIZE: must be ...`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// What is wrong with it; never echoes a value that may hold a secret.
+    pub problem: String,
+}
+
+/// Everything the database layer needs.
+#[derive(Clone, Debug)]
+pub struct DbConfig {
+    /// Where the database is; `Debug` and `Display` hide the password.
+    pub url: DatabaseUrl,
+    /// Connections kept open when idle.
+    pub pool_size: usize,
+    /// Extra connections allowed under load, closed again after `idle_timeout`.
+    pub max_overflow: usize,
+    /// Idle time after which connections beyond `pool_size` are closed.
+    pub idle_timeout: Duration,
+    /// Longest wait for a connection, check-out plus BEGIN.
+    pub pool_timeout: Duration,
+    /// Maximum lifetime of a connection.
+    pub max_lifetime: Duration,
+    /// Server-side `statement_timeout`; `None` means no limit.
+    pub statement_timeout: Option<Duration>,
+    /// Server-side `idle_in_transaction_session_timeout`; `None` means no limit.
+    pub idle_in_tx_timeout: Option<Duration>,
+    /// Bound on every step of the readiness round trip.
+    pub health_timeout: Duration,
+    /// Warn when a request holds a connection longer than this; `None` disables it.
+    pub leak_warn: Option<Duration>,
+    /// Log every SQL statement (text only) at `info`.
+    pub echo: bool,
+}
+
+impl DbConfig {
+    /// The hard cap on pooled connections: `pool_size + max_overflow`.
+    pub fn max_connections(&self) -> usize {
+        self.pool_size + self.max_overflow
+    }
+}
+
+/// The whole service configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub db: DbConfig,
+    /// Apply embedded migrations at start-up.
+    pub run_migrations: bool,
+    /// Largest accepted request body, in bytes.
+    pub http_body_limit: usize,
+    /// How long idempotency keys are kept.
+    pub idempotency_ttl: Duration,
+    /// After SIGTERM: keep serving while readiness fails.
+    pub shutdown_drain: Duration,
+    /// Then: longest wait for in-flight requests.
+    pub shutdown_timeout: Duration,
+    pub host: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "listen={}:{} database={} pool_size={} max_overflow={} pool_timeout={:?} \
+             statement_timeout={:?} run_migrations={}",
+            self.host,
+            self.port,
+            self.db.url,
+            self.db.pool_size,
+            self.db.max_overflow,
+            self.db.pool_timeout,
+            self.db.statement_timeout,
+            self.run_migrations
+        )
+    }
+}
+
+impl Config {
+    /// Reads the process environment. Call it once, after dotenvy has loaded `.env`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup`, so that tests can feed a map instead of the
+    /// process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let url = env.required("DATABASE_URL")?;
+        let url = DatabaseUrl::parse(&url).map_err(|problem| ConfigError {
+            var: "DATABASE_URL",
+            problem,
+        })?;
+        let db = DbConfig {
+            url,
+            pool_size: env.int_in("DB_POOL_SIZE", DEFAULT_POOL_SIZE, 1, MAX_POOL_SETTING)?,
+            max_overflow: env.int_in(
+                "DB_MAX_OVERFLOW",
+                DEFAULT_MAX_OVERFLOW,
+                0,
+                MAX_POOL_SETTING,
+            )?,
+            idle_timeout: env.positive_secs(
+                "DB_POOL_IDLE_TIMEOUT",
+                DEFAULT_POOL_IDLE_TIMEOUT_SECS as f64,
+                false,
+            )?,
+            pool_timeout: env.positive_secs("DB_POOL_TIMEOUT", DEFAULT_POOL_TIMEOUT_SECS, true)?,
+            max_lifetime: env.positive_secs(
+                "DB_POOL_RECYCLE",
+                DEFAULT_POOL_RECYCLE_SECS as f64,
+                false,
+            )?,
+            statement_timeout: env
+                .optional_millis("DB_STATEMENT_TIMEOUT", DEFAULT_STATEMENT_TIMEOUT_MS)?,
+            idle_in_tx_timeout: env
+                .optional_millis("DB_IDLE_IN_TX_TIMEOUT", DEFAULT_IDLE_IN_TX_TIMEOUT_MS)?,
+            health_timeout: env.positive_secs(
+                "DB_HEALTH_TIMEOUT",
+                DEFAULT_HEALTH_TIMEOUT_SECS,
+                true,
+            )?,
+            leak_warn: match env.int_in(
+                "DB_LEAK_WARN_SECS",
+                DEFAULT_LEAK_WARN_SECS as usize,
+                0,
+                usize::MAX,
+            )? {
+                0 => None,
+                secs => Some(Duration::from_secs(secs as u64)),
+            },
+            echo: env.boolean("DB_ECHO", false)?,
+        };
+        Ok(Config {
+            db,
+            run_migrations: env.boolean("RUN_MIGRATIONS", true)?,
+            http_body_limit: env.int_in(
+                "HTTP_BODY_LIMIT",
+                DEFAULT_HTTP_BODY_LIMIT,
+                1,
+                usize::MAX,
+            )?,
+            idempotency_ttl: env.positive_secs(
+                "IDEMPOTENCY_TTL_SECS",
+                DEFAULT_IDEMPOTENCY_TTL_SECS as f64,
+                false,
+            )?,
+            shutdown_drain: Duration::from_secs(env.int_in(
+                "SHUTDOWN_DRAIN_SECS",
+                DEFAULT_SHUTDOWN_DRAIN_SECS as usize,
+                0,
+                usize::MAX,
+            )? as u64),
+            shutdown_timeout: env.positive_secs(
+                "SHUTDOWN_TIMEOUT_SECS",
+                DEFAULT_SHUTDOWN_TIMEOUT_SECS as f64,
+                false,
+            )?,
+            host: match env.get("HOST") {
+                None => DEFAULT_HOST
+                    .parse()
+                    .map_err(|_| ConfigError::new("HOST", "invalid default"))?,
+                Some(v) => v.parse().map_err(|_| {
+                    ConfigError::new("HOST", format!("must be an IP address, got {v:?}"))
+                })?,
+            },
+            port: env.int_in("PORT", DEFAULT_PORT as usize, 0, u16::MAX as usize)? as u16,
+        })
+    }
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Typed access to the variables; each parser names the variable in its error.
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    /// The trimmed value, or `None` when the variable is unset or empty.
+    fn get(&self, var: &str) -> Option<String> {
+        (self.0)(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, var: &'static str) -> Result<String, ConfigError> {
+        self.get(var)
+            .ok_or_else(|| ConfigError::new(var, "is required but not set"))
+    }
+
+    fn int_in(
+        &self,
+        var: &'static str,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> Result<usize, ConfigError> {
+        let Some(raw) = self.get(var) else {
+            return Ok(default);
+        };
+        let range = if max == usize::MAX {
+            format!("an integer >= {min}")
+        } else {
+            format!("an integer in {min}..={max}")
+        };
+        match raw.parse::<usize>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(ConfigError::new(
+                var,
+                format!("must be {range}, got {raw:?}"),
+            )),
+        }
+    }
+
+    /// Seconds > 0; `decimals` allows values such as `0.5`.
+    fn positive_secs(
+        &self,
+        var: &'static str,
+        default: f64,
+        decimals: bool,
+    ) -> Result<Duration, ConfigError> {
+        let Some(raw) = self.get(var) else {
+            return Ok(Duration::from_secs_f64(default));
+        };
+        let what = if decimals {
+            "a number of seconds > 0"
+        } else {
+            "a whole number of seconds > 0"
+        };
+        let parsed = if decimals {
+            raw.parse::<f64>().ok()
+        } else {
+            raw.parse::<u64>().ok().map(|n| n as f64)
+        };
+        match parsed {
+            // Anything beyond a year is a typo, and Duration::from_secs_f64 panics on
+            // values it cannot represent.
+            Some(secs) if secs.is_finite() && secs > 0.0 && secs <= 366.0 * 86_400.0 => {
+                Ok(Duration::from_secs_f64(secs))
+            }
+            _ => Err(ConfigError::new(
+                var,
+                format!("must be {what} (at most a year), got {raw:?}"),
+            )),
+        }
+    }
+
+    /// Milliseconds where 0 means "no limit".
+    fn optional_millis(
+        &self,
+        var: &'static str,
+        default: u64,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let ms = match self.get(var) {
+            None => default,
+            // PostgreSQL's timeouts are 32-bit integers of milliseconds.
+            Some(raw) => match raw.parse::<u64>() {
+                Ok(n) if n <= i32::MAX as u64 => n,
+                _ => {
+                    return Err(ConfigError::new(
+                        var,
+                        format!(
+                            "must be a whole number of milliseconds in 0..={}, got {raw:?}",
+                            i32::MAX
+                        ),
+                    ))
+                }
+            },
+        };
+        Ok((ms > 0).then(|| Duration::from_millis(ms)))
+    }
+
+    fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        let Some(raw) = self.get(var) else {
+            return Ok(default);
+        };
+        match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError::new(
+                var,
+                format!("must be a boolean (true/false/1/0/yes/no/on/off), got {raw:?}"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    const URL: (&str, &str) = ("DATABASE_URL", "postgres://app:s3cret@db:5432/ledger");
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = config(&[URL]).unwrap();
+        assert_eq!(c.db.pool_size, 5);
+        assert_eq!(c.db.max_overflow, 10);
+        assert_eq!(c.db.pool_timeout, Duration::from_secs(30));
+        assert_eq!(c.db.statement_timeout, None);
+        assert_eq!(c.db.idle_in_tx_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.http_body_limit, 65536);
+        assert_eq!(c.port, 8080);
+        assert!(c.run_migrations);
+        assert!(!c.db.echo);
+    }
+
+    #[test]
+    fn each_invalid_value_names_its_variable() {
+        for (var, value) in [
+            ("DB_POOL_SIZE", "0"),
+            ("DB_POOL_SIZE", "1001"),
+            ("DB_MAX_OVERFLOW", "-1"),
+            ("DB_POOL_TIMEOUT", "0"),
+            ("DB_POOL_TIMEOUT", "abc"),
+            ("DB_POOL_RECYCLE", "1.5"),
+            ("DB_STATEMENT_TIMEOUT", "-5"),
+            ("DB_ECHO", "maybe"),
+            ("RUN_MIGRATIONS", "2"),
+            ("HTTP_BODY_LIMIT", "0"),
+            ("PORT", "70000"),
+            ("HOST", "not-an-ip"),
+            ("DATABASE_URL", "mysql://x@y/z"),
+        ] {
+            let err = config(&[URL, (var, value)]).unwrap_err();
+            assert_eq!(err.var, var, "{var}={value}");
+        }
+    }
+
+    #[test]
+    fn empty_counts_as_unset_and_booleans_accept_any_case() {
+        let c = config(&[URL, ("DB_POOL_SIZE", ""), ("DB_ECHO", "YES")]).unwrap();
+        assert_eq!(c.db.pool_size, 5);
+        assert!(c.db.echo);
+        assert_eq!(config(&[]).unwrap_err().var, "DATABASE_URL");
+    }
+
+    #[test]
+    fn decimals_are_allowed_for_the_pool_timeout() {
+        let c = config(&[URL, ("DB_POOL_TIMEOUT", "0.25")]).unwrap();
+        assert_eq!(c.db.pool_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn display_and_debug_hide_the_password() {
+        let c = config(&[URL]).unwrap();
+        assert!(!format!("{c}").contains("s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(format!("{c}").contains("app:***@db"));
+    }
+}

@@ -1,0 +1,86 @@
+//! Opening server connections: the one place that knows how a connection is made.
+//!
+//! Session settings travel in the start-up packet (`application_name`, and
+//! `statement_timeout` / `idle_in_transaction_session_timeout` through `options`), so a new
+//! connection costs no extra `SET` round trips. The pool and the readiness probe both come
+//! through here.
+
+use std::time::Duration;
+
+use diesel::ConnectionError;
+use diesel_async::AsyncPgConnection;
+
+use super::url::{DatabaseUrl, SslMode};
+
+/// TCP keepalive settings for real network failures (a peer that vanished without a FIN).
+/// They cannot catch a peer that acknowledges but never answers: that is what the
+/// application deadlines are for.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Makes connections with fixed session settings.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    url: DatabaseUrl,
+    config: tokio_postgres::Config,
+}
+
+impl Connector {
+    /// A connector whose connections identify as `application_name` and carry the given
+    /// server-side timeouts (`None` leaves the server's default).
+    pub fn new(
+        url: &DatabaseUrl,
+        application_name: &str,
+        statement_timeout: Option<Duration>,
+        idle_in_tx_timeout: Option<Duration>,
+        connect_timeout: Duration,
+    ) -> Self {
+        let mut config = url.pg_config().clone();
+        config
+            .application_name(application_name)
+            .connect_timeout(connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES);
+        let mut options: Vec<String> = config
+            .get_options()
+            .map(str::to_owned)
+            .into_iter()
+            .collect();
+        // 0 switches a PostgreSQL timeout off, which is what `None` means here.
+        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis());
+        options.push(format!("-c statement_timeout={}", ms(statement_timeout)));
+        options.push(format!(
+            "-c idle_in_transaction_session_timeout={}",
+            ms(idle_in_tx_timeout)
+        ));
+        config.options(options.join(" "));
+        Connector {
+            url: url.clone(),
+            config,
+        }
+    }
+
+    /// Opens one connection. Errors carry the driver's message, which names the host but
+    /// never the password.
+    pub async fn establish(&self) -> Result<AsyncPgConnection, ConnectionError> {
+        match self.url.ssl_mode() {
+            SslMode::Disable | SslMode::Prefer => {
+                let (client, connection) = self
+                    .config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            }
+            // Fail closed: never fall back to plain text when TLS was asked for.
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                Err(ConnectionError::BadConnection(
+                    "sslmode requires TLS, which this build does not support yet".into(),
+                ))
+            }
+        }
+    }
+}

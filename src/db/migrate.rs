@@ -1,0 +1,88 @@
+//! Embedded migrations, applied at start-up (unless `RUN_MIGRATIONS=false`) and by
+//! `ledger migrate`.
+//!
+//! diesel_migrations is synchronous. diesel-async's `AsyncMigrationHarness` bridges it with
+//! `block_in_place`, which panics on Actix's single-threaded runtime, so the migrations run
+//! through `AsyncConnectionWrapper` on a blocking thread instead. A session-level advisory
+//! lock serialises replicas that start together: the second waits, then finds nothing
+//! pending.
+
+use std::time::Duration;
+
+use diesel::sql_types::BigInt;
+use diesel::RunQueryDsl;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::AsyncPgConnection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use super::connect::Connector;
+use crate::config::DbConfig;
+
+/// The migrations under `migrations/`, compiled into the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// `pg_advisory_lock` key: "ledger" in ASCII, so it is recognisable in `pg_locks`.
+const MIGRATION_LOCK_KEY: i64 = 0x6c65_6467_6572;
+/// First and longest pause between start-up attempts while the database is unreachable.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Why migrating failed; the texts never contain the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] diesel::ConnectionError),
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+/// Applies every pending migration under the advisory lock; returns the versions applied.
+pub async fn run_pending(cfg: &DbConfig) -> Result<Vec<String>, MigrateError> {
+    // No statement timeout: a migration may legitimately run long.
+    let connector = Connector::new(&cfg.url, "ledger-migrate", None, None, cfg.pool_timeout);
+    let conn = connector.establish().await?;
+    tokio::task::spawn_blocking(move || {
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+        let lock = |sql: &str, conn: &mut AsyncConnectionWrapper<AsyncPgConnection>| {
+            diesel::sql_query(sql)
+                .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+                .execute(conn)
+                .map_err(|e| MigrateError::Migration(e.to_string()))
+        };
+        lock("SELECT pg_advisory_lock($1)", &mut conn)?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map(|versions| versions.iter().map(ToString::to_string).collect())
+            .map_err(|e| MigrateError::Migration(e.to_string()));
+        // Closing the connection releases the lock too; unlocking is just tidier.
+        let _ = lock("SELECT pg_advisory_unlock($1)", &mut conn);
+        applied
+    })
+    .await
+    .map_err(|e| MigrateError::Migration(format!("migration task failed: {e}")))?
+}
+
+/// Retries [`run_pending`] until it succeeds, backing off up to [`RETRY_MAX`]: the service
+/// starts without its database and catches up when the database appears. A migration
+/// that fails on a reachable database is retried too (and logged as an error each time),
+/// since readiness stays failed until migrations are in.
+pub async fn run_until_applied(cfg: &DbConfig) {
+    let mut pause = RETRY_FIRST;
+    loop {
+        match run_pending(cfg).await {
+            Ok(applied) => {
+                if applied.is_empty() {
+                    log::info!("database schema is up to date");
+                } else {
+                    log::info!("applied migrations: {}", applied.join(", "));
+                }
+                return;
+            }
+            Err(e @ MigrateError::Connect(_)) => {
+                log::warn!("migrations pending, will retry in {pause:?}: {e}")
+            }
+            Err(e) => log::error!("migrations failed, will retry in {pause:?}: {e}"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}

@@ -1,0 +1,16 @@
+//! Everything that talks to PostgreSQL.
+
+/// Account rows and their queries.
+pub mod accounts;
+/// Opening connections with the service's session settings.
+pub mod connect;
+/// Embedded migrations.
+pub mod migrate;
+/// The deadpool pool, its hooks and its reaper.
+pub mod pool;
+/// `DbSession` and the finalizing middleware: the transaction-per-request guarantee.
+pub mod session;
+/// `DATABASE_URL`, parsed, with the password kept out of sight.
+pub mod url;
+/// Per-connection statement watch (aborted transactions, statement count, SQL echo).
+pub mod watch;

@@ -1,0 +1,464 @@
+//! `DbSession`: one connection and one transaction per request, finalized by middleware.
+//!
+//! # The commit rule (contract section 2)
+//! - A handler that takes a [`DbSession`] gets, on its first [`DbSession::conn`] call, a
+//!   pooled connection with a transaction open (check-out plus `BEGIN`, together bounded by
+//!   `DB_POOL_TIMEOUT`). Nothing is checked out at extraction: Actix resolves extractors
+//!   concurrently, and an eager session would hold a transaction open while a slow client
+//!   uploads its body, or for a request that then fails validation.
+//! - The [`finalize`] middleware runs after the handler and before the response leaves:
+//!   status < 400 commits, anything else rolls back, and so do handler errors and panics
+//!   (which it catches and answers with a 500). If `COMMIT` fails, the client gets a 5xx
+//!   instead of the handler's answer. If a statement failed inside the transaction and the
+//!   handler answered success anyway, the session refuses to commit (PostgreSQL would turn
+//!   the `COMMIT` into a silent `ROLLBACK`) and answers 500.
+//! - If the request future is dropped mid-transaction (shutdown timeout, worker restart),
+//!   the transaction is rolled back in a spawned task; whenever a rollback cannot be done,
+//!   the connection is detached from the pool and closed, so the server ends the
+//!   transaction. A connection goes back to the pool only after a successful `COMMIT` or
+//!   `ROLLBACK` ([`TxConn`] enforces that by construction).
+//! - One request, one connection: every `DbSession` of a request is the same session, and
+//!   nothing here checks out a second connection (hold-and-wait deadlocks the pool under
+//!   load). Nested `conn.transaction(..)` calls become savepoints through diesel's
+//!   transaction manager, which also keeps the connection's transaction state truthful.
+//! - The guard returned by [`DbSession::conn`] must not outlive the handler. If it does
+//!   (moved into a spawned local task), the response becomes a 500 and the transaction is
+//!   rolled back when the guard is finally dropped: a late write can never be committed.
+//! - Do side effects that are not database writes (calls to other services, messages)
+//!   after the handler's writes are committed, i.e. not inside the handler, or accept that
+//!   they may happen for a request that rolls back.
+
+use std::cell::RefCell;
+use std::future::{ready, Ready};
+use std::ops::{Deref, DerefMut};
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{web, FromRequest, HttpMessage, HttpRequest, ResponseError};
+use diesel_async::{
+    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, TransactionManager,
+};
+use futures_util::FutureExt;
+
+use super::pool::{DbPool, PooledConnection};
+use super::watch::{StatementWatch, WatchHandle};
+use crate::config::DbConfig;
+use crate::error::ApiError;
+
+/// Margin added to the statement timeout for the client-side bound on COMMIT and ROLLBACK.
+const FINISH_MARGIN: Duration = Duration::from_secs(1);
+
+/// Shared, per-application settings of the session layer (in `web::Data`).
+#[derive(Clone)]
+pub struct SessionSettings {
+    pool: DbPool,
+    /// Bound on check-out plus BEGIN (`DB_POOL_TIMEOUT`).
+    checkout_timeout: Duration,
+    /// Client-side bound on COMMIT and ROLLBACK: the statement timeout plus a margin, or
+    /// the pool timeout when there is no statement timeout. A peer that stopped answering
+    /// must not hold a request (or a cancelled request's clean-up) forever.
+    finish_timeout: Duration,
+    echo: bool,
+}
+
+impl SessionSettings {
+    pub fn new(pool: DbPool, cfg: &DbConfig) -> Self {
+        SessionSettings {
+            pool,
+            checkout_timeout: cfg.pool_timeout,
+            finish_timeout: cfg
+                .statement_timeout
+                .map_or(cfg.pool_timeout, |t| t + FINISH_MARGIN),
+            echo: cfg.echo,
+        }
+    }
+
+    /// The pool behind the sessions.
+    pub fn pool(&self) -> &DbPool {
+        &self.pool
+    }
+}
+
+/// Why a transaction ended the way it did (for logs and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The response status decided.
+    Status,
+    /// The handler (or an inner middleware) returned an error.
+    Error,
+    /// The handler panicked.
+    Panic,
+    /// The request future was dropped before it finished.
+    Cancelled,
+    /// COMMIT failed, or could not be attempted because the transaction was aborted.
+    CommitFailed,
+}
+
+/// A pooled connection whose transaction may be open.
+///
+/// The only ways to give the connection back to the pool are a successful
+/// [`TxConn::commit`] or [`TxConn::rollback`]. Dropping a `TxConn` in any other state
+/// detaches the connection from the pool and closes it, which makes the server roll back:
+/// a connection can never re-enter the pool inside a transaction, whatever path (error,
+/// panic, cancellation) got us here.
+pub struct TxConn {
+    conn: Option<PooledConnection>,
+    watch: WatchHandle,
+    checked_out_at: Instant,
+}
+
+impl TxConn {
+    /// Checks a connection out and begins a transaction, within `settings.checkout_timeout`.
+    async fn begin(settings: &SessionSettings) -> Result<TxConn, ApiError> {
+        let work = async {
+            let mut conn = settings.pool.get().await?;
+            let (watch, handle) = StatementWatch::new(settings.echo);
+            conn.set_instrumentation(watch);
+            // From here on, dropping `tx` (error, timeout, cancellation) closes the
+            // connection instead of pooling it: BEGIN may have reached the server.
+            let mut tx = TxConn {
+                conn: Some(conn),
+                watch: handle,
+                checked_out_at: Instant::now(),
+            };
+            AnsiTransactionManager::begin_transaction(tx.connection()).await?;
+            Ok::<_, ApiError>(tx)
+        };
+        match tokio::time::timeout(settings.checkout_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::DatabaseUnavailable(
+                "no database connection became available in time".to_owned(),
+            )),
+        }
+    }
+
+    #[expect(
+        clippy::expect_used,
+        reason = "`conn` is only emptied by `release` and `detach`, which consume the TxConn"
+    )]
+    fn connection(&mut self) -> &mut AsyncPgConnection {
+        self.conn.as_mut().expect("TxConn used after release")
+    }
+
+    /// Statements sent on this connection since check-out (BEGIN included).
+    pub fn statements(&self) -> u64 {
+        self.watch.statements()
+    }
+
+    /// How long the connection has been checked out.
+    pub fn held_for(&self) -> Duration {
+        self.checked_out_at.elapsed()
+    }
+
+    /// Commits. On success the connection returns to the pool; on any failure it is
+    /// closed, and the error says what the client gets.
+    async fn commit(mut self, timeout: Duration) -> Result<(), ApiError> {
+        if self.watch.transaction_aborted() {
+            self.rollback(timeout).await;
+            return Err(ApiError::internal(
+                "a statement failed inside the transaction, but the handler answered success",
+            ));
+        }
+        match tokio::time::timeout(
+            timeout,
+            AnsiTransactionManager::commit_transaction(self.connection()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {
+                self.release();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                log::error!("COMMIT failed: {e}");
+                Err(match ApiError::from(e) {
+                    e @ (ApiError::TransactionConflict
+                    | ApiError::DatabaseUnavailable(_)
+                    | ApiError::Timeout) => e,
+                    _ => ApiError::internal("COMMIT failed"),
+                })
+            }
+            Err(_) => {
+                log::error!("COMMIT did not answer within {timeout:?}; closing the connection");
+                Err(ApiError::Timeout)
+            }
+        }
+    }
+
+    /// Rolls back. On success the connection returns to the pool, otherwise it is closed.
+    async fn rollback(mut self, timeout: Duration) {
+        match tokio::time::timeout(
+            timeout,
+            AnsiTransactionManager::rollback_transaction(self.connection()),
+        )
+        .await
+        {
+            Ok(Ok(())) => self.release(),
+            Ok(Err(e)) => log::warn!("ROLLBACK failed, closing the connection: {e}"),
+            Err(_) => {
+                log::warn!("ROLLBACK did not answer within {timeout:?}; closing the connection")
+            }
+        }
+    }
+
+    /// Returns the connection to the pool. Only called when its transaction is closed.
+    fn release(mut self) {
+        drop(self.conn.take());
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Not released: its transaction may be open. Take it out of the pool's
+            // accounting and close it; the server rolls back when the socket closes.
+            drop(deadpool::managed::Object::take(conn));
+        }
+    }
+}
+
+/// Rolls back a transaction whose request is gone, off the request's own future.
+///
+/// Runs on the current Tokio runtime; without one (the worker is shutting down), or if the
+/// runtime drops the task unfinished, the `TxConn` is dropped and closes the connection.
+fn abandon(tx: TxConn, timeout: Duration) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(tx.rollback(timeout));
+        }
+        Err(_) => drop(tx),
+    }
+}
+
+/// Where the request's session stands.
+enum State {
+    /// No connection yet (and maybe never: sessions are lazy).
+    Idle,
+    /// Check-out and BEGIN are under way, or the handler holds the connection.
+    Busy,
+    /// A transaction is open and the connection is parked between uses. (Boxed: the
+    /// connection is large and the other states are empty.)
+    Open(Box<TxConn>),
+    /// The middleware has finished the session; nothing may use it again.
+    Finalized,
+}
+
+/// The per-request slot that the middleware creates and the extractor finds.
+#[derive(Clone)]
+struct Slot {
+    state: Rc<RefCell<State>>,
+    settings: web::Data<SessionSettings>,
+}
+
+impl Slot {
+    fn replace(&self, state: State) -> State {
+        std::mem::replace(&mut *self.state.borrow_mut(), state)
+    }
+
+    /// Ends the session: commits when `commit` is true and a transaction is open, else
+    /// rolls back. Returns the error that must replace the response, if any.
+    async fn finish(&self, commit: bool, reason: Reason) -> Result<(), ApiError> {
+        match self.replace(State::Finalized) {
+            State::Idle | State::Finalized => Ok(()),
+            State::Busy => {
+                // The guard escaped the handler. It rolls back when it is dropped.
+                log::error!("a DbSession connection outlived its handler; answering 500");
+                Err(ApiError::internal(
+                    "DbSession connection outlived its handler",
+                ))
+            }
+            State::Open(tx) => {
+                let timeout = self.settings.finish_timeout;
+                if commit {
+                    tx.commit(timeout).await
+                } else {
+                    log::debug!("rolling back the request's transaction ({reason:?})");
+                    tx.rollback(timeout).await;
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Rolls back when the request future is dropped before the middleware finished.
+struct CancelGuard(Option<Slot>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            if let State::Open(tx) = slot.replace(State::Finalized) {
+                log::warn!("request cancelled inside a transaction; rolling back");
+                abandon(*tx, slot.settings.finish_timeout);
+            }
+        }
+    }
+}
+
+/// The request's database session. Extracting it is free; see the module docs.
+pub struct DbSession {
+    slot: Slot,
+}
+
+impl FromRequest for DbSession {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            req.extensions()
+                .get::<Slot>()
+                .cloned()
+                .map(|slot| DbSession { slot })
+                .ok_or_else(|| ApiError::internal("DbSession used without the session middleware")),
+        )
+    }
+}
+
+impl DbSession {
+    /// The request's connection, inside its transaction. The first call checks out and
+    /// begins (bounded by `DB_POOL_TIMEOUT`: 503 `database_unavailable` after it); later
+    /// calls return the same connection and transaction. Drop the guard before calling
+    /// again; holding two at once is a programming error (500).
+    pub async fn conn(&self) -> Result<SessionConn, ApiError> {
+        let previous = self.slot.replace(State::Busy);
+        let tx = match previous {
+            State::Open(tx) => *tx,
+            State::Idle => {
+                // If this future is dropped during check-out, `Busy` stays; the
+                // request is being torn down anyway and finish() then has nothing to do.
+                match TxConn::begin(&self.slot.settings).await {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        self.slot.replace(State::Idle);
+                        return Err(e);
+                    }
+                }
+            }
+            other @ (State::Busy | State::Finalized) => {
+                self.slot.replace(other);
+                return Err(ApiError::internal(
+                    "DbSession::conn called while the connection is in use or after the request ended",
+                ));
+            }
+        };
+        Ok(SessionConn {
+            slot: self.slot.clone(),
+            tx: Some(tx),
+        })
+    }
+}
+
+/// The handler's borrow of the session connection; dereferences to
+/// `&mut AsyncPgConnection`. Dropping it parks the connection for the next use or for
+/// the middleware.
+pub struct SessionConn {
+    slot: Slot,
+    tx: Option<TxConn>,
+}
+
+impl SessionConn {
+    #[expect(clippy::expect_used, reason = "`tx` is only emptied in Drop")]
+    fn tx(&mut self) -> &mut TxConn {
+        self.tx.as_mut().expect("SessionConn used after drop")
+    }
+}
+
+impl Deref for SessionConn {
+    type Target = AsyncPgConnection;
+
+    #[expect(
+        clippy::expect_used,
+        reason = "`tx` and its connection are only emptied in Drop"
+    )]
+    fn deref(&self) -> &AsyncPgConnection {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.conn.as_deref())
+            .expect("SessionConn used after drop")
+    }
+}
+
+impl DerefMut for SessionConn {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        self.tx().connection()
+    }
+}
+
+impl Drop for SessionConn {
+    fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else { return };
+        let mut state = self.slot.state.borrow_mut();
+        match &*state {
+            State::Busy => *state = State::Open(Box::new(tx)),
+            _ => {
+                // The request is over (or the session was torn down under us): never
+                // commit late work, roll it back.
+                drop(state);
+                abandon(tx, self.slot.settings.finish_timeout);
+            }
+        }
+    }
+}
+
+/// The finalizing middleware; see the module docs for the rule it enforces.
+///
+/// It wraps each resource (see `api::resource`): after routing, so that holding a clone of
+/// the request does not stop Actix's router, and innermost, so that it answers a handler's
+/// panic before any outer middleware sees it.
+pub async fn finalize(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let Some(settings) = req.app_data::<web::Data<SessionSettings>>().cloned() else {
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body);
+    };
+    let slot = Slot {
+        state: Rc::new(RefCell::new(State::Idle)),
+        settings,
+    };
+    req.extensions_mut().insert(slot.clone());
+    let http_req = req.request().clone();
+
+    let mut cancel = CancelGuard(Some(slot.clone()));
+    let outcome = AssertUnwindSafe(next.call(req)).catch_unwind().await;
+    cancel.0 = None;
+
+    match outcome {
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            log::error!("handler panicked: {message}");
+            // A rollback failure has nothing to add to a 500.
+            let _ = slot.finish(false, Reason::Panic).await;
+            let response = ApiError::internal("handler panicked").error_response();
+            Ok(ServiceResponse::new(http_req, response))
+        }
+        Ok(Err(err)) => {
+            let _ = slot.finish(false, Reason::Error).await;
+            Err(err)
+        }
+        Ok(Ok(res)) => {
+            let success = res.status().as_u16() < 400 && res.response().error().is_none();
+            let reason = if res.response().error().is_some() {
+                Reason::Error
+            } else {
+                Reason::Status
+            };
+            match slot.finish(success, reason).await {
+                Ok(()) => Ok(res.map_into_boxed_body()),
+                Err(e) => Ok(res.into_response(e.error_response())),
+            }
+        }
+    }
+}

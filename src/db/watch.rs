@@ -1,0 +1,116 @@
+//! Per-connection statement watch, installed through diesel's instrumentation hook.
+//!
+//! It does three jobs that nothing else in the stack does:
+//! - **Aborted transactions.** PostgreSQL aborts a transaction on any statement error, and
+//!   a later `COMMIT` of that transaction answers with the tag `ROLLBACK`, not an error.
+//!   diesel does not notice, so a handler that swallowed a database error and answered 2xx
+//!   would have its response sent for writes that never landed. The watch records the
+//!   failure (and clears it when a savepoint rollback repairs it); the session refuses to
+//!   report success for an aborted transaction.
+//! - **Statement count**, so tests and benchmarks can prove there is no hidden round trip.
+//! - **SQL echo** (`DB_ECHO`): the statement text only. diesel's display of a query appends
+//!   its bind values (` -- binds: [...]`), which may be personal data, so they are cut off;
+//!   connection events carry the URL with the password and are never logged.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use diesel::connection::{Instrumentation, InstrumentationEvent};
+
+/// diesel's `Display` of a query puts this between the SQL and its bind values.
+const BINDS_MARKER: &str = " -- binds: ";
+
+/// What the watch saw on one connection since it was installed.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Current transaction depth (1 = the top-level transaction).
+    depth: u32,
+    /// The shallowest depth at which a statement failed and was not rolled back since.
+    aborted_at: Option<u32>,
+    statements: u64,
+}
+
+/// A handle on the watch's observations, kept by the session.
+#[derive(Clone, Debug, Default)]
+pub struct WatchHandle(Arc<Mutex<Seen>>);
+
+impl WatchHandle {
+    /// True when a statement failed inside the open transaction and no rollback (to a
+    /// savepoint around it, or of the whole transaction) has happened since: the server
+    /// will turn a COMMIT into a ROLLBACK.
+    pub fn transaction_aborted(&self) -> bool {
+        self.lock().aborted_at.is_some()
+    }
+
+    /// Statements sent since the watch was installed.
+    pub fn statements(&self) -> u64 {
+        self.lock().statements
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The instrumentation itself; see the module docs.
+pub struct StatementWatch {
+    seen: WatchHandle,
+    echo: bool,
+}
+
+impl StatementWatch {
+    /// A fresh watch and the handle that reads it.
+    pub fn new(echo: bool) -> (Self, WatchHandle) {
+        let seen = WatchHandle::default();
+        (
+            StatementWatch {
+                seen: seen.clone(),
+                echo,
+            },
+            seen,
+        )
+    }
+}
+
+impl Instrumentation for StatementWatch {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        match event {
+            InstrumentationEvent::StartQuery { query, .. } => {
+                self.seen.lock().statements += 1;
+                if self.echo {
+                    let text = query.to_string();
+                    let sql = text
+                        .split_once(BINDS_MARKER)
+                        .map_or(text.as_str(), |(sql, _)| sql);
+                    log::info!(target: "ledger::sql", "{sql}");
+                }
+            }
+            InstrumentationEvent::FinishQuery {
+                error: Some(error), ..
+            } => {
+                // Only a server-side error aborts the transaction; NotFound and decoding
+                // errors happen in the client after a successful statement.
+                if matches!(error, diesel::result::Error::DatabaseError(..)) {
+                    let mut seen = self.seen.lock();
+                    let depth = seen.depth;
+                    if depth > 0 {
+                        seen.aborted_at = Some(seen.aborted_at.map_or(depth, |d| d.min(depth)));
+                    }
+                }
+            }
+            InstrumentationEvent::BeginTransaction { depth, .. } => {
+                self.seen.lock().depth = depth.get();
+            }
+            InstrumentationEvent::CommitTransaction { depth, .. } => {
+                self.seen.lock().depth = depth.get() - 1;
+            }
+            InstrumentationEvent::RollbackTransaction { depth, .. } => {
+                let mut seen = self.seen.lock();
+                seen.depth = depth.get() - 1;
+                if seen.aborted_at.is_some_and(|d| d >= depth.get()) {
+                    seen.aborted_at = None;
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! ledger: a small ledger service whose point is database connection and session
+//! management done right (Actix-web, diesel-async, deadpool, PostgreSQL).
+//!
+//! See `README.md` for the guarantees and `src/db/session.rs` for the commit rule.
+
+/// REST routes and the extractor configuration.
+pub mod api;
+/// The application builder shared by `main` and the tests.
+pub mod app;
+/// Typed configuration from the environment.
+pub mod config;
+/// Pool, sessions, migrations and queries.
+pub mod db;
+/// `ApiError` and its problem+json form.
+pub mod error;
+/// Liveness and readiness probes.
+pub mod health;
+/// `X-Request-Id` handling.
+pub mod request_id;
+/// The diesel schema (generated).
+pub mod schema;
+/// Signal handling and the drain window.
+pub mod shutdown;
+
+pub use app::Application;
+pub use config::Config;
+
+/// Initialises `env_logger` (default level `info`), with the request id on every line
+/// logged while a request runs. Safe to call more than once.
+pub fn init_logging() {
+    use std::io::Write;
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let ts = buf.timestamp_millis();
+            match request_id::current() {
+                Some(rid) => writeln!(
+                    buf,
+                    "{ts} {} {} rid={rid}: {}",
+                    record.level(),
+                    record.target(),
+                    record.args()
+                ),
+                None => writeln!(
+                    buf,
+                    "{ts} {} {}: {}",
+                    record.level(),
+                    record.target(),
+                    record.args()
+                ),
+            }
+        })
+        .try_init();
+}

@@ -1,0 +1,450 @@
+//! Test support: a fresh database per test (cloned from a migrated template) and the real
+//! server spawned on a free port.
+//!
+//! `DATABASE_URL` names a server and a database the tests may use to create others (the
+//! Makefile sets it). The template `ledger_tpl_<hash of migrations/>` is built once, under
+//! an advisory lock so that parallel test processes do not race; each test then gets
+//! `CREATE DATABASE ... TEMPLATE`, dropped again (with FORCE) when its `TestDb` drops.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use ledger::db::pool::DbPool;
+use ledger::{Application, Config};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::OnceCell;
+use tokio_postgres::{Client, NoTls};
+
+/// Marks every database this suite creates.
+const TEST_DB_PREFIX: &str = "ledger_test_";
+
+/// The server-admin URL from the environment.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `admin_url` with another database name.
+pub fn url_for(db: &str) -> String {
+    let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
+    url.set_path(db);
+    url.to_string()
+}
+
+/// A plain client connection (no pool, no session) to `url`.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+fn migrations_hash() -> u64 {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut files: Vec<_> = walk(&dir);
+    files.sort();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.strip_prefix(&dir)
+            .expect("under migrations/")
+            .hash(&mut hasher);
+        std::fs::read(&f)
+            .expect("readable migration")
+            .hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("migrations/ exists") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+
+/// The migrated template database, built on first use.
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let name = format!("ledger_tpl_{:016x}", migrations_hash());
+            // Runs on its own thread and runtime: the OnceCell may be initialised from any
+            // test's runtime, and that runtime may end before another test needs it.
+            let built = name.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(build_template(&built));
+            })
+            .join()
+            .expect("template build");
+            name
+        })
+        .await
+}
+
+async fn build_template(name: &str) {
+    let admin = connect(&admin_url()).await;
+    // Serialises template builds across test processes (cargo test, nextest).
+    admin
+        .execute("SELECT pg_advisory_lock(7346527)", &[])
+        .await
+        .expect("advisory lock");
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .expect("pg_database");
+    if exists.is_none() {
+        let building = format!("{name}_building");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building}"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            admin.batch_execute(&sql).await.expect("create template");
+        }
+        let config = config_for(&building, &HashMap::new());
+        ledger::db::migrate::run_pending(&config.db)
+            .await
+            .expect("migrations apply to the template");
+        for sql in [
+            format!("ALTER DATABASE {building} RENAME TO {name}"),
+            format!("ALTER DATABASE {name} IS_TEMPLATE true"),
+        ] {
+            admin.batch_execute(&sql).await.expect("finish template");
+        }
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock(7346527)", &[])
+        .await
+        .expect("advisory unlock");
+}
+
+/// A database of one test's own, dropped when this value drops.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh, migrated database.
+    pub async fn migrated() -> TestDb {
+        let template = template().await;
+        Self::create(&format!("TEMPLATE {template}")).await
+    }
+
+    /// A fresh, empty database (no schema).
+    pub async fn empty() -> TestDb {
+        Self::create("").await
+    }
+
+    /// A name for a database that does not exist yet (dropped at the end if created).
+    pub fn not_created() -> TestDb {
+        let name = format!("{TEST_DB_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        TestDb {
+            url: url_for(&name),
+            name,
+        }
+    }
+
+    async fn create(options: &str) -> TestDb {
+        let db = Self::not_created();
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {} {options}", db.name))
+            .await
+            .expect("create test database");
+        db
+    }
+
+    /// A client connected to this database, outside the service.
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// One `bigint` from a query run outside the service.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
+    }
+
+    /// Rows of `accounts` with this name.
+    pub async fn accounts_named(&self, name: &str) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM accounts WHERE name = $1", &[&name])
+            .await
+            .expect("count accounts")
+            .get(0)
+    }
+
+    /// Sessions of the service on this database, by `application_name` and state.
+    pub async fn sessions(&self, application_name: &str, state: Option<&str>) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 \
+                 AND ($3::text IS NULL OR state = $3)",
+                &[&self.name, &application_name, &state],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0)
+    }
+
+    /// Terminates every backend of the service on this database; returns how many.
+    pub async fn terminate(&self, application_name: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = $2",
+                &[&self.name, &application_name],
+            )
+            .await
+            .expect("terminate")
+            .get(0)
+    }
+
+    /// Creates the database now (for tests that start the service before it exists).
+    pub async fn create_now(&self, options: &str) {
+        connect(&admin_url())
+            .await
+            .batch_execute(&format!("CREATE DATABASE {} {options}", self.name))
+            .await
+            .expect("create database");
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop may run outside any runtime (or inside one that is shutting down): use a
+        // thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The configuration a test app runs with: small pool, fast timeouts, port 0, no start-up
+/// migrations (the template is migrated). `overrides` wins.
+pub fn config_for(db: &str, overrides: &HashMap<&str, String>) -> Config {
+    let mut vars: HashMap<&str, String> = HashMap::from([
+        ("DATABASE_URL", url_for(db)),
+        ("PORT", "0".to_owned()),
+        ("DB_POOL_SIZE", "2".to_owned()),
+        ("DB_MAX_OVERFLOW", "2".to_owned()),
+        ("DB_POOL_TIMEOUT", "5".to_owned()),
+        ("DB_HEALTH_TIMEOUT", "2".to_owned()),
+        ("RUN_MIGRATIONS", "false".to_owned()),
+        ("SHUTDOWN_DRAIN_SECS", "0".to_owned()),
+    ]);
+    for (k, v) in overrides {
+        vars.insert(k, v.clone());
+    }
+    Config::from_lookup(|k| vars.get(k).cloned()).expect("valid test configuration")
+}
+
+/// A running service on its own database.
+pub struct TestApp {
+    pub address: String,
+    pub db: TestDb,
+    pub pool: DbPool,
+    pub client: reqwest::Client,
+}
+
+/// Logs through the test harness's capture (shown for failing tests only); `RUST_LOG`
+/// raises the level, the default is `warn`.
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .is_test(true)
+        .try_init();
+}
+
+/// Spawns the service on a fresh migrated database with the default test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Spawns the service on a fresh migrated database with some settings overridden.
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_on(TestDb::migrated().await, overrides).await
+}
+
+/// Spawns the service on the given database.
+pub async fn spawn_app_on(db: TestDb, overrides: &[(&str, &str)]) -> TestApp {
+    init_logging();
+    let overrides: HashMap<&str, String> = overrides
+        .iter()
+        .map(|(k, v)| (*k, (*v).to_owned()))
+        .collect();
+    let mut config = config_for(&db.name, &overrides);
+    if let Some(url) = overrides.get("DATABASE_URL") {
+        config.db.url = ledger::db::url::DatabaseUrl::parse(url).expect("override URL");
+    }
+    let app = Application::build(config)
+        .await
+        .expect("application builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let pool = app.pool().clone();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        db,
+        pool,
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client"),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        Answer::from(self.client.get(self.url(path)).send().await.expect("GET")).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Answer {
+        Answer::from(
+            self.client
+                .post(self.url(path))
+                .json(body)
+                .send()
+                .await
+                .expect("POST"),
+        )
+        .await
+    }
+
+    /// POST with a raw body and content type.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Answer {
+        let mut req = self.client.post(self.url(path)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        Answer::from(req.send().await.expect("POST")).await
+    }
+
+    pub async fn create_account(&self, name: &str, balance: i64) -> Value {
+        let answer = self
+            .post_json(
+                "/accounts",
+                &serde_json::json!({ "name": name, "balance": balance }),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+        answer.body
+    }
+}
+
+/// A response, read in full.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Answer {
+    #[allow(clippy::wrong_self_convention, clippy::should_implement_trait)]
+    pub async fn from(response: reqwest::Response) -> Answer {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts a problem+json error with this status and code.
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{}",
+            self.text
+        );
+        assert_eq!(self.body["code"], code, "{}", self.text);
+        assert_eq!(self.body["status"], status, "{}", self.text);
+        assert_eq!(self.body["type"], "about:blank");
+        assert!(self.body["title"].is_string() && self.body["detail"].is_string());
+        assert_eq!(
+            self.body["request_id"].as_str(),
+            self.header("x-request-id"),
+            "problem bodies repeat the request id"
+        );
+        if status == 503 {
+            assert!(
+                self.header("retry-after").is_some(),
+                "503 carries Retry-After"
+            );
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes; returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

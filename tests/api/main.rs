@@ -1,0 +1,13 @@
+//! The integration suite: one binary, real PostgreSQL, the real server over HTTP.
+
+// A test (and its helpers) should fail loudly at the first surprise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod accounts;
+mod bad_input;
+mod config;
+mod health;
+mod helpers;
+mod migrations;
+mod pool;
+mod session;

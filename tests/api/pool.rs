@@ -1,0 +1,166 @@
+//! Pool behaviour: exhaustion, stale connections.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::{eventually, spawn_app_with};
+
+#[tokio::test]
+async fn an_exhausted_pool_answers_503_after_the_timeout_and_readiness_still_answers() {
+    let app = spawn_app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+        ("DB_POOL_TIMEOUT", "0.5"),
+    ])
+    .await;
+    // Holds the only connection for 3 s.
+    let holder = {
+        let (client, url) = (
+            app.client.clone(),
+            app.url("/_test/write-then-sleep?name=holder&ms=3000"),
+        );
+        tokio::spawn(async move { client.post(url).send().await })
+    };
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.pool.status().available == 0 && app.pool.status().size == 1
+        })
+        .await
+    );
+
+    let started = Instant::now();
+    let answer = app
+        .post_json("/accounts", &json!({ "name": "starved" }))
+        .await;
+    let waited = started.elapsed();
+    answer.assert_problem(503, "database_unavailable");
+    assert!(answer.header("retry-after").is_some());
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(2000),
+        "{waited:?}"
+    );
+
+    let started = Instant::now();
+    let ready = app.get("/health/ready").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "readiness answers within its own timeout"
+    );
+    assert_eq!(ready.status, 200, "{}", ready.text);
+
+    let held = holder.await.expect("join").expect("holder answered");
+    assert_eq!(held.status(), 201);
+    assert_eq!(app.db.accounts_named("starved").await, 0);
+    assert_eq!(app.db.accounts_named("holder").await, 1);
+}
+
+#[tokio::test]
+async fn terminated_connections_fail_at_most_one_request_each_with_503() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "3"), ("DB_MAX_OVERFLOW", "0")]).await;
+    // Open three pooled connections at once.
+    let mut warm = Vec::new();
+    for i in 0..3 {
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/_test/write-then-sleep?name=warm{i}&ms=300")),
+        );
+        warm.push(tokio::spawn(async move { client.post(url).send().await }));
+    }
+    for w in warm {
+        assert_eq!(w.await.expect("join").expect("answer").status(), 201);
+    }
+    assert_eq!(app.pool.status().size, 3);
+
+    let killed = app.db.terminate("ledger").await;
+    assert_eq!(killed, 3);
+
+    let mut failures = 0;
+    for i in 0..10 {
+        let answer = app
+            .post_json("/accounts", &json!({ "name": format!("after-kill-{i}") }))
+            .await;
+        if answer.status != 201 {
+            answer.assert_problem(503, "database_unavailable");
+            failures += 1;
+        }
+    }
+    assert!(
+        failures <= 3,
+        "{failures} failures for 3 killed connections"
+    );
+    assert_eq!(
+        app.db
+            .scalar("SELECT count(*) FROM accounts WHERE name LIKE 'after-kill-%'")
+            .await,
+        10 - failures
+    );
+    // The last request surely succeeded: the pool healed without a restart.
+    let last = app
+        .post_json("/accounts", &json!({ "name": "healed" }))
+        .await;
+    assert_eq!(last.status, 201);
+}
+
+#[tokio::test]
+async fn overflow_connections_close_after_the_idle_timeout() {
+    let app = spawn_app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "3"),
+        ("DB_POOL_IDLE_TIMEOUT", "1"),
+    ])
+    .await;
+    let mut burst = Vec::new();
+    for i in 0..4 {
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/_test/write-then-sleep?name=burst{i}&ms=400")),
+        );
+        burst.push(tokio::spawn(async move { client.post(url).send().await }));
+    }
+    for b in burst {
+        assert_eq!(b.await.expect("join").expect("answer").status(), 201);
+    }
+    assert_eq!(app.pool.status().size, 4, "the burst used the overflow");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.pool.status().size == 1
+        })
+        .await,
+        "the pool shrank back to DB_POOL_SIZE"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.db.sessions("ledger", None).await == 1
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn connections_past_their_max_lifetime_are_replaced() {
+    let app = spawn_app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+        ("DB_POOL_RECYCLE", "1"),
+    ])
+    .await;
+    let pid = || async {
+        app.db
+            .client()
+            .await
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ledger'",
+                &[&app.db.name],
+            )
+            .await
+            .expect("pid")
+            .map(|r| r.get::<_, i32>(0))
+    };
+    app.create_account("first", 1).await;
+    let before = pid().await.expect("a pooled connection");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    app.create_account("second", 1).await;
+    let after = pid().await.expect("a pooled connection");
+    assert_ne!(before, after, "the old connection was closed and replaced");
+}

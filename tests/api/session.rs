@@ -1,0 +1,197 @@
+//! The transaction-per-request guarantee (contract section 2), proven against PostgreSQL.
+
+use std::time::Duration;
+
+use actix_web::test as actix_test;
+use serde_json::json;
+
+use crate::helpers::{eventually, spawn_app, spawn_app_with, TestDb};
+
+#[tokio::test]
+async fn a_4xx_status_rolls_back_earlier_writes() {
+    let app = spawn_app().await;
+    let answer = app
+        .post_json("/_test/write-then-4xx?name=r4xx", &json!({}))
+        .await;
+    assert_eq!(answer.status, 409);
+    assert_eq!(app.db.accounts_named("r4xx").await, 0);
+}
+
+#[tokio::test]
+async fn a_handler_error_rolls_back_earlier_writes() {
+    let app = spawn_app().await;
+    let answer = app
+        .post_json("/_test/write-then-err?name=rerr", &json!({}))
+        .await;
+    answer.assert_problem(422, "validation_failed");
+    assert_eq!(app.db.accounts_named("rerr").await, 0);
+}
+
+#[tokio::test]
+async fn a_panic_rolls_back_answers_500_and_the_server_keeps_serving() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    for _ in 0..3 {
+        let answer = app
+            .post_json("/_test/write-then-panic?name=rpanic", &json!({}))
+            .await;
+        answer.assert_problem(500, "internal");
+        assert!(
+            !answer.text.contains("panics after"),
+            "no panic text in the body"
+        );
+    }
+    assert_eq!(app.db.accounts_named("rpanic").await, 0);
+    // With a pool of one, this only works if every panic gave the connection back clean.
+    app.create_account("after-panic", 1).await;
+    assert_eq!(
+        app.db.sessions("ledger", Some("idle in transaction")).await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_failing_commit_turns_the_2xx_into_a_5xx() {
+    let app = spawn_app().await;
+    let answer = app
+        .post_json("/_test/commit-fails?name=rcommit", &json!({}))
+        .await;
+    answer.assert_problem(500, "internal");
+    assert_eq!(app.db.accounts_named("rcommit").await, 0);
+    // The pool still works afterwards.
+    app.create_account("after-commit-failure", 1).await;
+}
+
+#[tokio::test]
+async fn a_swallowed_statement_error_cannot_be_reported_as_success() {
+    let app = spawn_app().await;
+    let answer = app
+        .post_json("/_test/swallowed-error?name=rswallow", &json!({}))
+        .await;
+    answer.assert_problem(500, "internal");
+    assert_eq!(app.db.accounts_named("rswallow").await, 0);
+}
+
+#[tokio::test]
+async fn nested_units_of_work_roll_back_to_their_savepoint_only() {
+    let app = spawn_app().await;
+    let answer = app
+        .post_json("/_test/savepoint?name=rsave", &json!({}))
+        .await;
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(answer.body["nested_failed"], true);
+    assert_eq!(app.db.accounts_named("rsave").await, 1);
+    assert_eq!(app.db.accounts_named("rsave-inner").await, 0);
+}
+
+#[tokio::test]
+async fn a_connection_guard_that_escapes_its_handler_never_commits() {
+    let app = spawn_app().await;
+    let answer = app
+        .post_json("/_test/escaping-guard?name=rescape", &json!({}))
+        .await;
+    answer.assert_problem(500, "internal");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(app.db.accounts_named("rescape").await, 0);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app.db.sessions("ledger", Some("idle in transaction")).await == 0
+        })
+        .await
+    );
+    app.create_account("after-escape", 1).await;
+}
+
+#[tokio::test]
+async fn a_route_without_a_session_checks_out_no_connection() {
+    let app = spawn_app().await;
+    assert_eq!(app.pool.status().size, 0);
+    for path in ["/_test/no-session", "/health/live", "/livez", "/nope"] {
+        let answer = app.get(path).await;
+        assert!(answer.status.as_u16() < 500, "{path}");
+    }
+    // Bad input is rejected by the extractors before the session is ever used.
+    let answer = app
+        .post_raw("/accounts", Some("application/json"), "{")
+        .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(app.pool.status().size, 0, "no pooled connection was opened");
+    assert_eq!(app.db.sessions("ledger", None).await, 0);
+}
+
+/// Dropping the request future mid-transaction (what a shutdown timeout or a worker
+/// restart does) rolls back, and no session stays idle in transaction.
+#[actix_rt::test]
+async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
+    crate::helpers::init_logging();
+    let db = TestDb::migrated().await;
+    let config = crate::helpers::config_for(&db.name, &Default::default());
+    let pool = ledger::db::pool::build_pool(&config.db).expect("pool");
+    let health = actix_web::web::Data::new(ledger::health::Health::new(&config.db, pool.clone()));
+    let state = ledger::app::AppState {
+        settings: actix_web::web::Data::new(ledger::db::session::SessionSettings::new(
+            pool.clone(),
+            &config.db,
+        )),
+        health,
+        body_limit: config.http_body_limit,
+    };
+    let service = actix_test::init_service(ledger::app::app(state)).await;
+
+    let request = actix_test::TestRequest::post()
+        .uri("/_test/write-then-sleep?name=rcancel&ms=5000")
+        .to_request();
+    let call = actix_test::call_service(&service, request);
+    let outcome = tokio::time::timeout(Duration::from_millis(500), call).await;
+    assert!(
+        outcome.is_err(),
+        "the request future was dropped mid-transaction"
+    );
+
+    // The row was written inside the open transaction; it must never become visible.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            db.sessions("ledger", Some("idle in transaction")).await == 0
+        })
+        .await,
+        "the cancelled transaction was rolled back"
+    );
+    assert_eq!(db.accounts_named("rcancel").await, 0);
+    // The connection went back clean (or was closed): the pool serves again.
+    let mut conn = pool.get().await.expect("connection");
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query("SELECT 1")
+        .execute(&mut *conn)
+        .await
+        .expect("usable");
+}
+
+/// Actix does not cancel a handler when its client disconnects (actix/actix-web#3462):
+/// the handler runs to completion and its transaction commits. A client that gave up cannot
+/// know the outcome; the write is durable, and a retry with an Idempotency-Key is safe.
+#[tokio::test]
+async fn a_client_disconnect_does_not_cancel_the_handler_which_commits() {
+    let app = spawn_app().await;
+    let gave_up = app
+        .client
+        .post(app.url("/_test/write-then-sleep?name=rdisconnect&ms=1000"))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the client disconnected before the answer"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.db.accounts_named("rdisconnect").await == 1
+        })
+        .await,
+        "the handler ran to completion and committed"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app.db.sessions("ledger", Some("idle in transaction")).await == 0
+        })
+        .await
+    );
+}
