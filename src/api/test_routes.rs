@@ -58,6 +58,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ))
     .service(resource("/_test/pg-sleep", post(|| web::to(pg_sleep))))
     .service(resource(
+        "/_test/write-then-pg-sleep",
+        post(|| web::to(write_then_pg_sleep)),
+    ))
+    .service(resource(
         "/_test/no-session",
         [(Method::GET, web::to(no_session))],
     ));
@@ -168,6 +172,15 @@ async fn pg_sleep(session: DbSession, q: web::Query<Params>) -> Result<HttpRespo
         .execute(&mut *conn)
         .await?;
     Ok(HttpResponse::Ok().finish())
+}
+
+/// Writes, then runs `pg_sleep` for `ms` (client-side deadline tests).
+async fn write_then_pg_sleep(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    pg_sleep(session, q).await
 }
 
 /// Takes no session: must not check out a connection.

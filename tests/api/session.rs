@@ -195,3 +195,73 @@ async fn a_client_disconnect_does_not_cancel_the_handler_which_commits() {
         .await
     );
 }
+
+/// The server cancels a statement past `DB_STATEMENT_TIMEOUT`: 503 `timeout`, the write
+/// before it rolled back, and the same connection serves the next request.
+#[tokio::test]
+async fn a_statement_past_the_statement_timeout_gets_503_timeout_and_the_connection_is_kept() {
+    let app = spawn_app_with(&[
+        ("DB_STATEMENT_TIMEOUT", "200"),
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+    ])
+    .await;
+    app.create_account("warm", 1).await;
+    let pid = || async {
+        app.db
+            .client()
+            .await
+            .query_one(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ledger'",
+                &[&app.db.name],
+            )
+            .await
+            .expect("one pooled connection")
+            .get::<_, i32>(0)
+    };
+    let before = pid().await;
+
+    let started = std::time::Instant::now();
+    let answer = app
+        .post_json("/_test/pg-sleep?name=slow&ms=2000", &json!({}))
+        .await;
+    answer.assert_problem(503, "timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    app.create_account("after-timeout", 1).await;
+    assert_eq!(
+        pid().await,
+        before,
+        "the connection was reused, not replaced"
+    );
+}
+
+/// Without a statement timeout, the client-side deadline (`DB_POOL_TIMEOUT`) bounds a
+/// statement that gets no answer: 503 `timeout`, nothing committed, connection closed.
+#[tokio::test]
+async fn a_statement_without_an_answer_is_cut_off_by_the_client_side_deadline() {
+    let app = spawn_app_with(&[
+        ("DB_POOL_TIMEOUT", "1"),
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+    ])
+    .await;
+    let started = std::time::Instant::now();
+    let answer = app
+        .post_json("/_test/write-then-pg-sleep?name=silent&ms=4000", &json!({}))
+        .await;
+    let waited = started.elapsed();
+    answer.assert_problem(503, "timeout");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    // The abandoned connection was closed, not pooled: the next request gets a new one
+    // at once even with a pool of one.
+    app.create_account("after-deadline", 1).await;
+    assert_eq!(app.db.accounts_named("silent").await, 0);
+}
