@@ -6,6 +6,7 @@
 mod accounts;
 mod bad_input;
 mod config;
+mod echo;
 mod health;
 mod helpers;
 mod migrations;
