@@ -13,10 +13,14 @@
 # account when we run as root, since initdb and postgres refuse to run as root); its path
 # is remembered in .pgcluster (git-ignored). It runs with fsync off: it is for throwaway
 # data only.
+#
+# Two variables let another script run a cluster of its own next to this one (the
+# benchmark does): PG_STATE_FILE (default .pgcluster) names the file that remembers it, and
+# PG_SERVER_OPTS adds server options (`-c name=value ...`) to the ones below.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-STATE_FILE=.pgcluster
+STATE_FILE=${PG_STATE_FILE:-.pgcluster}
 log() { echo "pg.sh: $*" >&2; }
 
 find_bin() {
@@ -70,7 +74,7 @@ up() {
   as_owner "$initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; exit 1; }
   as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 ${PG_SERVER_OPTS:-}" \
     start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
   echo "$dir $port" >"$STATE_FILE"
   cluster_url "$port"
