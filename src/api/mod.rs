@@ -19,6 +19,9 @@ use crate::error::ApiError;
 
 /// `/accounts`.
 pub mod accounts;
+/// Hand-written baselines without the session layer, for `make bench` (`--features bench`).
+#[cfg(feature = "bench")]
+pub mod bench_routes;
 /// Routes that exist only to prove the session guarantees (`--features test-routes`).
 #[cfg(feature = "test-routes")]
 pub mod test_routes;
@@ -31,6 +34,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
     accounts::configure(cfg);
     #[cfg(feature = "test-routes")]
     test_routes::configure(cfg);
+    #[cfg(feature = "bench")]
+    bench_routes::configure(cfg);
 }
 
 /// A resource that answers `methods` and 405 (with `Allow`) to anything else, with the
