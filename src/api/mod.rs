@@ -20,9 +20,13 @@ use crate::error::ApiError;
 
 /// `/accounts`.
 pub mod accounts;
+/// The `Idempotency-Key` header of the POST endpoints.
+pub mod idempotency;
 /// Routes that exist only to prove the session guarantees (`--features test-routes`).
 #[cfg(feature = "test-routes")]
 pub mod test_routes;
+/// `/transfers`.
+pub mod transfers;
 
 /// Registers the API routes and the extractor configuration.
 pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
@@ -30,6 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
         .app_data(web::PathConfig::default().error_handler(path_error))
         .app_data(web::QueryConfig::default().error_handler(query_error));
     accounts::configure(cfg);
+    transfers::configure(cfg);
     #[cfg(feature = "test-routes")]
     test_routes::configure(cfg);
 }
