@@ -53,6 +53,7 @@ impl Application {
         let listener = TcpListener::bind((config.host, config.port))?;
         let port = listener.local_addr()?.port();
         let server = HttpServer::new(move || app(state.clone()))
+            .workers(config.http_workers)
             .listen(listener)?
             // Signals are ours (see `shutdown`): Actix would stop accepting at once.
             .disable_signals()

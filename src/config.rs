@@ -25,6 +25,7 @@
 //! | `SHUTDOWN_DRAIN_SECS` | 5 s |
 //! | `SHUTDOWN_TIMEOUT_SECS` | 30 s |
 //! | `HOST` / `PORT` | 127.0.0.1 / 8080 |
+//! | `HTTP_WORKERS` | the CPUs available (Actix's default) |
 
 use std::fmt;
 use std::net::IpAddr;
@@ -49,6 +50,8 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
 /// Upper bound of `DB_POOL_SIZE` and `DB_MAX_OVERFLOW` (contract section 6).
 const MAX_POOL_SETTING: usize = 1000;
+/// Upper bound of `HTTP_WORKERS`: a guard against typos, far above any core count.
+const MAX_HTTP_WORKERS: usize = 1024;
 
 /// A setting that could not be used, naming the variable: `DB_POOL_SIZE: must be ...`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +113,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub host: IpAddr,
     pub port: u16,
+    /// Actix worker threads. Every pooled connection's I/O runs on the worker that opened
+    /// it, so a request on another worker pays two cross-thread wake-ups per round trip:
+    /// where the database shares the machine's few cores, fewer workers can serve more.
+    pub http_workers: usize,
 }
 
 impl fmt::Display for Config {
@@ -219,6 +226,12 @@ impl Config {
                 })?,
             },
             port: env.int_in("PORT", DEFAULT_PORT as usize, 0, u16::MAX as usize)? as u16,
+            http_workers: env.int_in(
+                "HTTP_WORKERS",
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                1,
+                MAX_HTTP_WORKERS,
+            )?,
         })
     }
 }
@@ -372,6 +385,11 @@ mod tests {
         assert_eq!(c.port, 8080);
         assert!(c.run_migrations);
         assert!(!c.db.echo);
+        assert!(c.http_workers >= 1);
+        assert_eq!(
+            config(&[URL, ("HTTP_WORKERS", "1")]).unwrap().http_workers,
+            1
+        );
     }
 
     #[test]
@@ -389,6 +407,7 @@ mod tests {
             ("HTTP_BODY_LIMIT", "0"),
             ("PORT", "70000"),
             ("HOST", "not-an-ip"),
+            ("HTTP_WORKERS", "0"),
             ("DATABASE_URL", "mysql://x@y/z"),
         ] {
             let err = config(&[URL, (var, value)]).unwrap_err();
