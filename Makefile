@@ -9,7 +9,7 @@ TEST_THREADS ?= 8
 DATABASE_URL ?= $(shell sed -n 's/^DATABASE_URL=//p' .env 2>/dev/null | tail -n 1)
 export DATABASE_URL
 
-.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs
+.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs bench bench-smoke
 
 ## run: serve in release mode on $PORT (8080), after setting up the database and migrating
 run: check-tools
@@ -19,10 +19,21 @@ run: check-tools
 	echo "make run: using database $$(echo "$$url" | sed -E 's#//([^:/@]+):[^@]*@#//\1:***@#')"; \
 	DATABASE_URL=$$url $(CARGO) run --release --bin ledger
 
-## test: lint-free build and the whole suite against real PostgreSQL
+## test: lint-free build and the whole suite against real PostgreSQL, then a smoke run of
+## the benchmark harness on the binary the suite built (its own private cluster, ~30 s)
 test: check-tools
 	@admin=$$(scripts/pg.sh url) || exit 1; \
-	DATABASE_URL=$$admin $(CARGO) test --features test-routes -- --test-threads $(TEST_THREADS)
+	DATABASE_URL=$$admin $(CARGO) test --features test-routes,bench -- --test-threads $(TEST_THREADS)
+	@scripts/bench.sh --smoke --bin target/debug/ledger
+
+## bench: the benchmark (release build, its own PostgreSQL cluster, ~5 minutes of runs);
+## writes BENCHMARKS.md and docs/bench-concurrency.svg
+bench: check-tools
+	@scripts/bench.sh
+
+## bench-smoke: every benchmark step for a second at low load, checking the harness
+bench-smoke: check-tools
+	@scripts/bench.sh --smoke
 
 ## migrate: apply the migrations to the database `make run` uses
 migrate: check-tools
@@ -34,7 +45,7 @@ migrate: check-tools
 ## lint: formatting check and clippy with warnings as errors
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --features test-routes -- -D warnings
+	$(CARGO) clippy --all-targets --features test-routes,bench -- -D warnings
 
 ## fmt: format the code
 fmt:

@@ -10,17 +10,23 @@
 
 use std::time::Duration;
 
-use actix_web::web;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
 use diesel_async::AsyncConnection;
 
+use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
+use super::transfers::TransferRequest;
 use crate::db::accounts::{self, Account};
 use crate::db::pool::PooledConnection;
 use crate::db::session::SessionSettings;
+use crate::db::transfers::NewTransfer;
 use crate::error::ApiError;
+use crate::ledger;
 
 /// Registers the baselines under `/_bench`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/_bench/accounts/{id}").route(web::get().to(get_account)));
+    cfg.service(web::resource("/_bench/accounts/{id}").route(web::get().to(get_account)))
+        .service(web::resource("/_bench/transfers").route(web::post().to(create_transfer)));
 }
 
 /// A pooled connection, within `DB_POOL_TIMEOUT` (the pool's own wait timeout).
@@ -50,4 +56,63 @@ async fn get_account(
         .await?
         .map(web::Json)
         .ok_or_else(missing)
+}
+
+/// What the transaction of a baseline transfer produced (an `HttpResponse` is not `Send`,
+/// which diesel-async's `transaction` requires of its result).
+enum Posted {
+    Replay(idempotency::Stored),
+    Created { id: i64, body: String },
+}
+
+/// `POST /_bench/transfers`: `POST /transfers` without the session layer (same checks, same
+/// idempotency handling, same posting, same answer).
+async fn create_transfer(
+    settings: web::Data<SessionSettings>,
+    key: IdempotencyKey,
+    idempotency_settings: web::Data<IdempotencySettings>,
+    body: web::Json<TransferRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let request = body.into_inner();
+    let item = NewTransfer::from(request);
+    ledger::check(&item)?;
+    let idempotent = Idempotent::new("POST /transfers", key, &request, &idempotency_settings)?;
+    let mut conn = checkout(&settings).await?;
+    let posted = conn
+        .transaction::<_, ApiError, _>(async |conn| {
+            if let Some(idempotent) = &idempotent {
+                if let Claimed::Replay(stored) = idempotent.claim(conn).await? {
+                    return Ok(Posted::Replay(stored));
+                }
+            }
+            let transfer = ledger::post(conn, &[item])
+                .await
+                .map_err(|failure| failure.error)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| ApiError::internal("posting returned no transfer"))?;
+            let body = serde_json::to_string(&transfer).map_err(ApiError::internal)?;
+            if let Some(idempotent) = &idempotent {
+                idempotent.record(conn, StatusCode::CREATED, &body).await?;
+            }
+            Ok(Posted::Created {
+                id: transfer.id,
+                body,
+            })
+        })
+        .await?;
+    Ok(match posted {
+        Posted::Replay(stored) => {
+            let id = serde_json::from_str::<serde_json::Value>(&stored.body)
+                .ok()
+                .and_then(|v| v["id"].as_i64());
+            stored.replay(id.map(|id| format!("/transfers/{id}")))
+        }
+        Posted::Created { id, body } => idempotency::json_response(
+            StatusCode::CREATED,
+            body,
+            Some(format!("/transfers/{id}")),
+            false,
+        ),
+    })
 }
