@@ -373,18 +373,14 @@ impl DbSession {
         let tx = match previous {
             State::Open(tx) => *tx,
             State::Idle => {
-                // If this future is dropped during check-out, `Busy` stays; the
-                // request is being torn down anyway and finish() then has nothing to do.
-                match TxConn::begin(self.slot.settings()).await {
-                    Ok(tx) => {
-                        *self.slot.0.watch.borrow_mut() = Some(tx.watch.clone());
-                        tx
-                    }
-                    Err(e) => {
-                        self.slot.replace(State::Idle);
-                        return Err(e);
-                    }
-                }
+                // If this future is dropped mid-way (a handler's own timeout around
+                // `conn()`), the slot goes back to Idle; the half-made TxConn closes its
+                // connection as it drops.
+                let mut opening = BackToIdle(&self.slot, true);
+                let tx = TxConn::begin(self.slot.settings()).await?;
+                opening.1 = false;
+                *self.slot.0.watch.borrow_mut() = Some(tx.watch.clone());
+                tx
             }
             other @ (State::Busy | State::Finalized) => {
                 self.slot.replace(other);
@@ -397,6 +393,18 @@ impl DbSession {
             slot: self.slot.clone(),
             tx: Some(tx),
         })
+    }
+}
+
+/// Puts a slot that is `Busy` opening a connection back to `Idle` when dropped armed.
+struct BackToIdle<'a>(&'a Slot, bool);
+
+impl Drop for BackToIdle<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0 .0.state.borrow_mut();
+        if self.1 && matches!(*state, State::Busy) {
+            *state = State::Idle;
+        }
     }
 }
 

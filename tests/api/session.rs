@@ -265,3 +265,32 @@ async fn a_statement_without_an_answer_is_cut_off_by_the_client_side_deadline() 
     app.create_account("after-deadline", 1).await;
     assert_eq!(app.db.accounts_named("silent").await, 0);
 }
+
+/// A handler that abandons a pending `conn()` (its own timeout) can ask again.
+#[tokio::test]
+async fn an_abandoned_check_out_leaves_the_session_usable() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    let holder = {
+        let (client, url) = (
+            app.client.clone(),
+            app.url("/_test/write-then-sleep?name=hold&ms=800"),
+        );
+        tokio::spawn(async move { client.post(url).send().await })
+    };
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.pool.status().available == 0 && app.pool.status().size == 1
+        })
+        .await
+    );
+    let answer = app
+        .post_json(
+            "/_test/impatient-then-write?name=patient&ms=100",
+            &json!({}),
+        )
+        .await;
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(answer.body["gave_up_first"], true);
+    assert_eq!(holder.await.unwrap().unwrap().status(), 201);
+    assert_eq!(app.db.accounts_named("patient").await, 1);
+}
