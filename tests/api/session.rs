@@ -207,19 +207,8 @@ async fn a_statement_past_the_statement_timeout_gets_503_timeout_and_the_connect
     ])
     .await;
     app.create_account("warm", 1).await;
-    let pid = || async {
-        app.db
-            .client()
-            .await
-            .query_one(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ledger'",
-                &[&app.db.name],
-            )
-            .await
-            .expect("one pooled connection")
-            .get::<_, i32>(0)
-    };
-    let before = pid().await;
+    let before = app.db.ledger_pids().await;
+    assert_eq!(before.len(), 1);
 
     let started = std::time::Instant::now();
     let answer = app
@@ -234,7 +223,7 @@ async fn a_statement_past_the_statement_timeout_gets_503_timeout_and_the_connect
 
     app.create_account("after-timeout", 1).await;
     assert_eq!(
-        pid().await,
+        app.db.ledger_pids().await,
         before,
         "the connection was reused, not replaced"
     );
@@ -270,13 +259,7 @@ async fn a_statement_without_an_answer_is_cut_off_by_the_client_side_deadline() 
 #[tokio::test]
 async fn an_abandoned_check_out_leaves_the_session_usable() {
     let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
-    let holder = {
-        let (client, url) = (
-            app.client.clone(),
-            app.url("/_test/write-then-sleep?name=hold&ms=800"),
-        );
-        tokio::spawn(async move { client.post(url).send().await })
-    };
+    let holder = app.post_in_background("/_test/write-then-sleep?name=hold&ms=800");
     assert!(
         eventually(Duration::from_secs(2), || async {
             app.pool.status().available == 0 && app.pool.status().size == 1
