@@ -14,10 +14,11 @@ use actix_web::dev::{Server, ServerHandle, ServiceFactory, ServiceRequest, Servi
 use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
 
+use crate::api::idempotency::IdempotencySettings;
 use crate::config::Config;
-use crate::db::migrate;
 use crate::db::pool::{self, DbPool};
 use crate::db::session::SessionSettings;
+use crate::db::{self, migrate};
 use crate::health::{self, Health};
 use crate::{api, request_id};
 
@@ -39,6 +40,7 @@ impl Application {
     pub async fn build(config: Config) -> io::Result<Self> {
         let pool = pool::build_pool(&config.db).map_err(io::Error::other)?;
         pool::spawn_reaper(&pool, &config.db);
+        db::idempotency::spawn_purger(&pool, config.idempotency_ttl);
         let health = web::Data::new(Health::new(&config.db, pool.clone()));
         prepare_schema(&config, &health).await;
 
@@ -46,6 +48,7 @@ impl Application {
             settings: web::Data::new(SessionSettings::new(pool.clone(), &config.db)),
             health: health.clone(),
             body_limit: config.http_body_limit,
+            idempotency_ttl: config.idempotency_ttl,
         };
         let listener = TcpListener::bind((config.host, config.port))?;
         let port = listener.local_addr()?.port();
@@ -106,6 +109,8 @@ pub struct AppState {
     pub settings: web::Data<SessionSettings>,
     pub health: web::Data<Health>,
     pub body_limit: usize,
+    /// How long idempotency keys count (`IDEMPOTENCY_TTL_SECS`).
+    pub idempotency_ttl: Duration,
 }
 
 /// The Actix app: routes, shared state and middleware, in the order that matters. The
@@ -124,6 +129,9 @@ pub fn app(
     App::new()
         .app_data(state.settings)
         .app_data(state.health)
+        .app_data(web::Data::new(IdempotencySettings {
+            ttl: state.idempotency_ttl,
+        }))
         .configure(health::configure)
         .configure(|cfg| api::configure(cfg, state.body_limit))
         .default_service(web::to(api::not_found))

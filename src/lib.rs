@@ -15,6 +15,8 @@ pub mod db;
 pub mod error;
 /// Liveness and readiness probes.
 pub mod health;
+/// Posting transfers: the bookkeeping rules.
+pub mod ledger;
 /// `X-Request-Id` handling.
 pub mod request_id;
 /// The diesel schema (generated).

@@ -4,12 +4,16 @@
 pub mod accounts;
 /// Opening connections with the service's session settings.
 pub mod connect;
+/// Idempotency keys: claim, record, purge.
+pub mod idempotency;
 /// Embedded migrations.
 pub mod migrate;
 /// The deadpool pool, its hooks and its reaper.
 pub mod pool;
 /// `DbSession` and the finalizing middleware: the transaction-per-request guarantee.
 pub mod session;
+/// Transfer rows and their queries.
+pub mod transfers;
 /// `DATABASE_URL`, parsed, with the password kept out of sight.
 pub mod url;
 /// Per-connection statement watch (aborted transactions, statement count, SQL echo).
