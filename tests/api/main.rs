@@ -6,8 +6,11 @@
 mod accounts;
 mod bad_input;
 mod config;
+mod faults;
 mod health;
 mod helpers;
+mod load;
 mod migrations;
 mod pool;
 mod session;
+mod support;
