@@ -13,4 +13,5 @@ mod load;
 mod migrations;
 mod pool;
 mod session;
+mod shutdown;
 mod support;
