@@ -1,6 +1,7 @@
 //! Faults the service must ride out without a restart: the database restarting, every
-//! connection cut, and a database that stops answering (a black hole: TCP still
-//! acknowledges, so keepalives never fire and only the service's own deadlines help).
+//! connection cut, connections refused, and a database that stops answering (a black
+//! hole: TCP still acknowledges, so keepalives never fire and only the service's own
+//! deadlines help), at start-up too.
 //!
 //! The restart runs against a private cluster (it stops the server); the others put a
 //! proxy between the service and the shared server and break only the proxied traffic.
@@ -21,6 +22,8 @@ use crate::support::{proxy_to, within};
 const FAST: Duration = Duration::from_secs(1);
 /// Slack for timing bounds on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(800);
+/// No answer of these tests may take this long; a hang fails the test instead of the suite.
+const HANG: Duration = Duration::from_secs(10);
 
 /// Asserts that every acknowledged (201) write of `outcomes` is in the database.
 async fn assert_acknowledged_writes_present(client: &tokio_postgres::Client, outcomes: &[Outcome]) {
@@ -40,9 +43,6 @@ async fn assert_acknowledged_writes_present(client: &tokio_postgres::Client, out
         .collect();
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
 }
-
-/// No answer of these tests may take this long; a hang fails the test instead of the suite.
-const HANG: Duration = Duration::from_secs(10);
 
 async fn readiness(app: &TestApp) -> (u16, Duration) {
     let started = Instant::now();
