@@ -10,6 +10,8 @@ pub mod migrate;
 pub mod pool;
 /// `DbSession` and the finalizing middleware: the transaction-per-request guarantee.
 pub mod session;
+/// TLS to the server, with libpq's `sslmode` meanings.
+pub mod tls;
 /// `DATABASE_URL`, parsed, with the password kept out of sight.
 pub mod url;
 /// Per-connection statement watch (aborted transactions, statement count, SQL echo).
