@@ -4,6 +4,8 @@
 pub mod accounts;
 /// Opening connections with the service's session settings.
 pub mod connect;
+/// A request's check-out: use-time metric and leak warning.
+pub mod lease;
 /// Embedded migrations.
 pub mod migrate;
 /// The deadpool pool, its hooks and its reaper.
