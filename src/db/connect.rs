@@ -85,14 +85,15 @@ impl Connector {
                     .config
                     .connect(tokio_postgres::NoTls)
                     .await
-                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+                    .map_err(|e| ConnectionError::BadConnection(with_causes(&e)))?;
                 AsyncPgConnection::try_from_client_and_connection(client, connection).await
             }
             Tls::Enabled { connector, .. } => {
                 let (client, connection) =
                     self.config.connect(connector.clone()).await.map_err(|e| {
                         ConnectionError::BadConnection(format!(
-                            "{e} (sslmode={})",
+                            "{} (sslmode={})",
+                            with_causes(&e),
                             tls::mode_name(self.url.ssl_mode())
                         ))
                     })?;
@@ -102,4 +103,18 @@ impl Connector {
             Tls::Broken(e) => Err(ConnectionError::BadConnection(e.clone())),
         }
     }
+}
+
+/// The driver's error with its causes: its own text is only the kind ("error performing
+/// TLS handshake"); the cause says what happened ("invalid peer certificate: ..."). None of
+/// them contains the password.
+fn with_causes(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }

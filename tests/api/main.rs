@@ -12,3 +12,5 @@ mod metrics;
 mod migrations;
 mod pool;
 mod session;
+mod tls;
+mod tls_cluster;

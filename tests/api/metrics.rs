@@ -23,9 +23,14 @@ impl Scrape {
 
     fn parse(text: &str) -> Scrape {
         let mut series = HashMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (key, value) = line.rsplit_once(' ').expect("`series value`");
-            let value = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+            let value = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
             assert!(
                 series.insert(key.to_owned(), value).is_none(),
                 "duplicate series {key}"
@@ -135,10 +140,7 @@ async fn metrics_count_commits_rollbacks_timeouts_and_label_routes_by_template()
         3.0
     );
     assert_eq!(
-        after.delta(
-            &before,
-            "db_pool_connection_create_duration_seconds_count"
-        ),
+        after.delta(&before, "db_pool_connection_create_duration_seconds_count"),
         1.0
     );
     assert_eq!(after.get(r#"db_pool_connections{state="idle"}"#), 1.0);
@@ -157,7 +159,10 @@ async fn metrics_count_commits_rollbacks_timeouts_and_label_routes_by_template()
     assert_eq!(after.get(&http("unmatched", "GET", 404)), 1.0);
     assert_eq!(after.get(&http("/metrics", "GET", 200)), 2.0);
     assert!(
-        !after.0.keys().any(|k| k.contains(&format!("/accounts/{id}"))),
+        !after
+            .0
+            .keys()
+            .any(|k| k.contains(&format!("/accounts/{id}"))),
         "a raw path leaked into a label"
     );
 }
