@@ -8,6 +8,7 @@ mod bad_input;
 mod config;
 mod health;
 mod helpers;
+mod k8s;
 mod metrics;
 mod migrations;
 mod pool;
