@@ -14,10 +14,11 @@ use actix_web::dev::{Server, ServerHandle, ServiceFactory, ServiceRequest, Servi
 use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
 
+use crate::api::idempotency::IdempotencySettings;
 use crate::config::Config;
-use crate::db::migrate;
 use crate::db::pool::{self, DbPool};
 use crate::db::session::SessionSettings;
+use crate::db::{self, migrate};
 use crate::health::{self, Health};
 use crate::metrics::{self, Metrics};
 use crate::{api, request_id};
@@ -41,6 +42,7 @@ impl Application {
         let metrics = web::Data::new(Metrics::new(&config.db));
         let pool = pool::build_pool(&config.db, metrics.db()).map_err(io::Error::other)?;
         pool::spawn_reaper(&pool, &config.db, metrics.db());
+        db::idempotency::spawn_purger(&pool, config.idempotency_ttl);
         let health = web::Data::new(
             Health::new(&config.db, pool.clone()).with_postgres_status(metrics.postgres_check()),
         );
@@ -51,6 +53,7 @@ impl Application {
             health: health.clone(),
             metrics,
             body_limit: config.http_body_limit,
+            idempotency_ttl: config.idempotency_ttl,
         };
         let listener = TcpListener::bind((config.host, config.port))?;
         let port = listener.local_addr()?.port();
@@ -112,6 +115,8 @@ pub struct AppState {
     pub health: web::Data<Health>,
     pub metrics: web::Data<Metrics>,
     pub body_limit: usize,
+    /// How long idempotency keys count (`IDEMPOTENCY_TTL_SECS`).
+    pub idempotency_ttl: Duration,
 }
 
 /// The Actix app: routes, shared state and middleware, in the order that matters. The
@@ -131,6 +136,9 @@ pub fn app(
         .app_data(state.settings)
         .app_data(state.health)
         .app_data(state.metrics)
+        .app_data(web::Data::new(IdempotencySettings {
+            ttl: state.idempotency_ttl,
+        }))
         .configure(health::configure)
         .configure(metrics::configure)
         .configure(|cfg| api::configure(cfg, state.body_limit))

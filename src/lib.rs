@@ -15,6 +15,8 @@ pub mod db;
 pub mod error;
 /// Liveness and readiness probes.
 pub mod health;
+/// Posting transfers: the bookkeeping rules.
+pub mod ledger;
 /// `GET /metrics` and the metrics behind it.
 pub mod metrics;
 /// `X-Request-Id` handling.

@@ -2,9 +2,9 @@
 
 use actix_web::http::{header, Method};
 use actix_web::{web, HttpResponse};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::{page_limit, resource};
+use super::{page_limit, resource, Page};
 use crate::db::accounts::{self, Account};
 use crate::db::session::DbSession;
 use crate::error::{ApiError, FieldError};
@@ -60,26 +60,6 @@ impl CreateAccount {
 pub struct ListParams {
     pub limit: Option<i64>,
     pub after_id: Option<i64>,
-}
-
-/// A page of a keyset-paginated list.
-#[derive(Debug, Serialize)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    /// The last item's id when the page is full, else `null`.
-    pub next_after_id: Option<i64>,
-}
-
-impl<T> Page<T> {
-    /// Builds the page; `id` reads an item's id.
-    pub fn new(items: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Self {
-        let full = i64::try_from(items.len()).is_ok_and(|n| n == limit);
-        let next_after_id = if full { items.last().map(id) } else { None };
-        Page {
-            items,
-            next_after_id,
-        }
-    }
 }
 
 async fn create(

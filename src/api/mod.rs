@@ -13,15 +13,20 @@ use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::Method;
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest, Resource, Route};
+use serde::Serialize;
 
 use crate::db::session;
 use crate::error::ApiError;
 
 /// `/accounts`.
 pub mod accounts;
+/// The `Idempotency-Key` header of the POST endpoints.
+pub mod idempotency;
 /// Routes that exist only to prove the session guarantees (`--features test-routes`).
 #[cfg(feature = "test-routes")]
 pub mod test_routes;
+/// `/transfers`.
+pub mod transfers;
 
 /// Registers the API routes and the extractor configuration.
 pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
@@ -29,6 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
         .app_data(web::PathConfig::default().error_handler(path_error))
         .app_data(web::QueryConfig::default().error_handler(query_error));
     accounts::configure(cfg);
+    transfers::configure(cfg);
     #[cfg(feature = "test-routes")]
     test_routes::configure(cfg);
 }
@@ -108,5 +114,25 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     match limit.unwrap_or(DEFAULT) {
         n @ 1..=MAX => Ok(n),
         _ => Err(ApiError::invalid("limit", "must be between 1 and 1000")),
+    }
+}
+
+/// A page of a keyset-paginated list.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The last item's id when the page is full, else `null`.
+    pub next_after_id: Option<i64>,
+}
+
+impl<T> Page<T> {
+    /// Builds the page; `id` reads an item's id.
+    pub fn new(items: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Self {
+        let full = i64::try_from(items.len()).is_ok_and(|n| n == limit);
+        let next_after_id = if full { items.last().map(id) } else { None };
+        Page {
+            items,
+            next_after_id,
+        }
     }
 }

@@ -58,6 +58,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ))
     .service(resource("/_test/pg-sleep", post(|| web::to(pg_sleep))))
     .service(resource(
+        "/_test/impatient-then-write",
+        post(|| web::to(impatient_then_write)),
+    ))
+    .service(resource(
+        "/_test/write-then-pg-sleep",
+        post(|| web::to(write_then_pg_sleep)),
+    ))
+    .service(resource(
         "/_test/no-session",
         [(Method::GET, web::to(no_session))],
     ));
@@ -168,6 +176,28 @@ async fn pg_sleep(session: DbSession, q: web::Query<Params>) -> Result<HttpRespo
         .execute(&mut *conn)
         .await?;
     Ok(HttpResponse::Ok().finish())
+}
+
+/// Writes, then runs `pg_sleep` for `ms` (client-side deadline tests).
+async fn write_then_pg_sleep(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    pg_sleep(session, q).await
+}
+
+/// Gives up on a first `conn()` after `ms`, then asks again and writes: an abandoned
+/// check-out must leave the session usable.
+async fn impatient_then_write(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    let first = tokio::time::timeout(Duration::from_millis(q.ms), session.conn()).await;
+    let gave_up = first.is_err();
+    drop(first);
+    let id = write(&session, &q.name).await?;
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id, "gave_up_first": gave_up })))
 }
 
 /// Takes no session: must not check out a connection.

@@ -4,6 +4,8 @@
 pub mod accounts;
 /// Opening connections with the service's session settings.
 pub mod connect;
+/// Idempotency keys: claim, record, purge.
+pub mod idempotency;
 /// A request's check-out: use-time metric and leak warning.
 pub mod lease;
 /// Embedded migrations.
@@ -14,6 +16,8 @@ pub mod pool;
 pub mod session;
 /// TLS to the server, with libpq's `sslmode` meanings.
 pub mod tls;
+/// Transfer rows and their queries.
+pub mod transfers;
 /// `DATABASE_URL`, parsed, with the password kept out of sight.
 pub mod url;
 /// Per-connection statement watch (aborted transactions, statement count, SQL echo).

@@ -21,6 +21,12 @@
 //!   nothing here checks out a second connection (hold-and-wait deadlocks the pool under
 //!   load). Nested `conn.transaction(..)` calls become savepoints through diesel's
 //!   transaction manager, which also keeps the connection's transaction state truthful.
+//! - Every statement of a session (COMMIT and ROLLBACK included) is bounded on the client
+//!   side too: the statement timeout plus a margin, or `DB_POOL_TIMEOUT` when there is no
+//!   statement timeout. A statement past that bound means the peer went silent (TCP still
+//!   acknowledged, so keepalives never fire): the handler is dropped, the connection
+//!   closed, and the client gets 503 `timeout`. A live server's own `statement_timeout`
+//!   always fires first, answering 503 `timeout` with the connection kept.
 //! - The guard returned by [`DbSession::conn`] must not outlive the handler. If it does
 //!   (moved into a spawned local task), the response becomes a 500 and the transaction is
 //!   rolled back when the guard is finally dropped: a late write can never be committed.
@@ -29,7 +35,7 @@
 //!   they may happen for a request that rolls back.
 
 use std::cell::RefCell;
-use std::future::{ready, Ready};
+use std::future::{ready, Future, Ready};
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -51,8 +57,10 @@ use crate::config::DbConfig;
 use crate::error::ApiError;
 use crate::metrics::db::{DbMetrics, TimeoutKind};
 
-/// Margin added to the statement timeout for the client-side bound on COMMIT and ROLLBACK.
-const FINISH_MARGIN: Duration = Duration::from_secs(1);
+/// Margin added to the server's statement timeout for the client-side statement deadline,
+/// so that the server's own cancellation (a clean 57014 error, connection reusable) always
+/// wins when the server is alive.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(1);
 
 /// Shared, per-application settings of the session layer (in `web::Data`).
 #[derive(Clone)]
@@ -60,10 +68,11 @@ pub struct SessionSettings {
     pool: DbPool,
     /// Bound on check-out plus BEGIN (`DB_POOL_TIMEOUT`).
     checkout_timeout: Duration,
-    /// Client-side bound on COMMIT and ROLLBACK: the statement timeout plus a margin, or
-    /// the pool timeout when there is no statement timeout. A peer that stopped answering
-    /// must not hold a request (or a cancelled request's clean-up) forever.
-    finish_timeout: Duration,
+    /// Client-side bound on every statement of a session, COMMIT and ROLLBACK included:
+    /// the statement timeout plus a margin, or the pool timeout when there is no statement
+    /// timeout. A peer that stopped answering (it still acknowledges TCP, so keepalives
+    /// never fire) must not hold a request, or a cancelled request's clean-up, forever.
+    statement_deadline: Duration,
     echo: bool,
     metrics: DbMetrics,
 }
@@ -73,9 +82,9 @@ impl SessionSettings {
         SessionSettings {
             pool,
             checkout_timeout: cfg.pool_timeout,
-            finish_timeout: cfg
+            statement_deadline: cfg
                 .statement_timeout
-                .map_or(cfg.pool_timeout, |t| t + FINISH_MARGIN),
+                .map_or(cfg.pool_timeout, |t| t + DEADLINE_MARGIN),
             echo: cfg.echo,
             metrics: metrics.clone(),
         }
@@ -260,14 +269,50 @@ enum State {
 
 /// The per-request slot that the middleware creates and the extractor finds.
 #[derive(Clone)]
-struct Slot {
-    state: Rc<RefCell<State>>,
+struct Slot(Rc<SlotInner>);
+
+struct SlotInner {
+    state: RefCell<State>,
+    /// The watch of the session's connection, once there is one: the middleware reads the
+    /// in-flight statement from it while the handler holds the connection.
+    watch: RefCell<Option<WatchHandle>>,
     settings: web::Data<SessionSettings>,
 }
 
 impl Slot {
+    fn new(settings: web::Data<SessionSettings>) -> Self {
+        Slot(Rc::new(SlotInner {
+            state: RefCell::new(State::Idle),
+            watch: RefCell::new(None),
+            settings,
+        }))
+    }
+
+    fn settings(&self) -> &SessionSettings {
+        &self.0.settings
+    }
+
     fn replace(&self, state: State) -> State {
-        std::mem::replace(&mut *self.state.borrow_mut(), state)
+        std::mem::replace(&mut *self.0.state.borrow_mut(), state)
+    }
+
+    /// When the session's statement now running was sent, if one is.
+    fn statement_in_flight_since(&self) -> Option<Instant> {
+        self.0
+            .watch
+            .borrow()
+            .as_ref()
+            .and_then(WatchHandle::in_flight_since)
+    }
+
+    /// Ends the session without talking to the server: the connection (if the session has
+    /// one parked) is closed, which makes the server roll back. For a connection whose
+    /// peer stopped answering, where a ROLLBACK would only wait too.
+    fn discard(&self) {
+        if let State::Open(tx) = self.replace(State::Finalized) {
+            self.settings().metrics.rolled_back(Reason::Error);
+            drop(tx);
+        }
     }
 
     /// Ends the session: commits when `commit` is true and a transaction is open, else
@@ -283,15 +328,15 @@ impl Slot {
                 ))
             }
             State::Open(tx) => {
-                let timeout = self.settings.finish_timeout;
+                let timeout = self.settings().statement_deadline;
                 if commit {
                     let result = tx.commit(timeout).await;
-                    self.settings.metrics.committed(result.is_ok());
+                    self.settings().metrics.committed(result.is_ok());
                     result
                 } else {
                     log::debug!("rolling back the request's transaction ({reason:?})");
                     tx.rollback(timeout).await;
-                    self.settings.metrics.rolled_back(reason);
+                    self.settings().metrics.rolled_back(reason);
                     Ok(())
                 }
             }
@@ -307,8 +352,8 @@ impl Drop for CancelGuard {
         if let Some(slot) = self.0.take() {
             if let State::Open(tx) = slot.replace(State::Finalized) {
                 log::warn!("request cancelled inside a transaction; rolling back");
-                slot.settings.metrics.rolled_back(Reason::Cancelled);
-                abandon(*tx, slot.settings.finish_timeout);
+                slot.settings().metrics.rolled_back(Reason::Cancelled);
+                abandon(*tx, slot.settings().statement_deadline);
             }
         }
     }
@@ -344,15 +389,14 @@ impl DbSession {
         let tx = match previous {
             State::Open(tx) => *tx,
             State::Idle => {
-                // If this future is dropped during check-out, `Busy` stays; the
-                // request is being torn down anyway and finish() then has nothing to do.
-                match TxConn::begin(&self.slot.settings).await {
-                    Ok(tx) => tx,
-                    Err(e) => {
-                        self.slot.replace(State::Idle);
-                        return Err(e);
-                    }
-                }
+                // If this future is dropped mid-way (a handler's own timeout around
+                // `conn()`), the slot goes back to Idle; the half-made TxConn closes its
+                // connection as it drops.
+                let mut opening = BackToIdle(&self.slot, true);
+                let tx = TxConn::begin(self.slot.settings()).await?;
+                opening.1 = false;
+                *self.slot.0.watch.borrow_mut() = Some(tx.watch.clone());
+                tx
             }
             other @ (State::Busy | State::Finalized) => {
                 self.slot.replace(other);
@@ -365,6 +409,18 @@ impl DbSession {
             slot: self.slot.clone(),
             tx: Some(tx),
         })
+    }
+}
+
+/// Puts a slot that is `Busy` opening a connection back to `Idle` when dropped armed.
+struct BackToIdle<'a>(&'a Slot, bool);
+
+impl Drop for BackToIdle<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0 .0.state.borrow_mut();
+        if self.1 && matches!(*state, State::Busy) {
+            *state = State::Idle;
+        }
     }
 }
 
@@ -407,15 +463,45 @@ impl DerefMut for SessionConn {
 impl Drop for SessionConn {
     fn drop(&mut self) {
         let Some(tx) = self.tx.take() else { return };
-        let mut state = self.slot.state.borrow_mut();
+        let mut state = self.slot.0.state.borrow_mut();
         match &*state {
             State::Busy => *state = State::Open(Box::new(tx)),
             _ => {
                 // The request is over (or the session was torn down under us): never
                 // commit late work, roll it back.
                 drop(state);
-                self.slot.settings.metrics.rolled_back(Reason::Cancelled);
-                abandon(tx, self.slot.settings.finish_timeout);
+                self.slot.settings().metrics.rolled_back(Reason::Cancelled);
+                abandon(tx, self.slot.settings().statement_deadline);
+            }
+        }
+    }
+}
+
+/// Drives the handler; returns `None` if one of the session's statements has been in
+/// flight for longer than the statement deadline (the handler future is then dropped).
+///
+/// The timer sleeps a whole deadline while no statement runs and re-arms relative to the
+/// start of the statement in flight, so a handler that runs many short statements is
+/// never cut off, while one that waits on a silent peer is, after at most one deadline.
+async fn run_with_statement_deadline<F: Future>(handler: F, slot: &Slot) -> Option<F::Output> {
+    let deadline = slot.settings().statement_deadline;
+    let mut handler = std::pin::pin!(handler);
+    loop {
+        let wake = slot
+            .statement_in_flight_since()
+            .map_or_else(|| Instant::now() + deadline, |since| since + deadline);
+        tokio::select! {
+            biased;
+            output = &mut handler => return Some(output),
+            () = tokio::time::sleep_until(wake.into()) => {
+                if let Some(since) = slot.statement_in_flight_since() {
+                    if since.elapsed() >= deadline {
+                        log::warn!(
+                            "a statement got no answer within {deadline:?}; closing its connection"
+                        );
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -436,16 +522,22 @@ pub async fn finalize(
             .await
             .map(ServiceResponse::map_into_boxed_body);
     };
-    let slot = Slot {
-        state: Rc::new(RefCell::new(State::Idle)),
-        settings,
-    };
+    let slot = Slot::new(settings);
     req.extensions_mut().insert(slot.clone());
     let http_req = req.request().clone();
 
     let mut cancel = CancelGuard(Some(slot.clone()));
-    let outcome = AssertUnwindSafe(next.call(req)).catch_unwind().await;
+    let handler = AssertUnwindSafe(next.call(req)).catch_unwind();
+    let outcome = run_with_statement_deadline(handler, &slot).await;
     cancel.0 = None;
+
+    let Some(outcome) = outcome else {
+        // A statement outlived its deadline. The handler future is gone (which cancelled
+        // the statement on our side); the connection cannot be trusted and is closed.
+        slot.discard();
+        let response = ApiError::Timeout.error_response();
+        return Ok(ServiceResponse::new(http_req, response));
+    };
 
     match outcome {
         Err(panic) => {

@@ -1,6 +1,6 @@
 //! Per-connection statement watch, installed through diesel's instrumentation hook.
 //!
-//! It does three jobs that nothing else in the stack does:
+//! It does four jobs that nothing else in the stack does:
 //! - **Aborted transactions.** PostgreSQL aborts a transaction on any statement error, and
 //!   a later `COMMIT` of that transaction answers with the tag `ROLLBACK`, not an error.
 //!   diesel does not notice, so a handler that swallowed a database error and answered 2xx
@@ -8,11 +8,15 @@
 //!   failure (and clears it when a savepoint rollback repairs it); the session refuses to
 //!   report success for an aborted transaction.
 //! - **Statement count**, so tests and benchmarks can prove there is no hidden round trip.
+//! - **In-flight statement**: when the statement now running was sent, so the session can
+//!   bound it with a client-side deadline (a peer that stopped answering never trips the
+//!   server's `statement_timeout`).
 //! - **SQL echo** (`DB_ECHO`): the statement text only. diesel's display of a query appends
 //!   its bind values (` -- binds: [...]`), which may be personal data, so they are cut off;
 //!   connection events carry the URL with the password and are never logged.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 
@@ -27,6 +31,8 @@ struct Seen {
     /// The shallowest depth at which a statement failed and was not rolled back since.
     aborted_at: Option<u32>,
     statements: u64,
+    /// When the statement now running was sent; `None` between statements.
+    in_flight_since: Option<Instant>,
 }
 
 /// A handle on the watch's observations, kept by the session.
@@ -44,6 +50,11 @@ impl WatchHandle {
     /// Statements sent since the watch was installed.
     pub fn statements(&self) -> u64 {
         self.lock().statements
+    }
+
+    /// When the statement now running was sent, if one is running.
+    pub fn in_flight_since(&self) -> Option<Instant> {
+        self.lock().in_flight_since
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -75,7 +86,11 @@ impl Instrumentation for StatementWatch {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         match event {
             InstrumentationEvent::StartQuery { query, .. } => {
-                self.seen.lock().statements += 1;
+                {
+                    let mut seen = self.seen.lock();
+                    seen.statements += 1;
+                    seen.in_flight_since = Some(Instant::now());
+                }
                 if self.echo {
                     let text = query.to_string();
                     let sql = text
@@ -84,13 +99,12 @@ impl Instrumentation for StatementWatch {
                     log::info!(target: "ledger::sql", "{sql}");
                 }
             }
-            InstrumentationEvent::FinishQuery {
-                error: Some(error), ..
-            } => {
+            InstrumentationEvent::FinishQuery { error, .. } => {
+                let mut seen = self.seen.lock();
+                seen.in_flight_since = None;
                 // Only a server-side error aborts the transaction; NotFound and decoding
                 // errors happen in the client after a successful statement.
-                if matches!(error, diesel::result::Error::DatabaseError(..)) {
-                    let mut seen = self.seen.lock();
+                if matches!(error, Some(diesel::result::Error::DatabaseError(..))) {
                     let depth = seen.depth;
                     if depth > 0 {
                         seen.aborted_at = Some(seen.aborted_at.map_or(depth, |d| d.min(depth)));

@@ -207,6 +207,21 @@ impl TestDb {
             .get(0)
     }
 
+    /// Backend PIDs of the service's pooled connections on this database.
+    pub async fn ledger_pids(&self) -> Vec<i32> {
+        self.client()
+            .await
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ledger'",
+                &[&self.name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// Terminates every backend of the service on this database; returns how many.
     pub async fn terminate(&self, application_name: &str) -> i64 {
         self.client()
@@ -364,6 +379,15 @@ impl TestApp {
         Answer::from(req.send().await.expect("POST")).await
     }
 
+    /// Sends a POST without waiting for it (to hold a connection while the test goes on).
+    pub fn post_in_background(
+        &self,
+        path: &str,
+    ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        let request = self.client.post(self.url(path));
+        tokio::spawn(request.send())
+    }
+
     pub async fn create_account(&self, name: &str, balance: i64) -> Value {
         let answer = self
             .post_json(
@@ -446,5 +470,105 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The ledger tables at one moment, to prove that a request changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerState {
+    /// `(id, balance)` of every account, by id.
+    pub balances: Vec<(i64, i64)>,
+    pub transfers: i64,
+    pub idempotency_keys: i64,
+}
+
+impl LedgerState {
+    /// The sum of all balances (wide enough for balances near `i64::MAX`).
+    pub fn total(&self) -> i128 {
+        self.balances.iter().map(|(_, b)| i128::from(*b)).sum()
+    }
+}
+
+impl TestDb {
+    /// Reads balances and row counts in one snapshot, outside the service.
+    pub async fn ledger_state(&self) -> LedgerState {
+        let mut client = self.client().await;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .expect("snapshot transaction");
+        let balances = tx
+            .query("SELECT id, balance FROM accounts ORDER BY id", &[])
+            .await
+            .expect("balances")
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let transfers = tx
+            .query_one("SELECT count(*) FROM transfers", &[])
+            .await
+            .expect("count transfers")
+            .get(0);
+        let idempotency_keys = tx
+            .query_one("SELECT count(*) FROM idempotency_keys", &[])
+            .await
+            .expect("count keys")
+            .get(0);
+        tx.commit().await.expect("end snapshot");
+        LedgerState {
+            balances,
+            transfers,
+            idempotency_keys,
+        }
+    }
+
+    /// Sessions of the service that wait on a lock while running a statement whose text
+    /// contains `fragment`.
+    pub async fn waiting_on_lock(&self, fragment: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'ledger' AND wait_event_type = 'Lock' \
+                 AND query LIKE '%' || $2 || '%'",
+                &[&self.name, &fragment],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0)
+    }
+}
+
+impl TestApp {
+    /// Creates an account and returns its id.
+    pub async fn account_id(&self, name: &str, balance: i64) -> i64 {
+        self.create_account(name, balance).await["id"]
+            .as_i64()
+            .expect("account id")
+    }
+
+    /// `POST /transfers` without a key.
+    pub async fn transfer(&self, from: i64, to: i64, amount: i64) -> Answer {
+        self.post_json(
+            "/transfers",
+            &serde_json::json!({ "from_account_id": from, "to_account_id": to, "amount": amount }),
+        )
+        .await
+    }
+
+    /// POST a raw JSON body, with an `Idempotency-Key` when `key` is given.
+    pub async fn post_keyed(&self, path: &str, key: Option<&str>, body: &str) -> Answer {
+        let mut req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        Answer::from(req.send().await.expect("POST")).await
     }
 }

@@ -6,8 +6,11 @@
 mod accounts;
 mod bad_input;
 mod config;
+mod echo;
 mod health;
 mod helpers;
+mod idempotency;
+mod invariants;
 mod k8s;
 mod metrics;
 mod migrations;
@@ -15,3 +18,4 @@ mod pool;
 mod session;
 mod tls;
 mod tls_cluster;
+mod transfers;

@@ -137,6 +137,7 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
         health,
         metrics,
         body_limit: config.http_body_limit,
+        idempotency_ttl: config.idempotency_ttl,
     };
     let service = actix_test::init_service(ledger::app::app(state)).await;
 
@@ -197,4 +198,86 @@ async fn a_client_disconnect_does_not_cancel_the_handler_which_commits() {
         })
         .await
     );
+}
+
+/// The server cancels a statement past `DB_STATEMENT_TIMEOUT`: 503 `timeout`, the write
+/// before it rolled back, and the same connection serves the next request.
+#[tokio::test]
+async fn a_statement_past_the_statement_timeout_gets_503_timeout_and_the_connection_is_kept() {
+    let app = spawn_app_with(&[
+        ("DB_STATEMENT_TIMEOUT", "200"),
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+    ])
+    .await;
+    app.create_account("warm", 1).await;
+    let before = app.db.ledger_pids().await;
+    assert_eq!(before.len(), 1);
+
+    let started = std::time::Instant::now();
+    let answer = app
+        .post_json("/_test/pg-sleep?name=slow&ms=2000", &json!({}))
+        .await;
+    answer.assert_problem(503, "timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    app.create_account("after-timeout", 1).await;
+    assert_eq!(
+        app.db.ledger_pids().await,
+        before,
+        "the connection was reused, not replaced"
+    );
+}
+
+/// Without a statement timeout, the client-side deadline (`DB_POOL_TIMEOUT`) bounds a
+/// statement that gets no answer: 503 `timeout`, nothing committed, connection closed.
+#[tokio::test]
+async fn a_statement_without_an_answer_is_cut_off_by_the_client_side_deadline() {
+    let app = spawn_app_with(&[
+        ("DB_POOL_TIMEOUT", "1"),
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+    ])
+    .await;
+    let started = std::time::Instant::now();
+    let answer = app
+        .post_json("/_test/write-then-pg-sleep?name=silent&ms=4000", &json!({}))
+        .await;
+    let waited = started.elapsed();
+    answer.assert_problem(503, "timeout");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    // The abandoned connection was closed, not pooled: the next request gets a new one
+    // at once even with a pool of one.
+    app.create_account("after-deadline", 1).await;
+    assert_eq!(app.db.accounts_named("silent").await, 0);
+}
+
+/// A handler that abandons a pending `conn()` (its own timeout) can ask again.
+#[tokio::test]
+async fn an_abandoned_check_out_leaves_the_session_usable() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    let holder = app.post_in_background("/_test/write-then-sleep?name=hold&ms=800");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.pool.status().available == 0 && app.pool.status().size == 1
+        })
+        .await
+    );
+    let answer = app
+        .post_json(
+            "/_test/impatient-then-write?name=patient&ms=100",
+            &json!({}),
+        )
+        .await;
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(answer.body["gave_up_first"], true);
+    assert_eq!(holder.await.unwrap().unwrap().status(), 201);
+    assert_eq!(app.db.accounts_named("patient").await, 1);
 }

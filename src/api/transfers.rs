@@ -1,0 +1,218 @@
+//! `/transfers` (contract section 4).
+//!
+//! The posting rules live in [`crate::ledger`]; the `Idempotency-Key` handling in
+//! [`super::idempotency`]. Handlers check what needs no database first, so a request that
+//! is bound to fail that way never checks out a connection.
+
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
+use super::{page_limit, resource, Page};
+use crate::db::session::DbSession;
+use crate::db::transfers::{self, NewTransfer, Transfer};
+use crate::error::ApiError;
+use crate::ledger;
+
+/// Most items in one batch (contract section 4).
+pub const MAX_BATCH_ITEMS: usize = 100;
+/// Idempotency scopes: a key is bound to one endpoint.
+const SINGLE_ENDPOINT: &str = "POST /transfers";
+const BATCH_ENDPOINT: &str = "POST /transfers/batch";
+
+/// Registers the transfer routes. `/transfers/batch` comes before `/transfers/{id}`, which
+/// would otherwise match it.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource(
+        "/transfers",
+        [
+            (Method::GET, web::to(list)),
+            (Method::POST, web::to(create)),
+        ],
+    ))
+    .service(resource(
+        "/transfers/batch",
+        [(Method::POST, web::to(create_batch))],
+    ))
+    .service(resource("/transfers/{id}", [(Method::GET, web::to(get))]));
+}
+
+/// A transfer request: the body of `POST /transfers` and an item of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    pub from_account_id: i64,
+    pub to_account_id: i64,
+    pub amount: i64,
+}
+
+impl From<TransferRequest> for NewTransfer {
+    fn from(r: TransferRequest) -> Self {
+        NewTransfer {
+            from_account_id: r.from_account_id,
+            to_account_id: r.to_account_id,
+            amount: r.amount,
+        }
+    }
+}
+
+/// `POST /transfers/batch` body. Items are parsed one by one (see [`BatchRequest::items`])
+/// so that a malformed item's 400 names its index like any other failing item.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub transfers: Vec<Value>,
+}
+
+impl BatchRequest {
+    /// The parsed items: 1..=100 of them (else 422), each a well-formed transfer request
+    /// (else 400 with its index).
+    fn items(self) -> Result<Vec<TransferRequest>, ApiError> {
+        if !(1..=MAX_BATCH_ITEMS).contains(&self.transfers.len()) {
+            return Err(ApiError::invalid("transfers", "must hold 1 to 100 items"));
+        }
+        self.transfers
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                serde_json::from_value(item).map_err(|e| ApiError::AtIndex {
+                    index,
+                    error: Box::new(ApiError::BadRequest(format!("invalid transfer: {e}"))),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A batch body as parsed: what its idempotency fingerprint covers, so that the same JSON
+/// value, however it was spelt, gives the same fingerprint.
+#[derive(Serialize)]
+struct ParsedBatch<'a> {
+    transfers: &'a [TransferRequest],
+}
+
+/// The `POST /transfers/batch` answer.
+#[derive(Debug, Serialize)]
+struct BatchResponse {
+    items: Vec<Transfer>,
+}
+
+/// Query of `GET /transfers`. Unknown parameters are rejected: a misspelt `account_id`
+/// must not silently widen the list to every transfer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub account_id: Option<i64>,
+    pub limit: Option<i64>,
+    pub after_id: Option<i64>,
+}
+
+/// The part of a stored transfer body that gives its `Location`.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: i64,
+}
+
+fn location(id: i64) -> String {
+    format!("/transfers/{id}")
+}
+
+async fn create(
+    session: DbSession,
+    key: IdempotencyKey,
+    settings: web::Data<IdempotencySettings>,
+    body: web::Json<TransferRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let request = body.into_inner();
+    let item = NewTransfer::from(request);
+    ledger::check(&item)?;
+    let idempotent = Idempotent::new(SINGLE_ENDPOINT, key, &request, &settings)?;
+    let mut conn = session.conn().await?;
+    if let Some(idempotent) = &idempotent {
+        if let Claimed::Replay(stored) = idempotent.claim(&mut conn).await? {
+            let id = serde_json::from_str::<IdOnly>(&stored.body).ok();
+            return Ok(stored.replay(id.map(|t| location(t.id))));
+        }
+    }
+    let transfer = ledger::post(&mut conn, &[item])
+        .await
+        .map_err(|failure| failure.error)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::internal("posting returned no transfer"))?;
+    let body = serde_json::to_string(&transfer).map_err(ApiError::internal)?;
+    if let Some(idempotent) = &idempotent {
+        idempotent
+            .record(&mut conn, StatusCode::CREATED, &body)
+            .await?;
+    }
+    Ok(idempotency::json_response(
+        StatusCode::CREATED,
+        body,
+        Some(location(transfer.id)),
+        false,
+    ))
+}
+
+async fn create_batch(
+    session: DbSession,
+    key: IdempotencyKey,
+    settings: web::Data<IdempotencySettings>,
+    body: web::Json<BatchRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let requests = body.into_inner().items()?;
+    let items: Vec<NewTransfer> = requests.iter().copied().map(NewTransfer::from).collect();
+    ledger::check_first(&items).map_err(ledger::Failure::into_batch_error)?;
+    let parsed = ParsedBatch {
+        transfers: &requests,
+    };
+    let idempotent = Idempotent::new(BATCH_ENDPOINT, key, &parsed, &settings)?;
+    let mut conn = session.conn().await?;
+    if let Some(idempotent) = &idempotent {
+        if let Claimed::Replay(stored) = idempotent.claim(&mut conn).await? {
+            return Ok(stored.replay(None));
+        }
+    }
+    let posted = ledger::post(&mut conn, &items)
+        .await
+        .map_err(ledger::Failure::into_batch_error)?;
+    let body =
+        serde_json::to_string(&BatchResponse { items: posted }).map_err(ApiError::internal)?;
+    if let Some(idempotent) = &idempotent {
+        idempotent
+            .record(&mut conn, StatusCode::CREATED, &body)
+            .await?;
+    }
+    Ok(idempotency::json_response(
+        StatusCode::CREATED,
+        body,
+        None,
+        false,
+    ))
+}
+
+async fn get(session: DbSession, id: web::Path<i64>) -> Result<web::Json<Transfer>, ApiError> {
+    let id = id.into_inner();
+    let missing = || ApiError::NotFound(format!("transfer {id} does not exist"));
+    if id <= 0 {
+        return Err(missing());
+    }
+    let mut conn = session.conn().await?;
+    transfers::find(&mut conn, id)
+        .await?
+        .map(web::Json)
+        .ok_or_else(missing)
+}
+
+async fn list(
+    session: DbSession,
+    params: web::Query<ListParams>,
+) -> Result<web::Json<Page<Transfer>>, ApiError> {
+    let limit = page_limit(params.limit)?;
+    let after_id = params.after_id.unwrap_or(0);
+    let mut conn = session.conn().await?;
+    let items = transfers::list(&mut conn, params.account_id, after_id, limit).await?;
+    Ok(web::Json(Page::new(items, limit, |t| t.id)))
+}
