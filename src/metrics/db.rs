@@ -227,11 +227,6 @@ impl DbMetrics {
         DbMetrics(Arc::new(inner))
     }
 
-    /// Metrics registered nowhere (for code paths built without an application).
-    pub fn unregistered() -> DbMetrics {
-        DbMetrics::register(&mut Registry::default(), None)
-    }
-
     /// Checks a connection out of `pool`, timing the wait and counting deadlines.
     pub async fn acquire(&self, pool: &DbPool) -> Result<PooledConnection, PoolError> {
         let started = Instant::now();

@@ -228,3 +228,61 @@ async fn a_connection_held_past_the_leak_threshold_is_reported_once_while_held()
         .sum();
     assert_eq!(all, 1.0);
 }
+
+#[tokio::test]
+async fn metrics_count_transactions_and_closed_connections_by_reason() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    let before = Scrape::take(&app).await;
+    let closed = |reason: &str| format!(r#"db_pool_connections_closed_total{{reason="{reason}"}}"#);
+    let rollbacks =
+        |reason: &str| format!(r#"db_transactions_total{{outcome="rollback",reason="{reason}"}}"#);
+
+    // A COMMIT that fails: counted as a rollback, and its connection is closed.
+    let failed = app
+        .post_json("/_test/commit-fails?name=m-commit", &json!({}))
+        .await;
+    assert_eq!(failed.status, 500, "{}", failed.text);
+    let panicked = app
+        .post_json("/_test/write-then-panic?name=m-panic", &json!({}))
+        .await;
+    assert_eq!(panicked.status, 500);
+    let erred = app
+        .post_json("/_test/write-then-err?name=m-err", &json!({}))
+        .await;
+    assert_eq!(erred.status, 422);
+
+    // A pooled connection that the server closed fails its ping before reuse.
+    app.create_account("m-before-kill", 1).await;
+    assert_eq!(app.db.terminate("ledger").await, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    app.create_account("m-after-kill", 1).await;
+
+    let after = Scrape::take(&app).await;
+    assert_eq!(after.delta(&before, &rollbacks("commit_failed")), 1.0);
+    assert_eq!(after.delta(&before, &rollbacks("panic")), 1.0);
+    assert_eq!(after.delta(&before, &rollbacks("error")), 1.0);
+    assert_eq!(after.delta(&before, COMMITS), 2.0);
+    assert_eq!(after.delta(&before, &closed("broken")), 1.0);
+    assert_eq!(after.delta(&before, &closed("recycle_failed")), 1.0);
+    assert_eq!(
+        after.delta(&before, "db_pool_connections_created_total"),
+        3.0,
+        "the first, one after the failed COMMIT, one after the kill"
+    );
+
+    // Connections past DB_POOL_RECYCLE are retired (by the reaper or at check-out).
+    let app = spawn_app_with(&[
+        ("DB_POOL_SIZE", "1"),
+        ("DB_MAX_OVERFLOW", "0"),
+        ("DB_POOL_RECYCLE", "1"),
+    ])
+    .await;
+    app.create_account("m-old", 1).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            Scrape::take(&app).await.get(&closed("lifetime")) == 1.0
+        })
+        .await,
+        "the expired connection was counted"
+    );
+}
