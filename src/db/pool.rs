@@ -34,6 +34,7 @@ use futures_util::FutureExt;
 
 use super::connect::Connector;
 use crate::config::DbConfig;
+use crate::metrics::db::{CloseReason, DbMetrics};
 
 /// The pool type held in `web::Data`.
 pub type DbPool = deadpool::managed::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
@@ -51,8 +52,12 @@ pub const PING_IF_IDLE_FOR: Duration = Duration::from_millis(500);
 pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Builds the pool. Must be called inside a Tokio runtime only when the pool is used;
-/// building itself does not connect.
-pub fn build_pool(cfg: &DbConfig) -> Result<DbPool, deadpool::managed::BuildError> {
+/// building itself does not connect. Connections opened and retired are counted in
+/// `metrics`.
+pub fn build_pool(
+    cfg: &DbConfig,
+    metrics: &DbMetrics,
+) -> Result<DbPool, deadpool::managed::BuildError> {
     let connector = Connector::new(
         &cfg.url,
         APPLICATION_NAME,
@@ -62,9 +67,10 @@ pub fn build_pool(cfg: &DbConfig) -> Result<DbPool, deadpool::managed::BuildErro
     );
     let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
     manager_config.recycling_method = RecyclingMethod::Fast;
+    let create_metrics = metrics.clone();
     manager_config.custom_setup = Box::new(move |_url| {
-        let connector = connector.clone();
-        async move { connector.establish().await }.boxed()
+        let (connector, metrics) = (connector.clone(), create_metrics.clone());
+        async move { metrics.create(connector.establish()).await }.boxed()
     });
     // The URL argument is unused: `custom_setup` connects through the Connector, which
     // holds the parsed settings. Passing an empty string keeps the password out of the
@@ -73,6 +79,7 @@ pub fn build_pool(cfg: &DbConfig) -> Result<DbPool, deadpool::managed::BuildErro
 
     let max_lifetime = cfg.max_lifetime;
     let ping_timeout = cfg.pool_timeout;
+    let hook_metrics = metrics.clone();
     DbPool::builder(manager)
         .max_size(cfg.max_connections())
         .queue_mode(QueueMode::Lifo)
@@ -84,9 +91,11 @@ pub fn build_pool(cfg: &DbConfig) -> Result<DbPool, deadpool::managed::BuildErro
         })
         .pre_recycle(Hook::async_fn(
             move |conn: &mut AsyncPgConnection, metrics: &Metrics| {
-                let metrics = *metrics;
-                async move { check_before_reuse(conn, metrics, max_lifetime, ping_timeout).await }
-                    .boxed()
+                let (metrics, counts) = (*metrics, hook_metrics.clone());
+                async move {
+                    check_before_reuse(conn, metrics, max_lifetime, ping_timeout, &counts).await
+                }
+                .boxed()
             },
         ))
         .build()
@@ -99,8 +108,10 @@ async fn check_before_reuse(
     metrics: Metrics,
     max_lifetime: Duration,
     ping_timeout: Duration,
+    counts: &DbMetrics,
 ) -> Result<(), HookError<diesel_async::pooled_connection::PoolError>> {
     if metrics.age() >= max_lifetime {
+        counts.closed(CloseReason::Lifetime, 1);
         return Err(HookError::message(
             "connection reached its maximum lifetime",
         ));
@@ -113,10 +124,12 @@ async fn check_before_reuse(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => {
             log::info!("discarding a pooled connection that failed its ping: {e}");
+            counts.closed(CloseReason::RecycleFailed, 1);
             Err(HookError::message("ping failed"))
         }
         Err(_) => {
             log::warn!("discarding a pooled connection whose ping timed out");
+            counts.closed(CloseReason::RecycleFailed, 1);
             Err(HookError::message("ping timed out"))
         }
     }
@@ -124,8 +137,9 @@ async fn check_before_reuse(
 
 /// Starts the reaper on the current Tokio runtime. It holds only a weak reference and
 /// ends when the pool is dropped or closed.
-pub fn spawn_reaper(pool: &DbPool, cfg: &DbConfig) {
+pub fn spawn_reaper(pool: &DbPool, cfg: &DbConfig, metrics: &DbMetrics) {
     let weak = pool.weak();
+    let metrics = metrics.clone();
     let (base, idle_timeout, max_lifetime) = (cfg.pool_size, cfg.idle_timeout, cfg.max_lifetime);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
@@ -136,26 +150,37 @@ pub fn spawn_reaper(pool: &DbPool, cfg: &DbConfig) {
             if pool.is_closed() {
                 break;
             }
-            reap(&pool, base, idle_timeout, max_lifetime);
+            reap(&pool, base, idle_timeout, max_lifetime, &metrics);
         }
     });
 }
 
 /// Closes idle connections beyond `base` that sat idle for `idle_timeout`, and idle
 /// connections older than `max_lifetime`. Returns how many it closed.
-pub fn reap(pool: &DbPool, base: usize, idle_timeout: Duration, max_lifetime: Duration) -> usize {
+pub fn reap(
+    pool: &DbPool,
+    base: usize,
+    idle_timeout: Duration,
+    max_lifetime: Duration,
+    counts: &DbMetrics,
+) -> usize {
     let mut excess = pool.status().size.saturating_sub(base);
+    let (mut expired, mut idle) = (0, 0);
     let removed = pool.retain(|_, metrics| {
         if metrics.age() >= max_lifetime {
             excess = excess.saturating_sub(1);
+            expired += 1;
             return false;
         }
         if excess > 0 && metrics.last_used() >= idle_timeout {
             excess -= 1;
+            idle += 1;
             return false;
         }
         true
     });
+    counts.closed(CloseReason::Lifetime, expired);
+    counts.closed(CloseReason::Idle, idle);
     let closed = removed.removed.len();
     if closed > 0 {
         log::debug!("closed {closed} idle pooled connection(s)");

@@ -50,10 +50,12 @@ use diesel_async::{
 };
 use futures_util::FutureExt;
 
+use super::lease::Lease;
 use super::pool::{DbPool, PooledConnection};
 use super::watch::{StatementWatch, WatchHandle};
 use crate::config::DbConfig;
 use crate::error::ApiError;
+use crate::metrics::db::{DbMetrics, TimeoutKind};
 
 /// Margin added to the server's statement timeout for the client-side statement deadline,
 /// so that the server's own cancellation (a clean 57014 error, connection reusable) always
@@ -72,10 +74,11 @@ pub struct SessionSettings {
     /// never fire) must not hold a request, or a cancelled request's clean-up, forever.
     statement_deadline: Duration,
     echo: bool,
+    metrics: DbMetrics,
 }
 
 impl SessionSettings {
-    pub fn new(pool: DbPool, cfg: &DbConfig) -> Self {
+    pub fn new(pool: DbPool, cfg: &DbConfig, metrics: &DbMetrics) -> Self {
         SessionSettings {
             pool,
             checkout_timeout: cfg.pool_timeout,
@@ -83,6 +86,7 @@ impl SessionSettings {
                 .statement_timeout
                 .map_or(cfg.pool_timeout, |t| t + DEADLINE_MARGIN),
             echo: cfg.echo,
+            metrics: metrics.clone(),
         }
     }
 
@@ -118,13 +122,15 @@ pub struct TxConn {
     conn: Option<PooledConnection>,
     watch: WatchHandle,
     checked_out_at: Instant,
+    /// Use-time metric and leak warning; ends when the `TxConn` drops.
+    lease: Lease,
 }
 
 impl TxConn {
     /// Checks a connection out and begins a transaction, within `settings.checkout_timeout`.
     async fn begin(settings: &SessionSettings) -> Result<TxConn, ApiError> {
         let work = async {
-            let mut conn = settings.pool.get().await?;
+            let mut conn = settings.metrics.acquire(&settings.pool).await?;
             let (watch, handle) = StatementWatch::new(settings.echo);
             conn.set_instrumentation(watch);
             // From here on, dropping `tx` (error, timeout, cancellation) closes the
@@ -133,15 +139,19 @@ impl TxConn {
                 conn: Some(conn),
                 watch: handle,
                 checked_out_at: Instant::now(),
+                lease: settings.metrics.lease(),
             };
             AnsiTransactionManager::begin_transaction(tx.connection()).await?;
             Ok::<_, ApiError>(tx)
         };
         match tokio::time::timeout(settings.checkout_timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(ApiError::DatabaseUnavailable(
-                "no database connection became available in time".to_owned(),
-            )),
+            Err(_) => {
+                settings.metrics.timeout(TimeoutKind::Wait);
+                Err(ApiError::DatabaseUnavailable(
+                    "no database connection became available in time".to_owned(),
+                ))
+            }
         }
     }
 
@@ -225,6 +235,7 @@ impl Drop for TxConn {
         if let Some(conn) = self.conn.take() {
             // Not released: its transaction may be open. Take it out of the pool's
             // accounting and close it; the server rolls back when the socket closes.
+            self.lease.broken();
             drop(deadpool::managed::Object::take(conn));
         }
     }
@@ -299,6 +310,7 @@ impl Slot {
     /// peer stopped answering, where a ROLLBACK would only wait too.
     fn discard(&self) {
         if let State::Open(tx) = self.replace(State::Finalized) {
+            self.settings().metrics.rolled_back(Reason::Error);
             drop(tx);
         }
     }
@@ -318,10 +330,13 @@ impl Slot {
             State::Open(tx) => {
                 let timeout = self.settings().statement_deadline;
                 if commit {
-                    tx.commit(timeout).await
+                    let result = tx.commit(timeout).await;
+                    self.settings().metrics.committed(result.is_ok());
+                    result
                 } else {
                     log::debug!("rolling back the request's transaction ({reason:?})");
                     tx.rollback(timeout).await;
+                    self.settings().metrics.rolled_back(reason);
                     Ok(())
                 }
             }
@@ -337,6 +352,7 @@ impl Drop for CancelGuard {
         if let Some(slot) = self.0.take() {
             if let State::Open(tx) = slot.replace(State::Finalized) {
                 log::warn!("request cancelled inside a transaction; rolling back");
+                slot.settings().metrics.rolled_back(Reason::Cancelled);
                 abandon(*tx, slot.settings().statement_deadline);
             }
         }
@@ -454,6 +470,7 @@ impl Drop for SessionConn {
                 // The request is over (or the session was torn down under us): never
                 // commit late work, roll it back.
                 drop(state);
+                self.slot.settings().metrics.rolled_back(Reason::Cancelled);
                 abandon(tx, self.slot.settings().statement_deadline);
             }
         }

@@ -66,8 +66,7 @@ impl DatabaseUrl {
         }
         let mut pg = tokio_postgres::Config::from_str(url.as_str())
             .map_err(|e| format!("is not usable by the PostgreSQL driver ({e})"))?;
-        // TLS is negotiated by our own connector (see `db::connect`), not by the driver's
-        // fallback logic.
+        // The connector sets the driver's mode from ours (see `db::connect` and `db::tls`).
         pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
         if url.password().is_some() {
             // set_password only fails for URLs that cannot have one, which a

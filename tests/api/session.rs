@@ -125,14 +125,17 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
     crate::helpers::init_logging();
     let db = TestDb::migrated().await;
     let config = crate::helpers::config_for(&db.name, &Default::default());
-    let pool = ledger::db::pool::build_pool(&config.db).expect("pool");
+    let metrics = actix_web::web::Data::new(ledger::metrics::Metrics::new(&config.db));
+    let pool = ledger::db::pool::build_pool(&config.db, metrics.db()).expect("pool");
     let health = actix_web::web::Data::new(ledger::health::Health::new(&config.db, pool.clone()));
     let state = ledger::app::AppState {
         settings: actix_web::web::Data::new(ledger::db::session::SessionSettings::new(
             pool.clone(),
             &config.db,
+            metrics.db(),
         )),
         health,
+        metrics,
         body_limit: config.http_body_limit,
         idempotency_ttl: config.idempotency_ttl,
     };
