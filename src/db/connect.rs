@@ -20,12 +20,25 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 3;
 
+/// Bound on a cancel request (it opens a connection of its own, which may hang too).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Makes connections with fixed session settings.
+///
+/// Every connection is opened, and its socket driven, on the Tokio runtime that created
+/// the `Connector` (the application's main runtime), not on whichever Actix worker first
+/// needed it: diesel-async spawns the task that drives a connection's socket on the
+/// current runtime, and a worker's runtime stops with the worker. During a graceful
+/// shutdown an idle worker stops first, so connections it had opened would die under the
+/// requests other workers are still finishing.
 #[derive(Clone, Debug)]
 pub struct Connector {
     url: DatabaseUrl,
     config: tokio_postgres::Config,
     tls: Tls,
+    /// The runtime that opens and drives connections; `None` outside any runtime, where
+    /// connections use the runtime of their caller.
+    io: Option<tokio::runtime::Handle>,
 }
 
 impl Connector {
@@ -73,12 +86,52 @@ impl Connector {
             url: url.clone(),
             config,
             tls,
+            io: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
     /// Opens one connection. Errors carry the driver's message, which names the host but
     /// never the password; TLS failures also name the `sslmode`.
     pub async fn establish(&self) -> Result<AsyncPgConnection, ConnectionError> {
+        let Some(io) = &self.io else {
+            return self.establish_here().await;
+        };
+        let connector = self.clone();
+        io.spawn(async move { connector.establish_here().await })
+            .await
+            .map_err(|e| ConnectionError::BadConnection(format!("connection task failed: {e}")))?
+    }
+
+    /// Asks the server, in the background and within [`CANCEL_TIMEOUT`], to cancel what
+    /// the connection of `token` is running: closing a socket does not stop a statement
+    /// the server is executing, nor free its locks, until the server next writes to it.
+    pub fn cancel(&self, token: tokio_postgres::CancelToken) {
+        let Some(io) = self
+            .io
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        else {
+            return;
+        };
+        let tls = self.tls.clone();
+        io.spawn(async move {
+            let sent = async {
+                match tls {
+                    Tls::Enabled { connector, .. } => token.cancel_query(connector).await,
+                    Tls::Disabled | Tls::Broken(_) => {
+                        token.cancel_query(tokio_postgres::NoTls).await
+                    }
+                }
+            };
+            match tokio::time::timeout(CANCEL_TIMEOUT, sent).await {
+                Ok(Ok(())) => log::debug!("cancel request sent"),
+                Ok(Err(e)) => log::warn!("cancel request failed: {}", with_causes(&e)),
+                Err(_) => log::warn!("cancel request got no answer within {CANCEL_TIMEOUT:?}"),
+            }
+        });
+    }
+
+    async fn establish_here(&self) -> Result<AsyncPgConnection, ConnectionError> {
         match &self.tls {
             Tls::Disabled => {
                 let (client, connection) = self

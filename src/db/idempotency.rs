@@ -156,7 +156,11 @@ pub async fn record(
     if updated == 1 {
         Ok(())
     } else {
-        Err(diesel::result::Error::NotFound)
+        // Not a missing resource the client asked for (that would map to 404): the row this
+        // transaction claimed is gone, which is an internal invariant failure (500).
+        Err(diesel::result::Error::QueryBuilderError(
+            "the claimed idempotency key row is missing".into(),
+        ))
     }
 }
 

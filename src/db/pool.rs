@@ -14,9 +14,17 @@
 //!   `DB_POOL_SIZE` once they have been idle for `DB_POOL_IDLE_TIMEOUT`, and idle
 //!   connections past their maximum lifetime (`DB_POOL_RECYCLE`);
 //! - a `pre_recycle` hook that retires connections past their maximum lifetime at check-out
-//!   and pings (`SELECT 1`) only those idle for longer than [`PING_IF_IDLE_FOR`], as
-//!   HikariCP does: a busy service pays no round trip per request, while a connection the
-//!   server closed during a quiet spell is caught before a request sees it;
+//!   and pings (`SELECT 1`, bounded by `min(DB_HEALTH_TIMEOUT, DB_POOL_TIMEOUT / 4)`) only
+//!   those unused for longer than [`PING_IF_IDLE_FOR`], as HikariCP does: a busy service
+//!   pays no round trip per request, while a connection the server closed during a quiet
+//!   spell is caught before a request sees it;
+//!
+//! "Unused" and "idle" are deadpool's `Metrics::last_used`: the time since the connection
+//! was last *checked out* (deadpool stamps check-outs, not returns). So a connection that
+//! a request held for longer than 500 ms is pinged at its next check-out, and an overflow
+//! connection held past `DB_POOL_IDLE_TIMEOUT` may be closed by the reaper soon after it
+//! comes back. Both err on the safe side (a spare ping, an early close of an overflow
+//! connection).
 //! - `RecyclingMethod::Fast`, which still discards connections whose socket is closed or
 //!   whose transaction state is not clean.
 //!
@@ -58,13 +66,7 @@ pub fn build_pool(
     cfg: &DbConfig,
     metrics: &DbMetrics,
 ) -> Result<DbPool, deadpool::managed::BuildError> {
-    let connector = Connector::new(
-        &cfg.url,
-        APPLICATION_NAME,
-        cfg.statement_timeout,
-        cfg.idle_in_tx_timeout,
-        cfg.pool_timeout,
-    );
+    let connector = connector(cfg);
     let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
     manager_config.recycling_method = RecyclingMethod::Fast;
     let create_metrics = metrics.clone();
@@ -78,7 +80,9 @@ pub fn build_pool(
     let manager = AsyncDieselConnectionManager::new_with_config("", manager_config);
 
     let max_lifetime = cfg.max_lifetime;
-    let ping_timeout = cfg.pool_timeout;
+    // A silent idle connection must not use up the request's whole check-out budget
+    // (DB_POOL_TIMEOUT): give up on it early and let the pool open a fresh one.
+    let ping_timeout = cfg.health_timeout.min(cfg.pool_timeout / 4);
     let hook_metrics = metrics.clone();
     DbPool::builder(manager)
         .max_size(cfg.max_connections())
@@ -99,6 +103,18 @@ pub fn build_pool(
             },
         ))
         .build()
+}
+
+/// How pooled connections are made: `application_name = 'ledger'`, the configured
+/// server-side timeouts, connection attempts bounded by `DB_POOL_TIMEOUT`.
+pub fn connector(cfg: &DbConfig) -> Connector {
+    Connector::new(
+        &cfg.url,
+        APPLICATION_NAME,
+        cfg.statement_timeout,
+        cfg.idle_in_tx_timeout,
+        cfg.pool_timeout,
+    )
 }
 
 /// Retires expired connections and pings long-idle ones. deadpool runs hooks without its

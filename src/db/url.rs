@@ -73,6 +73,24 @@ impl DatabaseUrl {
             // postgres:// URL with a password is not.
             let _ = url.set_password(Some("***"));
         }
+        // The driver also takes the password as a query parameter (`?password=`).
+        let masked: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = k.to_ascii_lowercase().contains("pass");
+                (
+                    k.into_owned(),
+                    if secret {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    },
+                )
+            })
+            .collect();
+        if !masked.is_empty() {
+            url.query_pairs_mut().clear().extend_pairs(masked);
+        }
         Ok(DatabaseUrl {
             redacted: url.to_string(),
             pg,
@@ -131,6 +149,20 @@ mod tests {
         assert_eq!(url.ssl_mode(), SslMode::Require);
         assert_eq!(url.pg_config().get_password(), Some(&b"p@ss"[..]));
         assert_eq!(url.pg_config().get_dbname(), Some("ledger"));
+    }
+
+    #[test]
+    fn redacts_a_password_given_as_a_query_parameter() {
+        let url =
+            DatabaseUrl::parse("postgres://app@db/ledger?password=S3cretPW&connect_timeout=5")
+                .unwrap();
+        let shown = format!("{url} {url:?}");
+        assert!(!shown.contains("S3cretPW"), "{shown}");
+        assert!(
+            shown.contains("password=***") && shown.contains("connect_timeout=5"),
+            "{shown}"
+        );
+        assert_eq!(url.pg_config().get_password(), Some(&b"S3cretPW"[..]));
     }
 
     #[test]
