@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
-use super::{page_limit, resource, Page};
+use super::{find_by_id, page_limit, resource, Page};
 use crate::db::session::DbSession;
 use crate::db::transfers::{self, NewTransfer, Transfer};
 use crate::error::ApiError;
@@ -194,16 +194,7 @@ async fn create_batch(
 }
 
 async fn get(session: DbSession, id: web::Path<i64>) -> Result<web::Json<Transfer>, ApiError> {
-    let id = id.into_inner();
-    let missing = || ApiError::NotFound(format!("transfer {id} does not exist"));
-    if id <= 0 {
-        return Err(missing());
-    }
-    let mut conn = session.conn().await?;
-    transfers::find(&mut conn, id)
-        .await?
-        .map(web::Json)
-        .ok_or_else(missing)
+    find_by_id(&session, "transfer", id.into_inner(), transfers::find).await
 }
 
 async fn list(
