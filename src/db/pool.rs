@@ -154,11 +154,35 @@ async fn check_before_reuse(
 /// Starts the reaper on the current Tokio runtime. It holds only a weak reference and
 /// ends when the pool is dropped or closed.
 pub fn spawn_reaper(pool: &DbPool, cfg: &DbConfig, metrics: &DbMetrics) {
-    let weak = pool.weak();
     let metrics = metrics.clone();
     let (base, idle_timeout, max_lifetime) = (cfg.pool_size, cfg.idle_timeout, cfg.max_lifetime);
+    // The first run comes at once.
+    spawn_periodic(
+        pool,
+        tokio::time::Instant::now(),
+        REAP_INTERVAL,
+        move |pool| {
+            reap(&pool, base, idle_timeout, max_lifetime, &metrics);
+            std::future::ready(())
+        },
+    );
+}
+
+/// Runs `task` on the current Tokio runtime at `first`, then every `every` (a late run
+/// delays the next ones rather than bunching them up), until the pool is dropped or
+/// closed. Between runs it holds only a weak reference: it never keeps the pool alive.
+pub fn spawn_periodic<F, Fut>(
+    pool: &DbPool,
+    first: tokio::time::Instant,
+    every: Duration,
+    mut task: F,
+) where
+    F: FnMut(DbPool) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let weak = pool.weak();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        let mut tick = tokio::time::interval_at(first, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -166,7 +190,7 @@ pub fn spawn_reaper(pool: &DbPool, cfg: &DbConfig, metrics: &DbMetrics) {
             if pool.is_closed() {
                 break;
             }
-            reap(&pool, base, idle_timeout, max_lifetime, &metrics);
+            task(pool).await;
         }
     });
 }

@@ -117,25 +117,37 @@ fn client_config(
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up failed: {e}"))?;
+        .map_err(set_up_failed)?;
     let verifier: Arc<dyn ServerCertVerifier> = match verification {
-        Verification::None => Arc::new(NoCertificateCheck(provider)),
-        Verification::Chain | Verification::ChainAndHost => {
-            let roots = Arc::new(trusted_roots(root_cert)?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| format!("TLS set-up failed: {e}"))?;
-            if verification == Verification::Chain {
-                Arc::new(ChainOnly(webpki))
-            } else {
-                webpki
-            }
-        }
+        Verification::None => Arc::new(Relaxed {
+            chain: None,
+            provider,
+        }),
+        Verification::Chain => Arc::new(Relaxed {
+            chain: Some(webpki(root_cert, &provider)?),
+            provider,
+        }),
+        Verification::ChainAndHost => webpki(root_cert, &provider)?,
     };
     Ok(builder
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth())
+}
+
+fn set_up_failed(e: impl fmt::Display) -> String {
+    format!("TLS set-up failed: {e}")
+}
+
+/// rustls' full WebPKI check (chain and host name) against the roots `root_cert` names.
+fn webpki(
+    root_cert: Option<&Path>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, String> {
+    let roots = Arc::new(trusted_roots(root_cert)?);
+    WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(set_up_failed)
 }
 
 /// The CA certificates of `sslrootcert`, or the system's when it is absent or `system`.
@@ -145,8 +157,7 @@ fn trusted_roots(root_cert: Option<&Path>) -> Result<RootCertStore, String> {
         Some(path) if path != Path::new(SYSTEM_ROOTS) => {
             let shown = path.display();
             let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read sslrootcert {shown}: {e}"))?
-                .collect::<Result<Vec<_>, _>>()
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("cannot read sslrootcert {shown}: {e}"))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
@@ -166,13 +177,19 @@ fn trusted_roots(root_cert: Option<&Path>) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// `verify-ca`: the full WebPKI check, except that a certificate issued for another name
-/// is accepted. rustls checks the chain before the name, so a name error means the chain
-/// itself was trusted.
+/// libpq's relaxed modes. `prefer`, and `require` without `sslrootcert` (no `chain`):
+/// any certificate is accepted. `verify-ca` (a `chain`): the full WebPKI check, except that
+/// a certificate issued for another name is accepted; rustls checks the chain before the
+/// name, so a name error means the chain itself was trusted. In both, the handshake
+/// signatures are verified (with the provider's algorithms, as the WebPKI verifier does),
+/// so the peer at least holds the key of the certificate it shows.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Relaxed {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Relaxed {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -181,10 +198,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -198,52 +215,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` without `sslrootcert`: any certificate is accepted (libpq's
-/// semantics). The handshake signatures are still verified, so the peer at least holds the
-/// key of the certificate it shows.
-#[derive(Debug)]
-struct NoCertificateCheck(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoCertificateCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -257,12 +233,14 @@ impl ServerCertVerifier for NoCertificateCheck {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use crate::db::lease::Lease;
 use crate::db::pool::{DbPool, PoolError, PooledConnection};
 use crate::db::session::Reason;
+use crate::metrics::registered;
 
 /// Bucket bounds (seconds) for waiting on the pool: sub-millisecond hand-outs up to the
 /// longest sensible `DB_POOL_TIMEOUT`.
@@ -63,12 +64,13 @@ pub enum CloseReason {
 impl TimeoutKind {
     const ALL: [TimeoutKind; 3] = [TimeoutKind::Wait, TimeoutKind::Create, TimeoutKind::Recycle];
 
-    fn label(self) -> &'static str {
-        match self {
+    fn labels(self) -> KindLabel {
+        let kind = match self {
             TimeoutKind::Wait => "wait",
             TimeoutKind::Create => "create",
             TimeoutKind::Recycle => "recycle",
-        }
+        };
+        KindLabel { kind }
     }
 }
 
@@ -80,15 +82,25 @@ impl CloseReason {
         CloseReason::RecycleFailed,
     ];
 
-    fn label(self) -> &'static str {
-        match self {
+    fn labels(self) -> ReasonLabel {
+        let reason = match self {
             CloseReason::Lifetime => "lifetime",
             CloseReason::Idle => "idle",
             CloseReason::Broken => "broken",
             CloseReason::RecycleFailed => "recycle_failed",
-        }
+        };
+        ReasonLabel { reason }
     }
 }
+
+/// Every reason a transaction can be rolled back for.
+const ROLLBACK_REASONS: [Reason; 5] = [
+    Reason::Status,
+    Reason::Error,
+    Reason::Panic,
+    Reason::Cancelled,
+    Reason::CommitFailed,
+];
 
 fn reason_label(reason: Reason) -> &'static str {
     match reason {
@@ -114,6 +126,23 @@ struct ReasonLabel {
 struct TransactionLabels {
     outcome: &'static str,
     reason: &'static str,
+}
+
+impl TransactionLabels {
+    /// A COMMIT: always decided by the status.
+    fn commit() -> Self {
+        TransactionLabels {
+            outcome: "commit",
+            reason: reason_label(Reason::Status),
+        }
+    }
+
+    fn rollback(reason: Reason) -> Self {
+        TransactionLabels {
+            outcome: "rollback",
+            reason: reason_label(reason),
+        }
+    }
 }
 
 /// Labels of a leak warning: who held the connection.
@@ -145,85 +174,74 @@ impl DbMetrics {
     /// Creates the metrics and registers them. `leak_warn` is `DB_LEAK_WARN_SECS`.
     pub fn register(registry: &mut Registry, leak_warn: Option<Duration>) -> DbMetrics {
         let inner = Inner {
-            acquire: Histogram::new(ACQUIRE_BUCKETS),
-            connection_use: Histogram::new(USE_BUCKETS),
-            create: Histogram::new(CREATE_BUCKETS),
-            timeouts: Family::default(),
-            created: Counter::default(),
-            closed: Family::default(),
-            transactions: Family::default(),
-            leak_warnings: Family::default(),
+            acquire: registered(
+                registry,
+                "db_pool_acquire_duration_seconds",
+                "Time a request waited for a pooled connection (successful check-outs)",
+                Histogram::new(ACQUIRE_BUCKETS),
+            ),
+            connection_use: registered(
+                registry,
+                "db_pool_connection_use_duration_seconds",
+                "Time a request held its connection, from check-out to its return or closing",
+                Histogram::new(USE_BUCKETS),
+            ),
+            create: registered(
+                registry,
+                "db_pool_connection_create_duration_seconds",
+                "Time to open a new pooled connection (TCP, TLS, authentication)",
+                Histogram::new(CREATE_BUCKETS),
+            ),
+            timeouts: registered(
+                registry,
+                "db_pool_timeouts",
+                "Check-outs that failed because a pool deadline passed, by deadline",
+                Family::default(),
+            ),
+            created: registered(
+                registry,
+                "db_pool_connections_created",
+                "Pooled connections opened",
+                Counter::default(),
+            ),
+            closed: registered(
+                registry,
+                "db_pool_connections_closed",
+                "Pooled connections closed by the service, by reason",
+                Family::default(),
+            ),
+            transactions: registered(
+                registry,
+                "db_transactions",
+                "Request transactions finished, by outcome and by what decided it",
+                Family::default(),
+            ),
+            leak_warnings: registered(
+                registry,
+                "db_pool_leak_warnings",
+                "Connections held longer than DB_LEAK_WARN_SECS, by the route that held them",
+                Family::default(),
+            ),
             leak_warn,
         };
         for kind in TimeoutKind::ALL {
-            drop(
-                inner
-                    .timeouts
-                    .get_or_create(&KindLabel { kind: kind.label() }),
-            );
+            drop(inner.timeouts.get_or_create(&kind.labels()));
         }
         for reason in CloseReason::ALL {
-            drop(inner.closed.get_or_create(&ReasonLabel {
-                reason: reason.label(),
-            }));
+            drop(inner.closed.get_or_create(&reason.labels()));
         }
-        drop(inner.transactions.get_or_create(&TransactionLabels {
-            outcome: "commit",
-            reason: reason_label(Reason::Status),
-        }));
-        for reason in [
-            Reason::Status,
-            Reason::Error,
-            Reason::Panic,
-            Reason::Cancelled,
-            Reason::CommitFailed,
-        ] {
-            drop(inner.transactions.get_or_create(&TransactionLabels {
-                outcome: "rollback",
-                reason: reason_label(reason),
-            }));
+        drop(
+            inner
+                .transactions
+                .get_or_create(&TransactionLabels::commit()),
+        );
+        for reason in ROLLBACK_REASONS {
+            drop(
+                inner
+                    .transactions
+                    .get_or_create(&TransactionLabels::rollback(reason)),
+            );
         }
-
-        registry.register(
-            "db_pool_acquire_duration_seconds",
-            "Time a request waited for a pooled connection (successful check-outs)",
-            inner.acquire.clone(),
-        );
-        registry.register(
-            "db_pool_connection_use_duration_seconds",
-            "Time a request held its connection, from check-out to its return or closing",
-            inner.connection_use.clone(),
-        );
-        registry.register(
-            "db_pool_connection_create_duration_seconds",
-            "Time to open a new pooled connection (TCP, TLS, authentication)",
-            inner.create.clone(),
-        );
-        registry.register(
-            "db_pool_timeouts",
-            "Check-outs that failed because a pool deadline passed, by deadline",
-            inner.timeouts.clone(),
-        );
-        registry.register(
-            "db_pool_connections_created",
-            "Pooled connections opened",
-            inner.created.clone(),
-        );
-        registry.register(
-            "db_pool_connections_closed",
-            "Pooled connections closed by the service, by reason",
-            inner.closed.clone(),
-        );
-        registry.register(
-            "db_transactions",
-            "Request transactions finished, by outcome and by what decided it",
-            inner.transactions.clone(),
-        );
-        registry.register(
-            "db_pool_leak_warnings",
-            "Connections held longer than DB_LEAK_WARN_SECS, by the route that held them",
-            inner.leak_warnings.clone(),
-        );
         DbMetrics(Arc::new(inner))
     }
 
@@ -245,10 +263,7 @@ impl DbMetrics {
 
     /// Counts a pool deadline that passed.
     pub fn timeout(&self, kind: TimeoutKind) {
-        self.0
-            .timeouts
-            .get_or_create(&KindLabel { kind: kind.label() })
-            .inc();
+        self.0.timeouts.get_or_create(&kind.labels()).inc();
     }
 
     /// Opens a pooled connection through `connect`, timing it and counting successes.
@@ -267,27 +282,16 @@ impl DbMetrics {
 
     /// Counts `n` pooled connections closed for `reason`.
     pub fn closed(&self, reason: CloseReason, n: u64) {
-        self.0
-            .closed
-            .get_or_create(&ReasonLabel {
-                reason: reason.label(),
-            })
-            .inc_by(n);
+        self.0.closed.get_or_create(&reason.labels()).inc_by(n);
     }
 
     /// Counts a finished COMMIT: a success, or a failure (then the transaction is gone:
     /// counted as a rollback because the commit failed).
     pub fn committed(&self, ok: bool) {
         let labels = if ok {
-            TransactionLabels {
-                outcome: "commit",
-                reason: reason_label(Reason::Status),
-            }
+            TransactionLabels::commit()
         } else {
-            TransactionLabels {
-                outcome: "rollback",
-                reason: reason_label(Reason::CommitFailed),
-            }
+            TransactionLabels::rollback(Reason::CommitFailed)
         };
         self.0.transactions.get_or_create(&labels).inc();
     }
@@ -296,10 +300,7 @@ impl DbMetrics {
     pub fn rolled_back(&self, reason: Reason) {
         self.0
             .transactions
-            .get_or_create(&TransactionLabels {
-                outcome: "rollback",
-                reason: reason_label(reason),
-            })
+            .get_or_create(&TransactionLabels::rollback(reason))
             .inc();
     }
 

@@ -57,12 +57,11 @@ pub struct HttpMetrics {
 impl HttpMetrics {
     /// Creates the histogram and registers it.
     pub fn register(registry: &mut Registry) -> HttpMetrics {
-        let durations: Family<Labels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(|| Histogram::new(BUCKETS));
-        registry.register(
+        let durations = super::registered(
+            registry,
             "http_request_duration_seconds",
             "Time from receiving a request to its response being ready, by route template",
-            durations.clone(),
+            Family::new_with_constructor((|| Histogram::new(BUCKETS)) as fn() -> Histogram),
         );
         HttpMetrics { durations }
     }

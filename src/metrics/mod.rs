@@ -30,7 +30,7 @@ use prometheus_client::encoding::prometheus_text;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::config::DbConfig;
 use crate::db::session::SessionSettings;
@@ -70,41 +70,41 @@ impl Metrics {
     /// A registry with every metric of the service, for a pool configured by `cfg`.
     pub fn new(cfg: &DbConfig) -> Metrics {
         let mut registry = Registry::default();
-        let connections = Family::<StateLabel, Gauge>::default();
-        registry.register(
+        let connections = registered(
+            &mut registry,
             "db_pool_connections",
             "Open pooled connections, by state",
-            connections.clone(),
+            Family::<StateLabel, Gauge>::default(),
         );
-        let connections_max: Gauge = Gauge::default();
-        registry.register(
+        let connections_max: Gauge = registered(
+            &mut registry,
             "db_pool_connections_max",
             "Most pooled connections allowed (DB_POOL_SIZE + DB_MAX_OVERFLOW)",
-            connections_max.clone(),
+            Gauge::default(),
         );
-        let connections_min: Gauge = Gauge::default();
-        registry.register(
+        let connections_min: Gauge = registered(
+            &mut registry,
             "db_pool_connections_min",
             "Pooled connections kept when idle (DB_POOL_SIZE; opened on demand)",
-            connections_min.clone(),
+            Gauge::default(),
         );
-        let pending = Gauge::default();
-        registry.register(
+        let pending = registered(
+            &mut registry,
             "db_pool_pending_requests",
             "Check-outs waiting for a pooled connection",
-            pending.clone(),
+            Gauge::default(),
         );
-        let checks = Family::<CheckLabel, Gauge>::default();
-        registry.register(
+        let checks = registered(
+            &mut registry,
             "health_check_status",
             "Outcome of the latest readiness check (1 pass, 0 fail)",
-            checks.clone(),
+            Family::<CheckLabel, Gauge>::default(),
         );
-        let draining = Gauge::default();
-        registry.register(
+        let draining = registered(
+            &mut registry,
             "app_draining",
             "1 once shutdown has begun (readiness fails, requests are still served)",
-            draining.clone(),
+            Gauge::default(),
         );
         connections_max.set(gauge_value(cfg.max_connections()));
         connections_min.set(gauge_value(cfg.pool_size));
@@ -150,6 +150,13 @@ impl Metrics {
             .map_err(|_| ApiError::internal("encoding the metrics failed"))?;
         Ok(text)
     }
+}
+
+/// Registers `metric` and returns it: the registry reads one handle, the service updates
+/// the other (metrics are shared handles; clones count together).
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 fn gauge_value(n: usize) -> i64 {

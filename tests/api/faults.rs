@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::helpers::{eventually, spawn_app_on, Answer, TestApp, TestDb};
 use crate::support::pg_cluster::PgCluster;
-use crate::support::proxy::Mode;
+use crate::support::proxy::{Mode, Proxy};
 use crate::support::traffic::{summary, Outcome, Traffic};
 use crate::support::{proxy_to, within};
 
@@ -50,6 +50,24 @@ async fn readiness(app: &TestApp) -> (u16, Duration) {
     (answer.status.as_u16(), started.elapsed())
 }
 
+/// Asserts that readiness fails, and within `limit`.
+async fn assert_not_ready_within(app: &TestApp, limit: Duration) {
+    let (status, took) = readiness(app).await;
+    assert_eq!(
+        status, 503,
+        "readiness while the database cannot be reached"
+    );
+    assert!(took < limit, "readiness took {took:?}");
+}
+
+/// The service on `db` through a proxy the test can break, with `settings` on top.
+async fn spawn_behind_proxy(db: TestDb, settings: &[(&str, &str)]) -> (TestApp, Proxy) {
+    let (proxy, url) = proxy_to(&db).await;
+    let mut vars = vec![("DATABASE_URL", url.as_str())];
+    vars.extend_from_slice(settings);
+    (spawn_app_on(db, &vars).await, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_fails_requests_fast_and_the_service_recovers_by_itself() {
     let cluster = PgCluster::start().await;
@@ -79,9 +97,7 @@ async fn a_database_restart_fails_requests_fast_and_the_service_recovers_by_itse
     // Two seconds down: liveness passes, readiness fails within its own timeout.
     while down.elapsed() < Duration::from_secs(2) {
         assert_eq!(app.get("/health/live").await.status, 200);
-        let (status, took) = readiness(&app).await;
-        assert_eq!(status, 503, "readiness while the database is down");
-        assert!(took < Duration::from_secs(1) + SLACK, "{took:?}");
+        assert_not_ready_within(&app, Duration::from_secs(1) + SLACK).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -156,15 +172,9 @@ async fn a_database_restart_fails_requests_fast_and_the_service_recovers_by_itse
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutting_every_connection_fails_at_most_one_request_per_connection() {
-    let db = TestDb::migrated().await;
-    let (proxy, url) = proxy_to(&db).await;
-    let app = spawn_app_on(
-        db,
-        &[
-            ("DATABASE_URL", &url),
-            ("DB_POOL_SIZE", "2"),
-            ("DB_MAX_OVERFLOW", "2"),
-        ],
+    let (app, proxy) = spawn_behind_proxy(
+        TestDb::migrated().await,
+        &[("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "2")],
     )
     .await;
     let traffic = Traffic::start(&app.address, 4, Duration::from_millis(5), "cut");
@@ -203,15 +213,9 @@ async fn cutting_every_connection_fails_at_most_one_request_per_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_fail_requests_fast_until_the_database_accepts_again() {
-    let db = TestDb::migrated().await;
-    let (proxy, url) = proxy_to(&db).await;
-    let app = spawn_app_on(
-        db,
-        &[
-            ("DATABASE_URL", &url),
-            ("DB_POOL_TIMEOUT", "5"),
-            ("DB_HEALTH_TIMEOUT", "1"),
-        ],
+    let (app, proxy) = spawn_behind_proxy(
+        TestDb::migrated().await,
+        &[("DB_POOL_TIMEOUT", "5"), ("DB_HEALTH_TIMEOUT", "1")],
     )
     .await;
     app.create_account("before", 1).await;
@@ -229,9 +233,7 @@ async fn refused_connections_fail_requests_fast_until_the_database_accepts_again
         .await;
         answer.assert_problem(503, "database_unavailable");
         assert!(started.elapsed() < FAST, "{:?}", started.elapsed());
-        let (status, took) = readiness(&app).await;
-        assert_eq!(status, 503);
-        assert!(took < FAST, "{took:?}");
+        assert_not_ready_within(&app, FAST).await;
     }
 
     proxy.set_mode(Mode::Pass);
@@ -247,12 +249,9 @@ async fn refused_connections_fail_requests_fast_until_the_database_accepts_again
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_database_fails_check_outs_and_readiness_within_their_timeouts() {
-    let db = TestDb::migrated().await;
-    let (proxy, url) = proxy_to(&db).await;
-    let app = spawn_app_on(
-        db,
+    let (app, proxy) = spawn_behind_proxy(
+        TestDb::migrated().await,
         &[
-            ("DATABASE_URL", &url),
             ("DB_POOL_SIZE", "2"),
             ("DB_MAX_OVERFLOW", "0"),
             ("DB_POOL_TIMEOUT", "1"),
@@ -300,9 +299,7 @@ async fn a_black_holed_database_fails_check_outs_and_readiness_within_their_time
     // Readiness fails within its own timeout: first its connection's ping hangs, then
     // reconnecting does.
     for _ in 0..2 {
-        let (status, took) = readiness(&app).await;
-        assert_eq!(status, 503);
-        assert!(took < Duration::from_secs(1) + SLACK, "{took:?}");
+        assert_not_ready_within(&app, Duration::from_secs(1) + SLACK).await;
     }
     let started = Instant::now();
     assert_eq!(app.get("/health/live").await.status, 200);
@@ -325,12 +322,9 @@ async fn a_black_holed_database_fails_check_outs_and_readiness_within_their_time
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_new_connection() {
-    let db = TestDb::migrated().await;
-    let (proxy, url) = proxy_to(&db).await;
-    let app = spawn_app_on(
-        db,
+    let (app, proxy) = spawn_behind_proxy(
+        TestDb::migrated().await,
         &[
-            ("DATABASE_URL", &url),
             ("DB_POOL_SIZE", "1"),
             ("DB_MAX_OVERFLOW", "0"),
             ("DB_POOL_TIMEOUT", "1"),
@@ -342,12 +336,7 @@ async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_ne
     let control = app.post_json(&path("control"), &json!({})).await;
     assert_eq!(control.status, 200, "{}", control.text);
 
-    let request = {
-        let (client, url) = (app.client.clone(), app.url(&path("mid-statement")));
-        tokio::spawn(
-            async move { Answer::from(client.post(url).send().await.expect("POST")).await },
-        )
-    };
+    let request = app.post_in_background(&path("mid-statement"));
     let observer = app.db.client().await;
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -367,9 +356,10 @@ async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_ne
     );
     proxy.set_mode(Mode::BlackHole);
     let holed = Instant::now();
-    let answer = within(HANG, "mid-statement request", request)
-        .await
-        .expect("request task");
+    let answer = within(HANG, "mid-statement request", async {
+        Answer::from(request.await.expect("request task").expect("POST")).await
+    })
+    .await;
     answer.assert_problem(503, "timeout");
     assert!(
         holed.elapsed() < Duration::from_secs(1) + SLACK,
@@ -409,9 +399,7 @@ async fn migrations_are_retried_past_a_connection_attempt_that_hangs() {
     )
     .await;
     assert_eq!(app.get("/health/live").await.status, 200);
-    let (status, took) = readiness(&app).await;
-    assert_eq!(status, 503);
-    assert!(took < Duration::from_secs(1) + SLACK, "{took:?}");
+    assert_not_ready_within(&app, Duration::from_secs(1) + SLACK).await;
 
     // The attempts under way stay stuck for good; new connections get answers.
     proxy.freeze_open();

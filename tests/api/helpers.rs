@@ -428,6 +428,16 @@ impl Answer {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The `id` of every element of the body's `items` (a list page, a batch).
+    pub fn item_ids(&self) -> Vec<i64> {
+        self.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|item| item["id"].as_i64().expect("id"))
+            .collect()
+    }
+
     /// Asserts a problem+json error with this status and code.
     pub fn assert_problem(&self, status: u16, code: &str) {
         assert_eq!(self.status.as_u16(), status, "{}", self.text);

@@ -115,22 +115,11 @@ async fn connections_are_replaced_at_their_max_lifetime_without_failing_a_reques
         ("DB_POOL_RECYCLE", "2"),
     ])
     .await;
-    let observer = app.db.client().await;
     let traffic = Traffic::start(&app.address, 2, Duration::from_millis(10), "lifetime");
     let mut pids = HashSet::new();
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
-        for row in observer
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name = 'ledger'",
-                &[],
-            )
-            .await
-            .expect("pg_stat_activity")
-        {
-            pids.insert(row.get::<_, i32>(0));
-        }
+        pids.extend(app.db.ledger_pids().await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let outcomes = traffic.stop().await;

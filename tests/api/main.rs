@@ -21,5 +21,4 @@ mod session;
 mod shutdown;
 mod support;
 mod tls;
-mod tls_cluster;
 mod transfers;

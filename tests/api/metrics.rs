@@ -77,8 +77,7 @@ async fn metrics_count_commits_rollbacks_timeouts_and_label_routes_by_template()
     assert_eq!(before.get("app_draining"), 0.0);
 
     // A commit, then a rollback decided by the status.
-    let account = app.create_account("metrics-commit", 5).await;
-    let id = account["id"].as_i64().unwrap();
+    let id = app.account_id("metrics-commit", 5).await;
     assert_eq!(app.get(&format!("/accounts/{id}")).await.status, 200);
     let rolled_back = app
         .post_json("/_test/write-then-4xx?name=metrics-rollback", &json!({}))
@@ -86,13 +85,7 @@ async fn metrics_count_commits_rollbacks_timeouts_and_label_routes_by_template()
     assert_eq!(rolled_back.status, 409);
 
     // A pool timeout: the only connection is held while another request waits for it.
-    let holder = {
-        let (client, url) = (
-            app.client.clone(),
-            app.url("/_test/write-then-sleep?name=metrics-holder&ms=2000"),
-        );
-        tokio::spawn(async move { client.post(url).send().await })
-    };
+    let holder = app.post_in_background("/_test/write-then-sleep?name=metrics-holder&ms=2000");
     assert!(
         eventually(Duration::from_secs(2), || async {
             app.pool.status().available == 0 && app.pool.status().size == 1
@@ -198,13 +191,7 @@ async fn a_connection_held_past_the_leak_threshold_is_reported_once_while_held()
     // Quick requests never warn.
     app.create_account("leak-quick", 1).await;
 
-    let holder = {
-        let (client, url) = (
-            app.client.clone(),
-            app.url("/_test/write-then-sleep?name=leak-holder&ms=2500"),
-        );
-        tokio::spawn(async move { client.post(url).send().await })
-    };
+    let holder = app.post_in_background("/_test/write-then-sleep?name=leak-holder&ms=2500");
     // The warning comes while the request still holds its connection.
     assert!(
         eventually(Duration::from_secs(3), || async {

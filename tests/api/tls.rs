@@ -8,8 +8,8 @@ use ledger::db::connect::Connector;
 use ledger::db::url::DatabaseUrl;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
-use crate::helpers::{connect, spawn_app_on, TestApp, TestDb};
-use crate::tls_cluster::{PrivateCluster, ServerTls};
+use crate::helpers::{spawn_app_on, TestApp, TestDb};
+use crate::support::pg_cluster::{PgCluster, ServerTls};
 
 /// Sent in every URL; trust authentication ignores it, and it must never show.
 const PASSWORD: &str = "tls-hunter2-secret";
@@ -43,12 +43,6 @@ impl TestCa {
     fn pem(&self) -> String {
         self.0.pem()
     }
-}
-
-async fn start_cluster(tls: Option<ServerTls>) -> PrivateCluster {
-    tokio::task::spawn_blocking(move || PrivateCluster::start(tls.as_ref()))
-        .await
-        .expect("cluster start")
 }
 
 fn connector(url: &str) -> Connector {
@@ -121,11 +115,11 @@ async fn assert_not_ready(app: &TestApp, expected: &[&str]) {
 async fn sslmodes_connect_and_verify_as_libpq_does_against_a_tls_server() {
     let ca = TestCa::new("ledger test CA");
     let other_ca = TestCa::new("some other CA");
-    let cluster = start_cluster(Some(ca.issue_for_localhost())).await;
+    let cluster = PgCluster::start_with_tls(ca.issue_for_localhost()).await;
     let ca_file = cluster.write_public("ca.pem", &ca.pem());
     let other_ca_file = cluster.write_public("other-ca.pem", &other_ca.pem());
     let (ca_file, other_ca_file) = (ca_file.display(), other_ca_file.display());
-    let url = |host: &str, query: &str| cluster.url(host, PASSWORD, query);
+    let url = |host: &str, query: &str| cluster.url_with(host, PASSWORD, query);
 
     // Encryption without verification, as in libpq.
     assert!(connects(&url("127.0.0.1", "sslmode=require")).await);
@@ -177,7 +171,7 @@ async fn sslmodes_connect_and_verify_as_libpq_does_against_a_tls_server() {
     let ready = app.get("/health/ready").await;
     assert_eq!(ready.status, 200, "{}", ready.text);
     app.create_account("over-tls", 1).await;
-    let admin = connect(&cluster.admin_url()).await;
+    let admin = cluster.client("postgres").await;
     let sessions: Vec<(String, bool)> = admin
         .query(
             "SELECT a.application_name, s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
@@ -207,8 +201,8 @@ async fn sslmodes_connect_and_verify_as_libpq_does_against_a_tls_server() {
 
 #[tokio::test]
 async fn require_fails_closed_against_a_server_without_tls() {
-    let cluster = start_cluster(None).await;
-    let url = |query: &str| cluster.url("127.0.0.1", PASSWORD, query);
+    let cluster = PgCluster::start().await;
+    let url = |query: &str| cluster.url_with("127.0.0.1", PASSWORD, query);
 
     let error = refused(&url("sslmode=require")).await;
     assert!(error.contains("TLS"), "{error}");
@@ -219,7 +213,7 @@ async fn require_fails_closed_against_a_server_without_tls() {
     let app = spawn_on(&url("sslmode=require")).await;
     assert_eq!(app.get("/health/live").await.status, 200);
     assert_not_ready(&app, &["TLS", "sslmode=require"]).await;
-    let admin = connect(&cluster.admin_url()).await;
+    let admin = cluster.client("postgres").await;
     let service_sessions: i64 = admin
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'ledger%'",

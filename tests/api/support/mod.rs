@@ -1,5 +1,5 @@
-//! Test support for fault injection: a misbehaving TCP proxy, a private PostgreSQL
-//! cluster, steady traffic.
+//! Test support beyond a database per test: a misbehaving TCP proxy, private PostgreSQL
+//! clusters (to stop the server, or to configure TLS), steady traffic.
 
 pub mod pg_cluster;
 pub mod proxy;
