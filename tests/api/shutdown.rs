@@ -294,3 +294,54 @@ async fn a_request_outliving_the_shutdown_timeout_is_dropped_and_rolled_back() {
         "no session left behind, idle in transaction or otherwise"
     );
 }
+
+/// A graceful stop lets every worker's in-flight request commit, even when the worker
+/// that opened the request's pooled connection is idle and stops first: connections are
+/// driven by the application's runtime, not by the worker that happened to open them.
+#[tokio::test]
+async fn a_graceful_stop_keeps_connections_opened_by_an_idle_worker_alive() {
+    crate::helpers::init_logging();
+    let db = TestDb::migrated().await;
+    let overrides = std::collections::HashMap::from([
+        ("DB_POOL_SIZE", "1".to_owned()),
+        ("DB_MAX_OVERFLOW", "0".to_owned()),
+        ("SHUTDOWN_TIMEOUT_SECS", "10".to_owned()),
+    ]);
+    let app = ledger::Application::build(crate::helpers::config_for(&db.name, &overrides))
+        .await
+        .unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    let server = tokio::spawn(app.run_until_stopped());
+    // A fresh TCP connection per request: Actix hands connections to its workers in turn.
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+
+    // Worker A opens the only pooled connection, then goes idle.
+    let warm = fresh()
+        .post(format!("{base}/accounts"))
+        .json(&json!({ "name": "warm", "balance": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 201);
+    // Worker B holds that connection across the stop.
+    let slow = tokio::spawn(
+        fresh()
+            .post(format!(
+                "{base}/_test/write-then-sleep?name=across-stop&ms=1500"
+            ))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    handle.stop(true).await;
+    let answer = Answer::from(slow.await.unwrap().unwrap()).await;
+    server.await.unwrap().unwrap();
+
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(db.accounts_named("across-stop").await, 1);
+}
