@@ -1,6 +1,6 @@
 //! Per-connection statement watch, installed through diesel's instrumentation hook.
 //!
-//! It does four jobs that nothing else in the stack does:
+//! It does three jobs that nothing else in the stack does:
 //! - **Aborted transactions.** PostgreSQL aborts a transaction on any statement error, and
 //!   a later `COMMIT` of that transaction answers with the tag `ROLLBACK`, not an error.
 //!   diesel does not notice, so a handler that swallowed a database error and answered 2xx
@@ -15,7 +15,6 @@
 //!   transaction (a probe before `COMMIT`; tokio-postgres does not expose the `ROLLBACK`
 //!   tag of the answer). Handlers must therefore propagate database errors (`?`), as every
 //!   handler here does; swallowing one is a bug the watch catches only for `execute`.
-//! - **Statement count**, so tests and benchmarks can prove there is no hidden round trip.
 //! - **In-flight statement**: when the statement now running was sent, so the session can
 //!   bound it with a client-side deadline (a peer that stopped answering never trips the
 //!   server's `statement_timeout`).
@@ -38,7 +37,6 @@ struct Seen {
     depth: u32,
     /// The shallowest depth at which a statement failed and was not rolled back since.
     aborted_at: Option<u32>,
-    statements: u64,
     /// Statements sent and not yet answered (more than one when pipelined through
     /// `&AsyncPgConnection`, or when a statement future was dropped mid-flight).
     in_flight: u32,
@@ -56,11 +54,6 @@ impl WatchHandle {
     /// will turn a COMMIT into a ROLLBACK.
     pub fn transaction_aborted(&self) -> bool {
         self.lock().aborted_at.is_some()
-    }
-
-    /// Statements sent since the watch was installed.
-    pub fn statements(&self) -> u64 {
-        self.lock().statements
     }
 
     /// When the oldest unanswered statement was sent, if there is one. A statement whose
@@ -101,7 +94,6 @@ impl Instrumentation for StatementWatch {
             InstrumentationEvent::StartQuery { query, .. } => {
                 {
                     let mut seen = self.seen.lock();
-                    seen.statements += 1;
                     seen.in_flight += 1;
                     if seen.in_flight == 1 {
                         seen.in_flight_since = Some(Instant::now());
