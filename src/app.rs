@@ -20,6 +20,7 @@ use crate::db::pool::{self, DbPool};
 use crate::db::session::SessionSettings;
 use crate::db::{self, migrate};
 use crate::health::{self, Health};
+use crate::metrics::{self, Metrics};
 use crate::{api, request_id};
 
 /// Access log: peer, request line, status, size, duration and the request id.
@@ -38,15 +39,19 @@ impl Application {
     /// Builds everything and binds the listener. Does not need the database: if it cannot
     /// be reached, the service starts anyway and migrations are retried in the background.
     pub async fn build(config: Config) -> io::Result<Self> {
-        let pool = pool::build_pool(&config.db).map_err(io::Error::other)?;
-        pool::spawn_reaper(&pool, &config.db);
+        let metrics = web::Data::new(Metrics::new(&config.db));
+        let pool = pool::build_pool(&config.db, metrics.db()).map_err(io::Error::other)?;
+        pool::spawn_reaper(&pool, &config.db, metrics.db());
         db::idempotency::spawn_purger(&pool, config.idempotency_ttl);
-        let health = web::Data::new(Health::new(&config.db, pool.clone()));
+        let health = web::Data::new(
+            Health::new(&config.db, pool.clone()).with_postgres_status(metrics.postgres_check()),
+        );
         prepare_schema(&config, &health).await;
 
         let state = AppState {
-            settings: web::Data::new(SessionSettings::new(pool.clone(), &config.db)),
+            settings: web::Data::new(SessionSettings::new(pool.clone(), &config.db, metrics.db())),
             health: health.clone(),
+            metrics,
             body_limit: config.http_body_limit,
             idempotency_ttl: config.idempotency_ttl,
         };
@@ -109,6 +114,7 @@ impl Application {
 pub struct AppState {
     pub settings: web::Data<SessionSettings>,
     pub health: web::Data<Health>,
+    pub metrics: web::Data<Metrics>,
     pub body_limit: usize,
     /// How long idempotency keys count (`IDEMPOTENCY_TTL_SECS`).
     pub idempotency_ttl: Duration,
@@ -130,15 +136,19 @@ pub fn app(
     App::new()
         .app_data(state.settings)
         .app_data(state.health)
+        .app_data(state.metrics)
         .app_data(web::Data::new(IdempotencySettings {
             ttl: state.idempotency_ttl,
         }))
         .configure(health::configure)
+        .configure(metrics::configure)
         .configure(|cfg| api::configure(cfg, state.body_limit))
         .default_service(web::to(api::not_found))
         // The session finalizer wraps each resource (see `api::resource`), inside these.
         // The access log is outermost so that it sees the stamped X-Request-Id.
         .wrap(from_fn(request_id::assign))
+        // Times the whole request and makes its route known to the session (leak warnings).
+        .wrap(from_fn(metrics::http::track))
         .wrap(Logger::new(ACCESS_LOG_FORMAT))
 }
 

@@ -217,6 +217,11 @@ impl From<diesel::result::Error> for ApiError {
             E::NotFound => ApiError::NotFound("not found".to_owned()),
             E::DatabaseError(kind, info) => match kind {
                 DatabaseErrorKind::SerializationFailure => ApiError::TransactionConflict,
+                // A failover to a standby (or a server set read-only): not the request's
+                // fault, and worth retrying once the primary is back.
+                DatabaseErrorKind::ReadOnlyTransaction => {
+                    ApiError::DatabaseUnavailable("the database is read-only right now".to_owned())
+                }
                 DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection => {
                     log::warn!("database connection failed: {}", info.message());
                     ApiError::DatabaseUnavailable("the database connection failed".to_owned())
@@ -240,6 +245,7 @@ fn classify_by_message(message: &str) -> Option<ApiError> {
         Some(ApiError::Timeout)
     } else if message.starts_with("terminating connection")
         || message.starts_with("the database system is")
+        || message.starts_with("canceling statement due to user request")
         || message.contains("server closed the connection")
     {
         Some(ApiError::DatabaseUnavailable(

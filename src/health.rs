@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 use crate::config::DbConfig;
 use crate::db::connect::Connector;
 use crate::db::pool::DbPool;
+use crate::metrics::CheckStatus;
 
 /// The `application_name` of the readiness connection.
 pub const APPLICATION_NAME: &str = "ledger-health";
@@ -40,6 +41,8 @@ pub struct Health {
     pool: DbPool,
     schema_ready: AtomicBool,
     draining: AtomicBool,
+    /// `health_check_status{check="postgres"}`, set by every round trip.
+    postgres_status: CheckStatus,
 }
 
 /// Result of one round trip.
@@ -63,7 +66,14 @@ impl Health {
             pool,
             schema_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            postgres_status: CheckStatus::unregistered("postgres"),
         }
+    }
+
+    /// Reports the PostgreSQL round trip's outcome to `status` (the metrics registry).
+    pub fn with_postgres_status(mut self, status: CheckStatus) -> Self {
+        self.postgres_status = status;
+        self
     }
 
     /// Marks the schema as migrated (or not managed by this process).
@@ -134,6 +144,7 @@ impl Health {
             );
         }
         let trip = self.round_trip().await;
+        self.postgres_status.set(trip.error.is_none());
         let mut rt = json!({
             "status": if trip.error.is_some() { "fail" } else { "pass" },
             "observedValue": (trip.elapsed.as_secs_f64() * 1000.0 * 100.0).round() / 100.0,

@@ -17,6 +17,8 @@ pub mod error;
 pub mod health;
 /// Posting transfers: the bookkeeping rules.
 pub mod ledger;
+/// `GET /metrics` and the metrics behind it.
+pub mod metrics;
 /// `X-Request-Id` handling.
 pub mod request_id;
 /// The diesel schema (generated).

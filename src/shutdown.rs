@@ -27,8 +27,15 @@ pub async fn run_with_signals(app: Application) -> io::Result<()> {
         };
         log::info!("{name} received: readiness now fails; draining for {drain:?}");
         health.start_draining();
-        tokio::time::sleep(drain).await;
-        log::info!("drain window over: no new connections; waiting for in-flight requests");
+        // A second signal (an impatient operator) cuts the drain window short; in-flight
+        // requests still get SHUTDOWN_TIMEOUT_SECS to finish.
+        tokio::select! {
+            () = tokio::time::sleep(drain) => {
+                log::info!("drain window over: no new connections; waiting for in-flight requests");
+            }
+            _ = term.recv() => log::info!("second signal: ending the drain window early"),
+            _ = int.recv() => log::info!("second signal: ending the drain window early"),
+        }
         handle.stop(true).await;
     });
     app.run_until_stopped().await

@@ -4,7 +4,7 @@ use actix_web::http::{header, Method};
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 
-use super::{page_limit, resource, Page};
+use super::{find_by_id, page_limit, resource, Page};
 use crate::db::accounts::{self, Account};
 use crate::db::session::DbSession;
 use crate::error::{ApiError, FieldError};
@@ -75,16 +75,7 @@ async fn create(
 }
 
 async fn get(session: DbSession, id: web::Path<i64>) -> Result<web::Json<Account>, ApiError> {
-    let id = id.into_inner();
-    let missing = || ApiError::NotFound(format!("account {id} does not exist"));
-    if id <= 0 {
-        return Err(missing());
-    }
-    let mut conn = session.conn().await?;
-    accounts::find(&mut conn, id)
-        .await?
-        .map(web::Json)
-        .ok_or_else(missing)
+    find_by_id(&session, "account", id.into_inner(), accounts::find).await
 }
 
 async fn list(

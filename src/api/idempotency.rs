@@ -237,6 +237,32 @@ impl Idempotent {
     }
 }
 
+/// Step 1 for a request that may carry a key: claims it (see [`Idempotent::claim`]);
+/// without a key there is nothing to claim and the request is `Fresh`.
+pub async fn claim(
+    idempotent: Option<&Idempotent>,
+    conn: &mut AsyncPgConnection,
+) -> Result<Claimed, ApiError> {
+    match idempotent {
+        Some(idempotent) => idempotent.claim(conn).await,
+        None => Ok(Claimed::Fresh),
+    }
+}
+
+/// Step 3 of a fresh request that succeeded: records `body` under its key, if it has one,
+/// then answers it as 201 Created.
+pub async fn created(
+    idempotent: Option<&Idempotent>,
+    conn: &mut AsyncPgConnection,
+    body: String,
+    location: Option<String>,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(idempotent) = idempotent {
+        idempotent.record(conn, StatusCode::CREATED, &body).await?;
+    }
+    Ok(json_response(StatusCode::CREATED, body, location, false))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,9 +13,11 @@ use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::Method;
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest, Resource, Route};
+use diesel::QueryResult;
+use diesel_async::AsyncPgConnection;
 use serde::Serialize;
 
-use crate::db::session;
+use crate::db::session::{self, DbSession};
 use crate::error::ApiError;
 
 /// `/accounts`.
@@ -110,6 +112,26 @@ fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
         return ApiError::BadRequest("invalid query string".to_owned()).into();
     };
     ApiError::BadRequest(format!("invalid query string: {e}")).into()
+}
+
+/// The row of a `GET /<resources>/{id}` that `find` reads, or 404 `not_found` for the
+/// `what` (`account`, `transfer`). No row has an id <= 0: such ids get the 404 without a
+/// connection being checked out.
+pub async fn find_by_id<T>(
+    session: &DbSession,
+    what: &str,
+    id: i64,
+    find: impl AsyncFnOnce(&mut AsyncPgConnection, i64) -> QueryResult<Option<T>>,
+) -> Result<web::Json<T>, ApiError> {
+    let missing = || ApiError::NotFound(format!("{what} {id} does not exist"));
+    if id <= 0 {
+        return Err(missing());
+    }
+    let mut conn = session.conn().await?;
+    find(&mut *conn, id)
+        .await?
+        .map(web::Json)
+        .ok_or_else(missing)
 }
 
 /// `limit` of the list endpoints: 1..=1000, default 50 (contract section 3).

@@ -58,6 +58,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ))
     .service(resource("/_test/pg-sleep", post(|| web::to(pg_sleep))))
     .service(resource(
+        "/_test/nested-panic",
+        post(|| web::to(nested_panic)),
+    ))
+    .service(resource(
+        "/_test/nested-timeout",
+        post(|| web::to(nested_timeout)),
+    ))
+    .service(resource(
+        "/_test/abandoned-statement",
+        post(|| web::to(abandoned_statement)),
+    ))
+    .service(resource(
+        "/_test/impatient-then-write",
+        post(|| web::to(impatient_then_write)),
+    ))
+    .service(resource(
         "/_test/write-then-pg-sleep",
         post(|| web::to(write_then_pg_sleep)),
     ))
@@ -181,6 +197,75 @@ async fn write_then_pg_sleep(
 ) -> Result<HttpResponse, ApiError> {
     write(&session, &q.name).await?;
     pg_sleep(session, q).await
+}
+
+/// Gives up on a first `conn()` after `ms`, then asks again and writes: an abandoned
+/// check-out must leave the session usable.
+async fn impatient_then_write(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    let first = tokio::time::timeout(Duration::from_millis(q.ms), session.conn()).await;
+    let gave_up = first.is_err();
+    drop(first);
+    let id = write(&session, &q.name).await?;
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id, "gave_up_first": gave_up })))
+}
+
+/// Writes, then panics inside a nested unit of work (a savepoint is open).
+async fn nested_panic(session: DbSession, q: web::Query<Params>) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    let mut conn = session.conn().await?;
+    let inner = format!("{}-inner", q.name);
+    let _ = conn
+        .transaction::<(), ApiError, _>(async |conn| {
+            accounts::insert(conn, &inner, 1).await?;
+            panic!("test route panics inside a nested unit of work");
+        })
+        .await;
+    Ok(HttpResponse::Created().finish())
+}
+
+/// Writes, then cuts a nested unit of work short with its own timeout (the savepoint
+/// stays open, its statement unanswered) and answers 201 anyway.
+async fn nested_timeout(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    let mut conn = session.conn().await?;
+    let cut_short = tokio::time::timeout(
+        Duration::from_millis(100),
+        conn.transaction::<(), ApiError, _>(async |conn| {
+            diesel::sql_query("SELECT pg_sleep(0.5)")
+                .execute(conn)
+                .await?;
+            Ok(())
+        }),
+    )
+    .await
+    .is_err();
+    Ok(HttpResponse::Created().json(serde_json::json!({ "cut_short": cut_short })))
+}
+
+/// Writes, then drops a statement future mid-flight (a statement that will fail) and
+/// answers 201 anyway.
+async fn abandoned_statement(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    write(&session, &q.name).await?;
+    let mut conn = session.conn().await?;
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        diesel::sql_query(
+            "INSERT INTO accounts (name, balance) SELECT 'late', -1 FROM pg_sleep(0.3)",
+        )
+        .execute(&mut *conn),
+    )
+    .await
+    .is_err();
+    Ok(HttpResponse::Created().json(serde_json::json!({ "abandoned": abandoned })))
 }
 
 /// Takes no session: must not check out a connection.

@@ -4,13 +4,13 @@
 //! [`super::idempotency`]. Handlers check what needs no database first, so a request that
 //! is bound to fail that way never checks out a connection.
 
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
-use super::{page_limit, resource, Page};
+use super::{find_by_id, page_limit, resource, Page};
 use crate::db::session::DbSession;
 use crate::db::transfers::{self, NewTransfer, Transfer};
 use crate::error::ApiError;
@@ -130,11 +130,9 @@ async fn create(
     ledger::check(&item)?;
     let idempotent = Idempotent::new(SINGLE_ENDPOINT, key, &request, &settings)?;
     let mut conn = session.conn().await?;
-    if let Some(idempotent) = &idempotent {
-        if let Claimed::Replay(stored) = idempotent.claim(&mut conn).await? {
-            let id = serde_json::from_str::<IdOnly>(&stored.body).ok();
-            return Ok(stored.replay(id.map(|t| location(t.id))));
-        }
+    if let Claimed::Replay(stored) = idempotency::claim(idempotent.as_ref(), &mut conn).await? {
+        let id = serde_json::from_str::<IdOnly>(&stored.body).ok();
+        return Ok(stored.replay(id.map(|t| location(t.id))));
     }
     let transfer = ledger::post(&mut conn, &[item])
         .await
@@ -143,17 +141,13 @@ async fn create(
         .next()
         .ok_or_else(|| ApiError::internal("posting returned no transfer"))?;
     let body = serde_json::to_string(&transfer).map_err(ApiError::internal)?;
-    if let Some(idempotent) = &idempotent {
-        idempotent
-            .record(&mut conn, StatusCode::CREATED, &body)
-            .await?;
-    }
-    Ok(idempotency::json_response(
-        StatusCode::CREATED,
+    idempotency::created(
+        idempotent.as_ref(),
+        &mut conn,
         body,
         Some(location(transfer.id)),
-        false,
-    ))
+    )
+    .await
 }
 
 async fn create_batch(
@@ -170,40 +164,19 @@ async fn create_batch(
     };
     let idempotent = Idempotent::new(BATCH_ENDPOINT, key, &parsed, &settings)?;
     let mut conn = session.conn().await?;
-    if let Some(idempotent) = &idempotent {
-        if let Claimed::Replay(stored) = idempotent.claim(&mut conn).await? {
-            return Ok(stored.replay(None));
-        }
+    if let Claimed::Replay(stored) = idempotency::claim(idempotent.as_ref(), &mut conn).await? {
+        return Ok(stored.replay(None));
     }
     let posted = ledger::post(&mut conn, &items)
         .await
         .map_err(ledger::Failure::into_batch_error)?;
     let body =
         serde_json::to_string(&BatchResponse { items: posted }).map_err(ApiError::internal)?;
-    if let Some(idempotent) = &idempotent {
-        idempotent
-            .record(&mut conn, StatusCode::CREATED, &body)
-            .await?;
-    }
-    Ok(idempotency::json_response(
-        StatusCode::CREATED,
-        body,
-        None,
-        false,
-    ))
+    idempotency::created(idempotent.as_ref(), &mut conn, body, None).await
 }
 
 async fn get(session: DbSession, id: web::Path<i64>) -> Result<web::Json<Transfer>, ApiError> {
-    let id = id.into_inner();
-    let missing = || ApiError::NotFound(format!("transfer {id} does not exist"));
-    if id <= 0 {
-        return Err(missing());
-    }
-    let mut conn = session.conn().await?;
-    transfers::find(&mut conn, id)
-        .await?
-        .map(web::Json)
-        .ok_or_else(missing)
+    find_by_id(&session, "transfer", id.into_inner(), transfers::find).await
 }
 
 async fn list(

@@ -2,15 +2,16 @@
 //!
 //! Session settings travel in the start-up packet (`application_name`, and
 //! `statement_timeout` / `idle_in_transaction_session_timeout` through `options`), so a new
-//! connection costs no extra `SET` round trips. The pool and the readiness probe both come
-//! through here.
+//! connection costs no extra `SET` round trips. TLS follows the URL's `sslmode` (see
+//! [`super::tls`]). The pool, the readiness probe and the migrations all come through here.
 
 use std::time::Duration;
 
 use diesel::ConnectionError;
 use diesel_async::AsyncPgConnection;
 
-use super::url::{DatabaseUrl, SslMode};
+use super::tls::{self, Tls};
+use super::url::DatabaseUrl;
 
 /// TCP keepalive settings for real network failures (a peer that vanished without a FIN).
 /// They cannot catch a peer that acknowledges but never answers: that is what the
@@ -19,11 +20,25 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 3;
 
+/// Bound on a cancel request (it opens a connection of its own, which may hang too).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Makes connections with fixed session settings.
+///
+/// Every connection is opened, and its socket driven, on the Tokio runtime that created
+/// the `Connector` (the application's main runtime), not on whichever Actix worker first
+/// needed it: diesel-async spawns the task that drives a connection's socket on the
+/// current runtime, and a worker's runtime stops with the worker. During a graceful
+/// shutdown an idle worker stops first, so connections it had opened would die under the
+/// requests other workers are still finishing.
 #[derive(Clone, Debug)]
 pub struct Connector {
     url: DatabaseUrl,
     config: tokio_postgres::Config,
+    tls: Tls,
+    /// The runtime that opens and drives connections; `None` outside any runtime, where
+    /// connections use the runtime of their caller.
+    io: Option<tokio::runtime::Handle>,
 }
 
 impl Connector {
@@ -57,30 +72,102 @@ impl Connector {
             ms(idle_in_tx_timeout)
         ));
         config.options(options.join(" "));
+        let tls = Tls::for_url(url);
+        // The driver's own negotiation does the `prefer` fallback and refuses a server
+        // without TLS for `require`; certificate checks are the TLS connector's.
+        config.ssl_mode(match &tls {
+            Tls::Enabled {
+                required: false, ..
+            } => tokio_postgres::config::SslMode::Prefer,
+            Tls::Enabled { required: true, .. } => tokio_postgres::config::SslMode::Require,
+            Tls::Disabled | Tls::Broken(_) => tokio_postgres::config::SslMode::Disable,
+        });
         Connector {
             url: url.clone(),
             config,
+            tls,
+            io: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
     /// Opens one connection. Errors carry the driver's message, which names the host but
-    /// never the password.
+    /// never the password; TLS failures also name the `sslmode`.
     pub async fn establish(&self) -> Result<AsyncPgConnection, ConnectionError> {
-        match self.url.ssl_mode() {
-            SslMode::Disable | SslMode::Prefer => {
+        let Some(io) = &self.io else {
+            return self.establish_here().await;
+        };
+        let connector = self.clone();
+        io.spawn(async move { connector.establish_here().await })
+            .await
+            .map_err(|e| ConnectionError::BadConnection(format!("connection task failed: {e}")))?
+    }
+
+    /// Asks the server, in the background and within [`CANCEL_TIMEOUT`], to cancel what
+    /// the connection of `token` is running: closing a socket does not stop a statement
+    /// the server is executing, nor free its locks, until the server next writes to it.
+    pub fn cancel(&self, token: tokio_postgres::CancelToken) {
+        let Some(io) = self
+            .io
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        else {
+            return;
+        };
+        let tls = self.tls.clone();
+        io.spawn(async move {
+            let sent = async {
+                match tls {
+                    Tls::Enabled { connector, .. } => token.cancel_query(connector).await,
+                    Tls::Disabled | Tls::Broken(_) => {
+                        token.cancel_query(tokio_postgres::NoTls).await
+                    }
+                }
+            };
+            match tokio::time::timeout(CANCEL_TIMEOUT, sent).await {
+                Ok(Ok(())) => log::debug!("cancel request sent"),
+                Ok(Err(e)) => log::warn!("cancel request failed: {}", with_causes(&e)),
+                Err(_) => log::warn!("cancel request got no answer within {CANCEL_TIMEOUT:?}"),
+            }
+        });
+    }
+
+    async fn establish_here(&self) -> Result<AsyncPgConnection, ConnectionError> {
+        match &self.tls {
+            Tls::Disabled => {
                 let (client, connection) = self
                     .config
                     .connect(tokio_postgres::NoTls)
                     .await
-                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+                    .map_err(|e| ConnectionError::BadConnection(with_causes(&e)))?;
                 AsyncPgConnection::try_from_client_and_connection(client, connection).await
             }
-            // Fail closed: never fall back to plain text when TLS was asked for.
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                Err(ConnectionError::BadConnection(
-                    "sslmode requires TLS, which this build does not support yet".into(),
-                ))
+            Tls::Enabled { connector, .. } => {
+                let (client, connection) =
+                    self.config.connect(connector.clone()).await.map_err(|e| {
+                        ConnectionError::BadConnection(format!(
+                            "{} (sslmode={})",
+                            with_causes(&e),
+                            tls::mode_name(self.url.ssl_mode())
+                        ))
+                    })?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
             }
+            // Fail closed: never fall back to plain text when TLS could not be set up.
+            Tls::Broken(e) => Err(ConnectionError::BadConnection(e.clone())),
         }
     }
+}
+
+/// The driver's error with its causes: its own text is only the kind ("error performing
+/// TLS handshake"); the cause says what happened ("invalid peer certificate: ..."). None of
+/// them contains the password.
+fn with_causes(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }

@@ -26,7 +26,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Bool, Double, Int2, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::pool::DbPool;
+use super::pool::{spawn_periodic, DbPool};
 use crate::schema::idempotency_keys;
 
 /// `response_status` of a claimed key whose response is not recorded yet. Only the
@@ -156,7 +156,11 @@ pub async fn record(
     if updated == 1 {
         Ok(())
     } else {
-        Err(diesel::result::Error::NotFound)
+        // Not a missing resource the client asked for (that would map to 404): the row this
+        // transaction claimed is gone, which is an internal invariant failure (500).
+        Err(diesel::result::Error::QueryBuilderError(
+            "the claimed idempotency key row is missing".into(),
+        ))
     }
 }
 
@@ -225,24 +229,15 @@ pub fn purge_interval(ttl: Duration) -> Duration {
 /// Starts the purge task on the current Tokio runtime, off the request path. It holds only
 /// a weak reference to the pool and ends when the pool is dropped or closed.
 pub fn spawn_purger(pool: &DbPool, ttl: Duration) {
-    let weak = pool.weak();
-    tokio::spawn(async move {
-        // The first run comes one interval after start-up, not at once: start-up already
-        // has enough to do (migrations, first connections).
-        let every = purge_interval(ttl);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(pool) = weak.upgrade() else { break };
-            if pool.is_closed() {
-                break;
-            }
-            match purge_expired(&pool, ttl).await {
-                Ok(0) => {}
-                Ok(n) => log::debug!("purged {n} expired idempotency key(s)"),
-                Err(e) => log::warn!("purging expired idempotency keys failed: {e}"),
-            }
+    // The first run comes one interval after start-up, not at once: start-up already has
+    // enough to do (migrations, first connections).
+    let every = purge_interval(ttl);
+    let first = tokio::time::Instant::now() + every;
+    spawn_periodic(pool, first, every, move |pool| async move {
+        match purge_expired(&pool, ttl).await {
+            Ok(0) => {}
+            Ok(n) => log::debug!("purged {n} expired idempotency key(s)"),
+            Err(e) => log::warn!("purging expired idempotency keys failed: {e}"),
         }
     });
 }

@@ -11,12 +11,20 @@
 //!   (which it catches and answers with a 500). If `COMMIT` fails, the client gets a 5xx
 //!   instead of the handler's answer. If a statement failed inside the transaction and the
 //!   handler answered success anyway, the session refuses to commit (PostgreSQL would turn
-//!   the `COMMIT` into a silent `ROLLBACK`) and answers 500.
+//!   the `COMMIT` into a silent `ROLLBACK`) and answers 500; see `db::watch` for the one
+//!   kind of swallowed error it cannot see (handlers must propagate database errors).
+//! - COMMIT is only sent when the connection is at the top level of the transaction with
+//!   no statement unanswered. A nested unit of work cut short (a panic inside it, a
+//!   handler's own timeout around it) or a statement future dropped mid-flight leaves the
+//!   transaction in an unknown state: the request gets a 500, nothing commits, and the
+//!   connection is closed rather than rolled back level by level.
 //! - If the request future is dropped mid-transaction (shutdown timeout, worker restart),
 //!   the transaction is rolled back in a spawned task; whenever a rollback cannot be done,
 //!   the connection is detached from the pool and closed, so the server ends the
 //!   transaction. A connection goes back to the pool only after a successful `COMMIT` or
-//!   `ROLLBACK` ([`TxConn`] enforces that by construction).
+//!   `ROLLBACK` of the whole transaction, and only if diesel then reports it clean (no
+//!   transaction open, transaction manager not broken, socket open); [`TxConn`] enforces
+//!   that by construction.
 //! - One request, one connection: every `DbSession` of a request is the same session, and
 //!   nothing here checks out a second connection (hold-and-wait deadlocks the pool under
 //!   load). Nested `conn.transaction(..)` calls become savepoints through diesel's
@@ -24,9 +32,11 @@
 //! - Every statement of a session (COMMIT and ROLLBACK included) is bounded on the client
 //!   side too: the statement timeout plus a margin, or `DB_POOL_TIMEOUT` when there is no
 //!   statement timeout. A statement past that bound means the peer went silent (TCP still
-//!   acknowledged, so keepalives never fire): the handler is dropped, the connection
-//!   closed, and the client gets 503 `timeout`. A live server's own `statement_timeout`
-//!   always fires first, answering 503 `timeout` with the connection kept.
+//!   acknowledged, so keepalives never fire): the handler is dropped, a cancel request is
+//!   sent in the background (the server would otherwise keep running the statement and
+//!   holding its locks), the connection is closed, and the client gets 503 `timeout`. A
+//!   live server's own `statement_timeout` normally fires first, answering 503 `timeout`
+//!   with the connection kept.
 //! - The guard returned by [`DbSession::conn`] must not outlive the handler. If it does
 //!   (moved into a spawned local task), the response becomes a 500 and the transaction is
 //!   rolled back when the guard is finally dropped: a late write can never be committed.
@@ -45,15 +55,19 @@ use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest, ResponseError};
+use diesel_async::pooled_connection::PoolableConnection;
 use diesel_async::{
     AnsiTransactionManager, AsyncConnection, AsyncPgConnection, TransactionManager,
 };
 use futures_util::FutureExt;
 
+use super::connect::Connector;
+use super::lease::Lease;
 use super::pool::{DbPool, PooledConnection};
 use super::watch::{StatementWatch, WatchHandle};
 use crate::config::DbConfig;
 use crate::error::ApiError;
+use crate::metrics::db::{DbMetrics, TimeoutKind};
 
 /// Margin added to the server's statement timeout for the client-side statement deadline,
 /// so that the server's own cancellation (a clean 57014 error, connection reusable) always
@@ -72,10 +86,13 @@ pub struct SessionSettings {
     /// never fire) must not hold a request, or a cancelled request's clean-up, forever.
     statement_deadline: Duration,
     echo: bool,
+    metrics: DbMetrics,
+    /// Sends cancel requests for statements the session gives up on.
+    connector: Connector,
 }
 
 impl SessionSettings {
-    pub fn new(pool: DbPool, cfg: &DbConfig) -> Self {
+    pub fn new(pool: DbPool, cfg: &DbConfig, metrics: &DbMetrics) -> Self {
         SessionSettings {
             pool,
             checkout_timeout: cfg.pool_timeout,
@@ -83,6 +100,8 @@ impl SessionSettings {
                 .statement_timeout
                 .map_or(cfg.pool_timeout, |t| t + DEADLINE_MARGIN),
             echo: cfg.echo,
+            metrics: metrics.clone(),
+            connector: super::pool::connector(cfg),
         }
     }
 
@@ -117,14 +136,15 @@ pub enum Reason {
 pub struct TxConn {
     conn: Option<PooledConnection>,
     watch: WatchHandle,
-    checked_out_at: Instant,
+    /// Use-time metric and leak warning; ends when the `TxConn` drops.
+    lease: Lease,
 }
 
 impl TxConn {
     /// Checks a connection out and begins a transaction, within `settings.checkout_timeout`.
     async fn begin(settings: &SessionSettings) -> Result<TxConn, ApiError> {
         let work = async {
-            let mut conn = settings.pool.get().await?;
+            let mut conn = settings.metrics.acquire(&settings.pool).await?;
             let (watch, handle) = StatementWatch::new(settings.echo);
             conn.set_instrumentation(watch);
             // From here on, dropping `tx` (error, timeout, cancellation) closes the
@@ -132,16 +152,19 @@ impl TxConn {
             let mut tx = TxConn {
                 conn: Some(conn),
                 watch: handle,
-                checked_out_at: Instant::now(),
+                lease: settings.metrics.lease(),
             };
             AnsiTransactionManager::begin_transaction(tx.connection()).await?;
             Ok::<_, ApiError>(tx)
         };
         match tokio::time::timeout(settings.checkout_timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(ApiError::DatabaseUnavailable(
-                "no database connection became available in time".to_owned(),
-            )),
+            Err(_) => {
+                settings.metrics.timeout(TimeoutKind::Wait);
+                Err(ApiError::DatabaseUnavailable(
+                    "no database connection became available in time".to_owned(),
+                ))
+            }
         }
     }
 
@@ -153,19 +176,29 @@ impl TxConn {
         self.conn.as_mut().expect("TxConn used after release")
     }
 
-    /// Statements sent on this connection since check-out (BEGIN included).
-    pub fn statements(&self) -> u64 {
-        self.watch.statements()
-    }
-
-    /// How long the connection has been checked out.
-    pub fn held_for(&self) -> Duration {
-        self.checked_out_at.elapsed()
+    /// True when the connection sits at the top level of the request's transaction with
+    /// no statement unanswered: the only state in which one COMMIT or ROLLBACK ends the
+    /// whole transaction. A nested unit of work interrupted by a panic or a dropped future
+    /// leaves diesel's depth above 1 (COMMIT would only release a savepoint), and a
+    /// statement future dropped mid-flight leaves its outcome unknown.
+    fn at_top_level(&mut self) -> bool {
+        if self.watch.in_flight_since().is_some() {
+            return false;
+        }
+        let status = AnsiTransactionManager::transaction_manager_status_mut(self.connection());
+        matches!(status.transaction_depth(), Ok(Some(depth)) if depth.get() == 1)
     }
 
     /// Commits. On success the connection returns to the pool; on any failure it is
     /// closed, and the error says what the client gets.
     async fn commit(mut self, timeout: Duration) -> Result<(), ApiError> {
+        if !self.at_top_level() {
+            // Dropping `self` closes the connection: the server rolls everything back.
+            log::error!("not committing: a nested unit of work or a statement was left unfinished");
+            return Err(ApiError::internal(
+                "the transaction was left unfinished (interrupted nested unit of work or abandoned statement)",
+            ));
+        }
         if self.watch.transaction_aborted() {
             self.rollback(timeout).await;
             return Err(ApiError::internal(
@@ -200,6 +233,14 @@ impl TxConn {
 
     /// Rolls back. On success the connection returns to the pool, otherwise it is closed.
     async fn rollback(mut self, timeout: Duration) {
+        if !self.at_top_level() {
+            // One ROLLBACK would only undo the innermost savepoint, or queue behind a
+            // statement nobody waits for: close the connection instead.
+            log::warn!(
+                "transaction left unfinished; closing the connection instead of rolling back"
+            );
+            return;
+        }
         match tokio::time::timeout(
             timeout,
             AnsiTransactionManager::rollback_transaction(self.connection()),
@@ -214,9 +255,21 @@ impl TxConn {
         }
     }
 
-    /// Returns the connection to the pool. Only called when its transaction is closed.
+    /// Returns the connection to the pool if it is clean: no transaction open, diesel's
+    /// transaction manager not broken, socket open. Otherwise dropping `self` closes it.
     fn release(mut self) {
-        drop(self.conn.take());
+        let clean = self
+            .conn
+            .as_mut()
+            .is_some_and(|conn| !PoolableConnection::is_broken(&mut **conn));
+        if clean {
+            drop(self.conn.take());
+        }
+    }
+
+    /// A token to ask the server to cancel whatever this connection is running.
+    fn cancel_token(&self) -> Option<tokio_postgres::CancelToken> {
+        self.conn.as_deref().map(AsyncPgConnection::cancel_token)
     }
 }
 
@@ -225,6 +278,7 @@ impl Drop for TxConn {
         if let Some(conn) = self.conn.take() {
             // Not released: its transaction may be open. Take it out of the pool's
             // accounting and close it; the server rolls back when the socket closes.
+            self.lease.broken();
             drop(deadpool::managed::Object::take(conn));
         }
     }
@@ -297,8 +351,15 @@ impl Slot {
     /// Ends the session without talking to the server: the connection (if the session has
     /// one parked) is closed, which makes the server roll back. For a connection whose
     /// peer stopped answering, where a ROLLBACK would only wait too.
+    ///
+    /// Closing the socket does not stop a statement the server is still running (it only
+    /// notices when it next writes), so a cancel request goes out first, in the background.
     fn discard(&self) {
         if let State::Open(tx) = self.replace(State::Finalized) {
+            self.settings().metrics.rolled_back(Reason::Error);
+            if let Some(token) = tx.cancel_token() {
+                self.settings().connector.cancel(token);
+            }
             drop(tx);
         }
     }
@@ -318,10 +379,13 @@ impl Slot {
             State::Open(tx) => {
                 let timeout = self.settings().statement_deadline;
                 if commit {
-                    tx.commit(timeout).await
+                    let result = tx.commit(timeout).await;
+                    self.settings().metrics.committed(result.is_ok());
+                    result
                 } else {
                     log::debug!("rolling back the request's transaction ({reason:?})");
                     tx.rollback(timeout).await;
+                    self.settings().metrics.rolled_back(reason);
                     Ok(())
                 }
             }
@@ -337,6 +401,7 @@ impl Drop for CancelGuard {
         if let Some(slot) = self.0.take() {
             if let State::Open(tx) = slot.replace(State::Finalized) {
                 log::warn!("request cancelled inside a transaction; rolling back");
+                slot.settings().metrics.rolled_back(Reason::Cancelled);
                 abandon(*tx, slot.settings().statement_deadline);
             }
         }
@@ -373,18 +438,14 @@ impl DbSession {
         let tx = match previous {
             State::Open(tx) => *tx,
             State::Idle => {
-                // If this future is dropped during check-out, `Busy` stays; the
-                // request is being torn down anyway and finish() then has nothing to do.
-                match TxConn::begin(self.slot.settings()).await {
-                    Ok(tx) => {
-                        *self.slot.0.watch.borrow_mut() = Some(tx.watch.clone());
-                        tx
-                    }
-                    Err(e) => {
-                        self.slot.replace(State::Idle);
-                        return Err(e);
-                    }
-                }
+                // If this future is dropped mid-way (a handler's own timeout around
+                // `conn()`), the slot goes back to Idle; the half-made TxConn closes its
+                // connection as it drops.
+                let mut opening = BackToIdle(&self.slot, true);
+                let tx = TxConn::begin(self.slot.settings()).await?;
+                opening.1 = false;
+                *self.slot.0.watch.borrow_mut() = Some(tx.watch.clone());
+                tx
             }
             other @ (State::Busy | State::Finalized) => {
                 self.slot.replace(other);
@@ -397,6 +458,18 @@ impl DbSession {
             slot: self.slot.clone(),
             tx: Some(tx),
         })
+    }
+}
+
+/// Puts a slot that is `Busy` opening a connection back to `Idle` when dropped armed.
+struct BackToIdle<'a>(&'a Slot, bool);
+
+impl Drop for BackToIdle<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0 .0.state.borrow_mut();
+        if self.1 && matches!(*state, State::Busy) {
+            *state = State::Idle;
+        }
     }
 }
 
@@ -446,6 +519,7 @@ impl Drop for SessionConn {
                 // The request is over (or the session was torn down under us): never
                 // commit late work, roll it back.
                 drop(state);
+                self.slot.settings().metrics.rolled_back(Reason::Cancelled);
                 abandon(tx, self.slot.settings().statement_deadline);
             }
         }

@@ -66,13 +66,30 @@ impl DatabaseUrl {
         }
         let mut pg = tokio_postgres::Config::from_str(url.as_str())
             .map_err(|e| format!("is not usable by the PostgreSQL driver ({e})"))?;
-        // TLS is negotiated by our own connector (see `db::connect`), not by the driver's
-        // fallback logic.
+        // The connector sets the driver's mode from ours (see `db::connect` and `db::tls`).
         pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
         if url.password().is_some() {
             // set_password only fails for URLs that cannot have one, which a
             // postgres:// URL with a password is not.
             let _ = url.set_password(Some("***"));
+        }
+        // The driver also takes the password as a query parameter (`?password=`).
+        let masked: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = k.to_ascii_lowercase().contains("pass");
+                (
+                    k.into_owned(),
+                    if secret {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    },
+                )
+            })
+            .collect();
+        if !masked.is_empty() {
+            url.query_pairs_mut().clear().extend_pairs(masked);
         }
         Ok(DatabaseUrl {
             redacted: url.to_string(),
@@ -132,6 +149,20 @@ mod tests {
         assert_eq!(url.ssl_mode(), SslMode::Require);
         assert_eq!(url.pg_config().get_password(), Some(&b"p@ss"[..]));
         assert_eq!(url.pg_config().get_dbname(), Some("ledger"));
+    }
+
+    #[test]
+    fn redacts_a_password_given_as_a_query_parameter() {
+        let url =
+            DatabaseUrl::parse("postgres://app@db/ledger?password=S3cretPW&connect_timeout=5")
+                .unwrap();
+        let shown = format!("{url} {url:?}");
+        assert!(!shown.contains("S3cretPW"), "{shown}");
+        assert!(
+            shown.contains("password=***") && shown.contains("connect_timeout=5"),
+            "{shown}"
+        );
+        assert_eq!(url.pg_config().get_password(), Some(&b"S3cretPW"[..]));
     }
 
     #[test]

@@ -1,13 +1,20 @@
 //! Per-connection statement watch, installed through diesel's instrumentation hook.
 //!
-//! It does four jobs that nothing else in the stack does:
+//! It does three jobs that nothing else in the stack does:
 //! - **Aborted transactions.** PostgreSQL aborts a transaction on any statement error, and
 //!   a later `COMMIT` of that transaction answers with the tag `ROLLBACK`, not an error.
 //!   diesel does not notice, so a handler that swallowed a database error and answered 2xx
 //!   would have its response sent for writes that never landed. The watch records the
 //!   failure (and clears it when a savepoint rollback repairs it); the session refuses to
 //!   report success for an aborted transaction.
-//! - **Statement count**, so tests and benchmarks can prove there is no hidden round trip.
+//!
+//!   Limit: diesel-async reports a row-returning statement (`load`, `get_result`,
+//!   `first`, `... RETURNING`) as finished once the server has bound it, before its rows
+//!   (or its error) arrive, so an error raised while such a statement executes reaches the
+//!   handler but not this watch. Catching that too would take one more statement per
+//!   transaction (a probe before `COMMIT`; tokio-postgres does not expose the `ROLLBACK`
+//!   tag of the answer). Handlers must therefore propagate database errors (`?`), as every
+//!   handler here does; swallowing one is a bug the watch catches only for `execute`.
 //! - **In-flight statement**: when the statement now running was sent, so the session can
 //!   bound it with a client-side deadline (a peer that stopped answering never trips the
 //!   server's `statement_timeout`).
@@ -30,8 +37,10 @@ struct Seen {
     depth: u32,
     /// The shallowest depth at which a statement failed and was not rolled back since.
     aborted_at: Option<u32>,
-    statements: u64,
-    /// When the statement now running was sent; `None` between statements.
+    /// Statements sent and not yet answered (more than one when pipelined through
+    /// `&AsyncPgConnection`, or when a statement future was dropped mid-flight).
+    in_flight: u32,
+    /// When the oldest of the unanswered statements was sent; `None` when there are none.
     in_flight_since: Option<Instant>,
 }
 
@@ -47,12 +56,9 @@ impl WatchHandle {
         self.lock().aborted_at.is_some()
     }
 
-    /// Statements sent since the watch was installed.
-    pub fn statements(&self) -> u64 {
-        self.lock().statements
-    }
-
-    /// When the statement now running was sent, if one is running.
+    /// When the oldest unanswered statement was sent, if there is one. A statement whose
+    /// future was dropped mid-flight never gets its answer recorded, so it stays here: its
+    /// outcome is unknown, and the session treats the transaction accordingly.
     pub fn in_flight_since(&self) -> Option<Instant> {
         self.lock().in_flight_since
     }
@@ -88,8 +94,10 @@ impl Instrumentation for StatementWatch {
             InstrumentationEvent::StartQuery { query, .. } => {
                 {
                     let mut seen = self.seen.lock();
-                    seen.statements += 1;
-                    seen.in_flight_since = Some(Instant::now());
+                    seen.in_flight += 1;
+                    if seen.in_flight == 1 {
+                        seen.in_flight_since = Some(Instant::now());
+                    }
                 }
                 if self.echo {
                     let text = query.to_string();
@@ -101,7 +109,12 @@ impl Instrumentation for StatementWatch {
             }
             InstrumentationEvent::FinishQuery { error, .. } => {
                 let mut seen = self.seen.lock();
-                seen.in_flight_since = None;
+                seen.in_flight = seen.in_flight.saturating_sub(1);
+                if seen.in_flight == 0 {
+                    // With pipelined statements this keeps the first one's start: the
+                    // deadline then errs on the early side, never the late one.
+                    seen.in_flight_since = None;
+                }
                 // Only a server-side error aborts the transaction; NotFound and decoding
                 // errors happen in the client after a successful statement.
                 if matches!(error, Some(diesel::result::Error::DatabaseError(..))) {

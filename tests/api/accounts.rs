@@ -68,34 +68,18 @@ async fn list_pages_with_keyset_pagination() {
     let app = spawn_app().await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(
-            app.create_account(&format!("acc-{i}"), i).await["id"]
-                .as_i64()
-                .expect("id"),
-        );
+        ids.push(app.account_id(&format!("acc-{i}"), i).await);
     }
 
     let first = app.get("/accounts?limit=2").await;
     assert_eq!(first.status, 200);
-    let got: Vec<i64> = first.body["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|a| a["id"].as_i64().expect("id"))
-        .collect();
-    assert_eq!(got, ids[..2]);
+    assert_eq!(first.item_ids(), ids[..2]);
     assert_eq!(first.body["next_after_id"], ids[1]);
 
     let second = app
         .get(&format!("/accounts?limit=2&after_id={}", ids[1]))
         .await;
-    let got: Vec<i64> = second.body["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|a| a["id"].as_i64().expect("id"))
-        .collect();
-    assert_eq!(got, ids[2..4]);
+    assert_eq!(second.item_ids(), ids[2..4]);
 
     let last = app
         .get(&format!("/accounts?limit=2&after_id={}", ids[3]))

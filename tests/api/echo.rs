@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::helpers::{eventually, TestDb};
+use crate::support::free_port;
 
 /// Echo logs statement text only (no bind values, never the URL or its password), and a
 /// request costs exactly BEGIN, its own statements and COMMIT: no ping, no SET.
@@ -18,11 +19,7 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
     let url = db
         .url
         .replacen("://postgres@", "://postgres:echo-pw-secret@", 1);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
         .env_clear()
         .env("DATABASE_URL", &url)

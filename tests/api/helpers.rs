@@ -207,6 +207,21 @@ impl TestDb {
             .get(0)
     }
 
+    /// Backend PIDs of the service's pooled connections on this database.
+    pub async fn ledger_pids(&self) -> Vec<i32> {
+        self.client()
+            .await
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ledger'",
+                &[&self.name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// Terminates every backend of the service on this database; returns how many.
     pub async fn terminate(&self, application_name: &str) -> i64 {
         self.client()
@@ -364,6 +379,15 @@ impl TestApp {
         Answer::from(req.send().await.expect("POST")).await
     }
 
+    /// Sends a POST without waiting for it (to hold a connection while the test goes on).
+    pub fn post_in_background(
+        &self,
+        path: &str,
+    ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        let request = self.client.post(self.url(path));
+        tokio::spawn(request.send())
+    }
+
     pub async fn create_account(&self, name: &str, balance: i64) -> Value {
         let answer = self
             .post_json(
@@ -402,6 +426,16 @@ impl Answer {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `id` of every element of the body's `items` (a list page, a batch).
+    pub fn item_ids(&self) -> Vec<i64> {
+        self.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|item| item["id"].as_i64().expect("id"))
+            .collect()
     }
 
     /// Asserts a problem+json error with this status and code.

@@ -1,14 +1,22 @@
 //! `Idempotency-Key` (contract section 4): replays, conflicts, scoping, malformed keys,
 //! failed first requests, concurrent repeats, in-flight repeats, expiry and purge.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use reqwest::header::HeaderValue;
 use serde_json::json;
+use tokio::task::JoinHandle;
 
 use crate::helpers::{eventually, spawn_app, spawn_app_with, Answer, TestApp};
 
 fn body(from: i64, to: i64, amount: i64) -> String {
     json!({ "from_account_id": from, "to_account_id": to, "amount": amount }).to_string()
+}
+
+/// A `POST /transfers/batch` body of these items, as sent.
+fn batch_body(items: &[String]) -> String {
+    format!(r#"{{"transfers": [{}]}}"#, items.join(", "))
 }
 
 async fn two_accounts(app: &TestApp) -> (i64, i64) {
@@ -78,11 +86,7 @@ async fn the_same_json_value_spelt_differently_replays() {
     assert_eq!(app.db.ledger_state().await.transfers, 1);
 
     // The same for a batch.
-    let batch = format!(
-        r#"{{"transfers": [{}, {}]}}"#,
-        body(payer, payee, 1),
-        body(payee, payer, 1)
-    );
+    let batch = batch_body(&[body(payer, payee, 1), body(payee, payer, 1)]);
     let first = app.post_keyed("/transfers/batch", Some("b"), &batch).await;
     assert_eq!(first.status, 201, "{}", first.text);
     let respelt = format!(
@@ -115,8 +119,7 @@ async fn a_key_reused_with_another_body_gets_409_and_applies_nothing() {
         assert_eq!(app.db.ledger_state().await, before);
     }
     // Items in another order are another request.
-    let batch =
-        |a: i64, b: i64| format!(r#"{{"transfers": [{}, {}]}}"#, body(a, b, 1), body(b, a, 1));
+    let batch = |a: i64, b: i64| batch_body(&[body(a, b, 1), body(b, a, 1)]);
     assert_eq!(
         app.post_keyed("/transfers/batch", Some("kb"), &batch(payer, payee))
             .await
@@ -143,7 +146,7 @@ async fn keys_are_scoped_to_the_endpoint() {
         .post_keyed(
             "/transfers/batch",
             Some("shared"),
-            &format!(r#"{{"transfers": [{}]}}"#, body(payer, payee, 5)),
+            &batch_body(&[body(payer, payee, 5)]),
         )
         .await;
 
@@ -155,50 +158,46 @@ async fn keys_are_scoped_to_the_endpoint() {
     assert_eq!(state.idempotency_keys, 2);
 }
 
+/// POSTs a JSON `payload` with these `Idempotency-Key` headers, as many as given.
+async fn post_with_keys(app: &TestApp, path: &str, keys: &[HeaderValue], payload: &str) -> Answer {
+    let mut request = app
+        .client
+        .post(app.url(path))
+        .header("content-type", "application/json")
+        .body(payload.to_owned());
+    for key in keys {
+        request = request.header("idempotency-key", key.clone());
+    }
+    Answer::from(request.send().await.unwrap()).await
+}
+
 #[tokio::test]
 async fn malformed_keys_get_400_before_anything_is_applied() {
     let app = spawn_app().await;
     let (payer, payee) = two_accounts(&app).await;
     let before = app.db.ledger_state().await;
-    let bad: Vec<reqwest::header::HeaderValue> = vec![
-        reqwest::header::HeaderValue::from_static(""),
-        reqwest::header::HeaderValue::from_str(&"k".repeat(256)).unwrap(),
-        reqwest::header::HeaderValue::from_static("has space"),
-        reqwest::header::HeaderValue::from_static("tab\there"),
-        reqwest::header::HeaderValue::from_bytes("clé".as_bytes()).unwrap(),
+    let bad: Vec<HeaderValue> = vec![
+        HeaderValue::from_static(""),
+        HeaderValue::from_str(&"k".repeat(256)).unwrap(),
+        HeaderValue::from_static("has space"),
+        HeaderValue::from_static("tab\there"),
+        HeaderValue::from_bytes("clé".as_bytes()).unwrap(),
     ];
     for path in ["/transfers", "/transfers/batch"] {
         let payload = if path == "/transfers" {
             body(payer, payee, 1)
         } else {
-            format!(r#"{{"transfers": [{}]}}"#, body(payer, payee, 1))
+            batch_body(&[body(payer, payee, 1)])
         };
         for key in &bad {
-            let answer = Answer::from(
-                app.client
-                    .post(app.url(path))
-                    .header("content-type", "application/json")
-                    .header("idempotency-key", key.clone())
-                    .body(payload.clone())
-                    .send()
-                    .await
-                    .unwrap(),
-            )
-            .await;
+            let answer = post_with_keys(&app, path, std::slice::from_ref(key), &payload).await;
             answer.assert_problem(400, "bad_request");
         }
-        let twice = Answer::from(
-            app.client
-                .post(app.url(path))
-                .header("content-type", "application/json")
-                .header("idempotency-key", "one")
-                .header("idempotency-key", "two")
-                .body(payload.clone())
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let two = [
+            HeaderValue::from_static("one"),
+            HeaderValue::from_static("two"),
+        ];
+        let twice = post_with_keys(&app, path, &two, &payload).await;
         twice.assert_problem(400, "bad_request");
         assert_eq!(app.db.ledger_state().await, before);
     }
@@ -249,7 +248,7 @@ async fn a_failed_first_request_leaves_no_key_so_a_later_one_applies() {
     assert_eq!(state.idempotency_keys, 1);
 
     // A failed batch leaves no key either.
-    let batch = format!(r#"{{"transfers": [{}]}}"#, body(payee, poor, 501));
+    let batch = batch_body(&[body(payee, poor, 501)]);
     app.post_keyed("/transfers/batch", Some("b"), &batch)
         .await
         .assert_problem(409, "insufficient_funds");
@@ -306,25 +305,56 @@ async fn wait_for(app: &TestApp, fragment: &str, count: i64) {
     );
 }
 
+/// A keyed transfer of 100 from `payer` to `payee`, held in flight (key claimed) by
+/// `lock`, a row lock on the payer, and a repeat of it that waits on the claimed key.
+struct InFlightRepeat {
+    app: Arc<TestApp>,
+    payer: i64,
+    payee: i64,
+    /// `COMMIT` on it lets the first request go on.
+    lock: tokio_postgres::Client,
+    first: JoinHandle<Answer>,
+    second: JoinHandle<Answer>,
+}
+
+impl InFlightRepeat {
+    async fn start(key: &'static str) -> InFlightRepeat {
+        let app = Arc::new(spawn_app().await);
+        let (payer, payee) = two_accounts(&app).await;
+        let payload = body(payer, payee, 100);
+        let lock = hold_account(&app, payer).await;
+        let send = || {
+            let (app, payload) = (app.clone(), payload.clone());
+            tokio::spawn(async move { app.post_keyed("/transfers", Some(key), &payload).await })
+        };
+        let first = send();
+        // The first has claimed the key and waits for the account row.
+        wait_for(&app, "FOR UPDATE", 1).await;
+        let second = send();
+        // The repeat waits on the key the first inserted.
+        wait_for(&app, "idempotency_keys", 1).await;
+        InFlightRepeat {
+            app,
+            payer,
+            payee,
+            lock,
+            first,
+            second,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_repeat_that_arrives_while_the_first_is_in_flight_waits_and_replays() {
-    let app = std::sync::Arc::new(spawn_app().await);
-    let (payer, payee) = two_accounts(&app).await;
-    let payload = body(payer, payee, 100);
-    let lock = hold_account(&app, payer).await;
-
-    let first = tokio::spawn({
-        let (app, payload) = (app.clone(), payload.clone());
-        async move { app.post_keyed("/transfers", Some("slow"), &payload).await }
-    });
-    // The first has claimed the key and waits for the account row.
-    wait_for(&app, "FOR UPDATE", 1).await;
-    let second = tokio::spawn({
-        let (app, payload) = (app.clone(), payload.clone());
-        async move { app.post_keyed("/transfers", Some("slow"), &payload).await }
-    });
-    // The repeat waits on the key the first inserted: no answer yet, no polling.
-    wait_for(&app, "idempotency_keys", 1).await;
+    let InFlightRepeat {
+        app,
+        payer,
+        payee,
+        lock,
+        first,
+        second,
+    } = InFlightRepeat::start("slow").await;
+    // No answer yet, no polling.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!first.is_finished() && !second.is_finished());
 
@@ -342,20 +372,14 @@ async fn a_repeat_that_arrives_while_the_first_is_in_flight_waits_and_replays() 
 
 #[tokio::test]
 async fn a_repeat_waiting_on_a_first_that_rolls_back_applies_itself() {
-    let app = std::sync::Arc::new(spawn_app().await);
-    let (payer, payee) = two_accounts(&app).await;
-    let payload = body(payer, payee, 100);
-    let lock = hold_account(&app, payer).await;
-    let first = tokio::spawn({
-        let (app, payload) = (app.clone(), payload.clone());
-        async move { app.post_keyed("/transfers", Some("k"), &payload).await }
-    });
-    wait_for(&app, "FOR UPDATE", 1).await;
-    let second = tokio::spawn({
-        let (app, payload) = (app.clone(), payload.clone());
-        async move { app.post_keyed("/transfers", Some("k"), &payload).await }
-    });
-    wait_for(&app, "idempotency_keys", 1).await;
+    let InFlightRepeat {
+        app,
+        payer,
+        payee,
+        lock,
+        first,
+        second,
+    } = InFlightRepeat::start("k").await;
 
     // The first request's backend dies while it waits: its transaction (and key) is gone.
     let killed: i64 = app

@@ -271,12 +271,7 @@ async fn random_sequences_of_transfers_and_batches_match_the_model() {
             Outcome::Applied => {
                 assert_eq!(answer.status, 201, "{context}");
                 let ids: Vec<i64> = if batch {
-                    answer.body["items"]
-                        .as_array()
-                        .expect("items")
-                        .iter()
-                        .map(|t| t["id"].as_i64().expect("id"))
-                        .collect()
+                    answer.item_ids()
                 } else {
                     vec![answer.body["id"].as_i64().expect("id")]
                 };

@@ -15,13 +15,7 @@ async fn an_exhausted_pool_answers_503_after_the_timeout_and_readiness_still_ans
     ])
     .await;
     // Holds the only connection for 3 s.
-    let holder = {
-        let (client, url) = (
-            app.client.clone(),
-            app.url("/_test/write-then-sleep?name=holder&ms=3000"),
-        );
-        tokio::spawn(async move { client.post(url).send().await })
-    };
+    let holder = app.post_in_background("/_test/write-then-sleep?name=holder&ms=3000");
     assert!(
         eventually(Duration::from_secs(2), || async {
             app.pool.status().available == 0 && app.pool.status().size == 1
@@ -61,11 +55,7 @@ async fn terminated_connections_fail_at_most_one_request_each_with_503() {
     // Open three pooled connections at once.
     let mut warm = Vec::new();
     for i in 0..3 {
-        let (client, url) = (
-            app.client.clone(),
-            app.url(&format!("/_test/write-then-sleep?name=warm{i}&ms=300")),
-        );
-        warm.push(tokio::spawn(async move { client.post(url).send().await }));
+        warm.push(app.post_in_background(&format!("/_test/write-then-sleep?name=warm{i}&ms=300")));
     }
     for w in warm {
         assert_eq!(w.await.expect("join").expect("answer").status(), 201);
@@ -112,11 +102,8 @@ async fn overflow_connections_close_after_the_idle_timeout() {
     .await;
     let mut burst = Vec::new();
     for i in 0..4 {
-        let (client, url) = (
-            app.client.clone(),
-            app.url(&format!("/_test/write-then-sleep?name=burst{i}&ms=400")),
-        );
-        burst.push(tokio::spawn(async move { client.post(url).send().await }));
+        burst
+            .push(app.post_in_background(&format!("/_test/write-then-sleep?name=burst{i}&ms=400")));
     }
     for b in burst {
         assert_eq!(b.await.expect("join").expect("answer").status(), 201);
@@ -145,22 +132,11 @@ async fn connections_past_their_max_lifetime_are_replaced() {
         ("DB_POOL_RECYCLE", "1"),
     ])
     .await;
-    let pid = || async {
-        app.db
-            .client()
-            .await
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ledger'",
-                &[&app.db.name],
-            )
-            .await
-            .expect("pid")
-            .map(|r| r.get::<_, i32>(0))
-    };
     app.create_account("first", 1).await;
-    let before = pid().await.expect("a pooled connection");
+    let before = app.db.ledger_pids().await;
+    assert_eq!(before.len(), 1, "one pooled connection");
     tokio::time::sleep(Duration::from_millis(1300)).await;
     app.create_account("second", 1).await;
-    let after = pid().await.expect("a pooled connection");
+    let after = app.db.ledger_pids().await;
     assert_ne!(before, after, "the old connection was closed and replaced");
 }

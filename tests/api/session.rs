@@ -125,14 +125,17 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
     crate::helpers::init_logging();
     let db = TestDb::migrated().await;
     let config = crate::helpers::config_for(&db.name, &Default::default());
-    let pool = ledger::db::pool::build_pool(&config.db).expect("pool");
+    let metrics = actix_web::web::Data::new(ledger::metrics::Metrics::new(&config.db));
+    let pool = ledger::db::pool::build_pool(&config.db, metrics.db()).expect("pool");
     let health = actix_web::web::Data::new(ledger::health::Health::new(&config.db, pool.clone()));
     let state = ledger::app::AppState {
         settings: actix_web::web::Data::new(ledger::db::session::SessionSettings::new(
             pool.clone(),
             &config.db,
+            metrics.db(),
         )),
         health,
+        metrics,
         body_limit: config.http_body_limit,
         idempotency_ttl: config.idempotency_ttl,
     };
@@ -208,19 +211,8 @@ async fn a_statement_past_the_statement_timeout_gets_503_timeout_and_the_connect
     ])
     .await;
     app.create_account("warm", 1).await;
-    let pid = || async {
-        app.db
-            .client()
-            .await
-            .query_one(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ledger'",
-                &[&app.db.name],
-            )
-            .await
-            .expect("one pooled connection")
-            .get::<_, i32>(0)
-    };
-    let before = pid().await;
+    let before = app.db.ledger_pids().await;
+    assert_eq!(before.len(), 1);
 
     let started = std::time::Instant::now();
     let answer = app
@@ -235,7 +227,7 @@ async fn a_statement_past_the_statement_timeout_gets_503_timeout_and_the_connect
 
     app.create_account("after-timeout", 1).await;
     assert_eq!(
-        pid().await,
+        app.db.ledger_pids().await,
         before,
         "the connection was reused, not replaced"
     );
@@ -265,4 +257,103 @@ async fn a_statement_without_an_answer_is_cut_off_by_the_client_side_deadline() 
     // at once even with a pool of one.
     app.create_account("after-deadline", 1).await;
     assert_eq!(app.db.accounts_named("silent").await, 0);
+}
+
+/// A handler that abandons a pending `conn()` (its own timeout) can ask again.
+#[tokio::test]
+async fn an_abandoned_check_out_leaves_the_session_usable() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    let holder = app.post_in_background("/_test/write-then-sleep?name=hold&ms=800");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.pool.status().available == 0 && app.pool.status().size == 1
+        })
+        .await
+    );
+    let answer = app
+        .post_json(
+            "/_test/impatient-then-write?name=patient&ms=100",
+            &json!({}),
+        )
+        .await;
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(answer.body["gave_up_first"], true);
+    assert_eq!(holder.await.unwrap().unwrap().status(), 201);
+    assert_eq!(app.db.accounts_named("patient").await, 1);
+}
+
+/// A panic inside a nested unit of work leaves a savepoint open: one ROLLBACK would only
+/// undo the savepoint, so the connection must be closed, never pooled inside a transaction.
+#[tokio::test]
+async fn a_panic_inside_a_nested_unit_of_work_never_pools_an_open_transaction() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    let answer = app
+        .post_json("/_test/nested-panic?name=rnpanic", &json!({}))
+        .await;
+    answer.assert_problem(500, "internal");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app.db.sessions("ledger", Some("idle in transaction")).await == 0
+        })
+        .await,
+        "no pooled connection sits inside a transaction"
+    );
+    assert_eq!(app.db.accounts_named("rnpanic").await, 0);
+    assert_eq!(app.db.accounts_named("rnpanic-inner").await, 0);
+    // The pool of one still serves.
+    app.create_account("after-nested-panic", 1).await;
+}
+
+/// A nested unit of work cut short by the handler's own timeout, then a 2xx: COMMIT would
+/// only release the savepoint. The client must not get the 2xx, and nothing may commit.
+#[tokio::test]
+async fn a_nested_unit_of_work_cut_short_cannot_be_acknowledged() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    let answer = app
+        .post_json("/_test/nested-timeout?name=rncut", &json!({}))
+        .await;
+    answer.assert_problem(500, "internal");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(app.db.accounts_named("rncut").await, 0);
+    assert_eq!(
+        app.db.sessions("ledger", Some("idle in transaction")).await,
+        0
+    );
+    app.create_account("after-nested-cut", 1).await;
+}
+
+/// A statement future dropped mid-flight leaves its outcome unknown (here it fails on the
+/// server after the handler stopped waiting): no 2xx, nothing committed.
+#[tokio::test]
+async fn an_abandoned_statement_cannot_be_acknowledged() {
+    let app = spawn_app().await;
+    let answer = app
+        .post_json("/_test/abandoned-statement?name=rabandon", &json!({}))
+        .await;
+    answer.assert_problem(500, "internal");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.db.accounts_named("rabandon").await, 0);
+    assert_eq!(app.db.accounts_named("late").await, 0);
+}
+
+/// When the client-side deadline gives up on a statement, the server is asked to cancel
+/// it: the backend does not keep running it (and holding its locks) after the 503.
+#[tokio::test]
+async fn a_statement_cut_off_by_the_deadline_is_cancelled_on_the_server() {
+    let app = spawn_app_with(&[("DB_POOL_TIMEOUT", "1")]).await;
+    let answer = app
+        .post_json(
+            "/_test/write-then-pg-sleep?name=rcancelled&ms=8000",
+            &json!({}),
+        )
+        .await;
+    answer.assert_problem(503, "timeout");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app.db.sessions("ledger", Some("active")).await == 0
+        })
+        .await,
+        "the abandoned statement stopped running on the server"
+    );
+    assert_eq!(app.db.accounts_named("rcancelled").await, 0);
 }

@@ -5,15 +5,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, spawn_app_with, Answer, TestApp};
 
-fn ids(answer: &Answer) -> Vec<i64> {
-    answer.body["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|t| t["id"].as_i64().expect("id"))
-        .collect()
-}
-
 /// Asserts the problem and that the ledger did not change.
 async fn assert_rejected(
     app: &TestApp,
@@ -295,7 +286,7 @@ async fn a_batch_applies_its_items_in_order_in_one_transaction() {
             assert_eq!(item[field], sent[field], "items come back in request order");
         }
     }
-    let returned = ids(&answer);
+    let returned = answer.item_ids();
     assert!(returned.windows(2).all(|w| w[0] < w[1]), "{returned:?}");
     let state = app.db.ledger_state().await;
     assert_eq!(state.balances, vec![(a, 20), (b, 30), (c, 50)]);
@@ -370,7 +361,7 @@ async fn a_batch_holds_1_to_100_items() {
         let body = json!({ "transfers": vec![item.clone(); n] });
         let answer = app.post_json("/transfers/batch", &body).await;
         assert_eq!(answer.status, 201, "{}", answer.text);
-        assert_eq!(ids(&answer).len(), n);
+        assert_eq!(answer.item_ids().len(), n);
     }
     let state = app.db.ledger_state().await;
     assert_eq!(state.transfers, 101);
@@ -397,7 +388,7 @@ async fn list_pages_by_id_and_filters_by_either_side() {
 
     let page = app.get("/transfers").await;
     assert_eq!(page.status, 200);
-    assert_eq!(ids(&page), all, "default limit 50, by id");
+    assert_eq!(page.item_ids(), all, "default limit 50, by id");
     assert_eq!(page.body["next_after_id"], Value::Null);
 
     // Walk the filtered list two at a time.
@@ -410,7 +401,7 @@ async fn list_pages_by_id_and_filters_by_either_side() {
             ))
             .await;
         assert_eq!(page.status, 200, "{}", page.text);
-        let got = ids(&page);
+        let got = page.item_ids();
         seen.extend(&got);
         match page.body["next_after_id"].as_i64() {
             Some(next) => {
@@ -432,7 +423,7 @@ async fn list_pages_by_id_and_filters_by_either_side() {
     let after_third = app
         .get(&format!("/transfers?limit=2&after_id={}", all[2]))
         .await;
-    assert_eq!(ids(&after_third), all[3..5]);
+    assert_eq!(after_third.item_ids(), all[3..5]);
     assert_eq!(after_third.body["next_after_id"], all[4]);
     let unknown = app.get("/transfers?account_id=424242").await;
     assert_eq!(unknown.status, 200);

@@ -1,0 +1,209 @@
+//! `GET /metrics`: Prometheus text exposition (version 0.0.4), contract section 9.
+//!
+//! One [`Metrics`] per application, shared by all workers through `web::Data` and handed
+//! explicitly to the pool, the sessions and the readiness check (no global registry, so
+//! that several applications in one process, as in the tests, keep separate counts).
+//! Scraping never touches the database: the pool gauges are read from the pool's own
+//! bookkeeping (`Pool::status`) at scrape time.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `db_pool_connections` | gauge | `state` = `idle`, `used` |
+//! | `db_pool_connections_max` / `_min` | gauge | |
+//! | `db_pool_pending_requests` | gauge | |
+//! | `db_pool_acquire_duration_seconds` | histogram | |
+//! | `db_pool_connection_use_duration_seconds` | histogram | |
+//! | `db_pool_connection_create_duration_seconds` | histogram | |
+//! | `db_pool_timeouts_total` | counter | `kind` = `wait`, `create`, `recycle` |
+//! | `db_pool_connections_created_total` | counter | |
+//! | `db_pool_connections_closed_total` | counter | `reason` = `lifetime`, `idle`, `broken`, `recycle_failed` |
+//! | `db_pool_leak_warnings_total` | counter | `route`, `method` |
+//! | `db_transactions_total` | counter | `outcome` = `commit`, `rollback`; `reason` = `status`, `error`, `panic`, `cancelled`, `commit_failed` |
+//! | `http_request_duration_seconds` | histogram | `route` (template, or `unmatched`), `method`, `status` |
+//! | `health_check_status` | gauge | `check` = `postgres` (1 pass, 0 fail; absent before the first check) |
+//! | `app_draining` | gauge | |
+
+use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
+use actix_web::http::Method;
+use actix_web::{web, HttpResponse};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Metric, Registry};
+
+use crate::config::DbConfig;
+use crate::db::session::SessionSettings;
+use crate::error::ApiError;
+use crate::health::Health;
+
+/// Pool, transaction and leak metrics.
+pub mod db;
+/// Request durations by route template.
+pub mod http;
+
+pub use db::DbMetrics;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabel {
+    check: &'static str,
+}
+
+/// The application's metrics registry and the metrics in it.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    db: DbMetrics,
+    http: http::HttpMetrics,
+    connections: Family<StateLabel, Gauge>,
+    pending: Gauge,
+    checks: Family<CheckLabel, Gauge>,
+    draining: Gauge,
+}
+
+impl Metrics {
+    /// A registry with every metric of the service, for a pool configured by `cfg`.
+    pub fn new(cfg: &DbConfig) -> Metrics {
+        let mut registry = Registry::default();
+        let connections = registered(
+            &mut registry,
+            "db_pool_connections",
+            "Open pooled connections, by state",
+            Family::<StateLabel, Gauge>::default(),
+        );
+        let connections_max: Gauge = registered(
+            &mut registry,
+            "db_pool_connections_max",
+            "Most pooled connections allowed (DB_POOL_SIZE + DB_MAX_OVERFLOW)",
+            Gauge::default(),
+        );
+        let connections_min: Gauge = registered(
+            &mut registry,
+            "db_pool_connections_min",
+            "Pooled connections kept when idle (DB_POOL_SIZE; opened on demand)",
+            Gauge::default(),
+        );
+        let pending = registered(
+            &mut registry,
+            "db_pool_pending_requests",
+            "Check-outs waiting for a pooled connection",
+            Gauge::default(),
+        );
+        let checks = registered(
+            &mut registry,
+            "health_check_status",
+            "Outcome of the latest readiness check (1 pass, 0 fail)",
+            Family::<CheckLabel, Gauge>::default(),
+        );
+        let draining = registered(
+            &mut registry,
+            "app_draining",
+            "1 once shutdown has begun (readiness fails, requests are still served)",
+            Gauge::default(),
+        );
+        connections_max.set(gauge_value(cfg.max_connections()));
+        connections_min.set(gauge_value(cfg.pool_size));
+        let db = DbMetrics::register(&mut registry, cfg.leak_warn);
+        let http = http::HttpMetrics::register(&mut registry);
+        Metrics {
+            registry,
+            db,
+            http,
+            connections,
+            pending,
+            checks,
+            draining,
+        }
+    }
+
+    /// The database metrics, for the pool and the sessions.
+    pub fn db(&self) -> &DbMetrics {
+        &self.db
+    }
+
+    /// The handle the readiness check reports its PostgreSQL outcome through.
+    pub fn postgres_check(&self) -> CheckStatus {
+        CheckStatus {
+            family: self.checks.clone(),
+            check: "postgres",
+        }
+    }
+
+    /// The exposition text, with the gauges read from `pool` and `health` now.
+    pub fn render(&self, settings: &SessionSettings, health: &Health) -> Result<String, ApiError> {
+        let status = settings.pool().status();
+        self.connections
+            .get_or_create(&StateLabel { state: "idle" })
+            .set(gauge_value(status.available));
+        self.connections
+            .get_or_create(&StateLabel { state: "used" })
+            .set(gauge_value(status.size.saturating_sub(status.available)));
+        self.pending.set(gauge_value(status.waiting));
+        self.draining.set(i64::from(health.is_draining()));
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &self.registry)
+            .map_err(|_| ApiError::internal("encoding the metrics failed"))?;
+        Ok(text)
+    }
+}
+
+/// Registers `metric` and returns it: the registry reads one handle, the service updates
+/// the other (metrics are shared handles; clones count together).
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Where a health check reports its outcome (`health_check_status{check}`).
+#[derive(Clone, Debug)]
+pub struct CheckStatus {
+    family: Family<CheckLabel, Gauge>,
+    check: &'static str,
+}
+
+impl CheckStatus {
+    /// A handle registered nowhere (for a `Health` built without an application).
+    pub fn unregistered(check: &'static str) -> CheckStatus {
+        CheckStatus {
+            family: Family::default(),
+            check,
+        }
+    }
+
+    /// Records the latest outcome.
+    pub fn set(&self, pass: bool) {
+        self.family
+            .get_or_create(&CheckLabel { check: self.check })
+            .set(i64::from(pass));
+    }
+}
+
+/// `GET /metrics`. Takes no `DbSession`: it never checks out a connection.
+async fn scrape(
+    metrics: web::Data<Metrics>,
+    settings: web::Data<SessionSettings>,
+    health: web::Data<Health>,
+) -> Result<HttpResponse, ApiError> {
+    let text = metrics.render(&settings, &health)?;
+    Ok(HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, prometheus_text::CONTENT_TYPE))
+        .insert_header(CacheControl(vec![CacheDirective::NoStore]))
+        .body(text))
+}
+
+/// Registers `GET /metrics`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(crate::api::resource(
+        "/metrics",
+        [(Method::GET, web::to(scrape))],
+    ));
+}

@@ -1,0 +1,347 @@
+//! Graceful shutdown of the real binary (contract section 5): on SIGTERM or SIGINT the
+//! service fails readiness at once, keeps serving for `SHUTDOWN_DRAIN_SECS`, then stops
+//! accepting, lets in-flight requests finish and commit, closes the pool and exits 0. A
+//! request that outlives `SHUTDOWN_TIMEOUT_SECS` is dropped and rolled back.
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{eventually, Answer, TestDb};
+use crate::support::free_port;
+
+/// actix checks every second whether its workers' connections are done, and the process
+/// needs a moment to close the pool and exit: the bound beyond drain + in-flight time.
+const EXIT_MARGIN: Duration = Duration::from_millis(1800);
+
+/// The `ledger` binary, running on its own port against a test database.
+struct Service {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<String>>,
+    client: reqwest::Client,
+}
+
+impl Service {
+    /// Starts the binary with a clean environment (no `.env` either: the working directory
+    /// is the temp dir) and waits until it is ready.
+    async fn start(db: &TestDb, vars: &[(&str, &str)]) -> Service {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .env_clear()
+            .env("DATABASE_URL", &db.url)
+            .env("PORT", port.to_string())
+            .env("RUN_MIGRATIONS", "false")
+            .env("DB_POOL_SIZE", "2")
+            .env("DB_MAX_OVERFLOW", "3")
+            .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start ledger");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let service = Service {
+            child,
+            port,
+            log,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("client"),
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                service
+                    .client
+                    .get(service.url("/health/ready"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            })
+            .await,
+            "the service became ready:\n{}",
+            service.log()
+        );
+        service
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id().expect("running") as libc::pid_t;
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill failed");
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        Answer::from(self.client.get(self.url(path)).send().await.expect("GET")).await
+    }
+
+    /// A POST on its own in a task; `None` if no response came.
+    fn spawn_post(&self, path: &str) -> tokio::task::JoinHandle<Option<Answer>> {
+        let (client, url) = (self.client.clone(), self.url(path));
+        tokio::spawn(async move {
+            match client.post(url).json(&json!({})).send().await {
+                Ok(response) => Some(Answer::from(response).await),
+                Err(_) => None,
+            }
+        })
+    }
+
+    /// Waits for the process to exit; returns its status, or `None` after `within`.
+    async fn exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()
+            .map(|status| status.expect("wait"))
+    }
+}
+
+/// Whether a new TCP connection to `port` is accepted.
+async fn accepts(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}
+
+/// The whole drain sequence after `signal`, with writes in flight and new ones arriving.
+async fn drains_then_exits_0_with_every_acknowledged_write_committed(signal: libc::c_int) {
+    const DRAIN: Duration = Duration::from_secs(1);
+    const IN_FLIGHT: Duration = Duration::from_millis(2000);
+    let db = TestDb::migrated().await;
+    let mut service = Service::start(
+        &db,
+        &[
+            ("SHUTDOWN_DRAIN_SECS", "1"),
+            ("SHUTDOWN_TIMEOUT_SECS", "10"),
+        ],
+    )
+    .await;
+    // Writes that outlast the drain window, in flight once their transactions are open.
+    let in_flight: Vec<_> = (0..3)
+        .map(|i| {
+            service.spawn_post(&format!(
+                "/_test/write-then-sleep?name=in-flight-{i}&ms={}",
+                IN_FLIGHT.as_millis()
+            ))
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            db.sessions("ledger", Some("idle in transaction")).await == 3
+        })
+        .await
+    );
+
+    service.signal(signal);
+    let signalled = Instant::now();
+
+    // Readiness fails at once; liveness does not.
+    assert!(
+        eventually(Duration::from_millis(500), || async {
+            service.get("/health/ready").await.status == 503
+        })
+        .await,
+        "readiness failed at once:\n{}",
+        service.log()
+    );
+    let ready = service.get("/health/ready").await;
+    assert_eq!(
+        ready.body["checks"]["service:shutdown"][0]["status"],
+        "fail"
+    );
+    assert_eq!(service.get("/health/live").await.status, 200);
+
+    // New requests are served during the drain window, on new connections and on
+    // kept-alive ones.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let mut drained = 0;
+    while signalled.elapsed() < DRAIN - Duration::from_millis(250) {
+        for client in [&fresh, &service.client] {
+            let answer = Answer::from(
+                client
+                    .post(service.url("/accounts"))
+                    .json(&json!({ "name": format!("drain-{drained}") }))
+                    .send()
+                    .await
+                    .expect("served during the drain window"),
+            )
+            .await;
+            assert_eq!(answer.status, 201, "{}", answer.text);
+            drained += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(drained >= 2, "{drained} requests during the drain window");
+
+    // Then the listener stops accepting.
+    assert!(
+        eventually(DRAIN + Duration::from_secs(1), || async {
+            !accepts(service.port).await
+        })
+        .await,
+        "the listener closed after the drain window"
+    );
+    let closed = signalled.elapsed();
+    assert!(
+        closed >= DRAIN - Duration::from_millis(100),
+        "closed after {closed:?}"
+    );
+
+    // In-flight requests finished and committed; the process exits 0.
+    for request in in_flight {
+        let answer = request
+            .await
+            .expect("task")
+            .expect("in-flight request answered");
+        assert_eq!(answer.status, 201, "{}", answer.text);
+    }
+    let status = service
+        .exit(DRAIN + IN_FLIGHT + EXIT_MARGIN)
+        .await
+        .unwrap_or_else(|| panic!("no exit in time:\n{}", service.log()));
+    let exited = signalled.elapsed();
+    println!("listener closed {closed:?}, exit {exited:?} after the signal");
+    assert!(status.success(), "{status:?}\n{}", service.log());
+    assert!(exited <= DRAIN + IN_FLIGHT + EXIT_MARGIN, "{exited:?}");
+
+    for i in 0..3 {
+        assert_eq!(db.accounts_named(&format!("in-flight-{i}")).await, 1);
+    }
+    for n in 0..drained {
+        assert_eq!(
+            db.accounts_named(&format!("drain-{n}")).await,
+            1,
+            "drain-{n}"
+        );
+    }
+    assert_eq!(db.sessions("ledger", None).await, 0, "the pool was closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readiness_drains_finishes_in_flight_writes_and_exits_0() {
+    drains_then_exits_0_with_every_acknowledged_write_committed(libc::SIGTERM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_shuts_down_as_gracefully_as_sigterm() {
+    drains_then_exits_0_with_every_acknowledged_write_committed(libc::SIGINT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_outliving_the_shutdown_timeout_is_dropped_and_rolled_back() {
+    let db = TestDb::migrated().await;
+    let mut service = Service::start(
+        &db,
+        &[("SHUTDOWN_DRAIN_SECS", "0"), ("SHUTDOWN_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    let overdue = service.spawn_post("/_test/write-then-sleep?name=overdue&ms=30000");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            db.sessions("ledger", Some("idle in transaction")).await == 1
+        })
+        .await
+    );
+
+    service.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let status = service
+        .exit(Duration::from_secs(1) + EXIT_MARGIN)
+        .await
+        .unwrap_or_else(|| panic!("no exit in time:\n{}", service.log()));
+    assert!(status.success(), "{status:?}\n{}", service.log());
+    assert!(signalled.elapsed() <= Duration::from_secs(1) + EXIT_MARGIN);
+
+    let answer = overdue.await.expect("task");
+    assert!(
+        answer.as_ref().is_none_or(|a| a.status != 201),
+        "the dropped request was not acknowledged: {answer:?}"
+    );
+    // Rolled back: by the session when the worker drops the request future, or by the
+    // server when the process's sockets close, whichever comes first. Never committed.
+    assert_eq!(db.accounts_named("overdue").await, 0);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            db.sessions("ledger", None).await == 0
+        })
+        .await,
+        "no session left behind, idle in transaction or otherwise"
+    );
+}
+
+/// A graceful stop lets every worker's in-flight request commit, even when the worker
+/// that opened the request's pooled connection is idle and stops first: connections are
+/// driven by the application's runtime, not by the worker that happened to open them.
+#[tokio::test]
+async fn a_graceful_stop_keeps_connections_opened_by_an_idle_worker_alive() {
+    crate::helpers::init_logging();
+    let db = TestDb::migrated().await;
+    let overrides = std::collections::HashMap::from([
+        ("DB_POOL_SIZE", "1".to_owned()),
+        ("DB_MAX_OVERFLOW", "0".to_owned()),
+        ("SHUTDOWN_TIMEOUT_SECS", "10".to_owned()),
+    ]);
+    let app = ledger::Application::build(crate::helpers::config_for(&db.name, &overrides))
+        .await
+        .unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    let server = tokio::spawn(app.run_until_stopped());
+    // A fresh TCP connection per request: Actix hands connections to its workers in turn.
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+
+    // Worker A opens the only pooled connection, then goes idle.
+    let warm = fresh()
+        .post(format!("{base}/accounts"))
+        .json(&json!({ "name": "warm", "balance": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 201);
+    // Worker B holds that connection across the stop.
+    let slow = tokio::spawn(
+        fresh()
+            .post(format!(
+                "{base}/_test/write-then-sleep?name=across-stop&ms=1500"
+            ))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    handle.stop(true).await;
+    let answer = Answer::from(slow.await.unwrap().unwrap()).await;
+    server.await.unwrap().unwrap();
+
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(db.accounts_named("across-stop").await, 1);
+}

@@ -1,0 +1,52 @@
+//! Test support beyond a database per test: a misbehaving TCP proxy, private PostgreSQL
+//! clusters (to stop the server, or to configure TLS), steady traffic.
+
+pub mod pg_cluster;
+pub mod proxy;
+pub mod traffic;
+
+use std::net::SocketAddr;
+
+use crate::helpers::{admin_url, TestDb};
+use proxy::Proxy;
+
+/// The shared test server's address (from `DATABASE_URL`).
+pub async fn shared_server_addr() -> SocketAddr {
+    let url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
+    let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = url.port().unwrap_or(5432);
+    tokio::net::lookup_host((host, port))
+        .await
+        .expect("resolve the test server")
+        .next()
+        .expect("an address for the test server")
+}
+
+/// A proxy in front of the shared server, and `db`'s URL through it.
+pub async fn proxy_to(db: &TestDb) -> (Proxy, String) {
+    let proxy = Proxy::start(shared_server_addr().await).await;
+    let mut url = url::Url::parse(&db.url).expect("test database URL");
+    url.set_host(Some("127.0.0.1")).expect("host");
+    url.set_port(Some(proxy.port())).expect("port");
+    (proxy, url.to_string())
+}
+
+/// A port nothing listens on right now (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Awaits `future`, failing the test after `limit`: under a fault, a hang must fail the
+/// test rather than stall the suite.
+pub async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {limit:?}"))
+}

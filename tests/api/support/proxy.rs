@@ -1,0 +1,227 @@
+//! A TCP proxy between the service and PostgreSQL that misbehaves on demand: it passes
+//! traffic, refuses new connections, cuts every open connection, or black-holes (keeps
+//! every socket open and forwards nothing, in either direction, as a hung server or a
+//! middlebox does while TCP still acknowledges, so keepalives never fire).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What the proxy does with traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward everything.
+    Pass,
+    /// Close new connections at once; open ones keep flowing.
+    Refuse,
+    /// Accept, keep every socket open, forward nothing. Data waits in the socket buffers
+    /// and flows again when the mode returns to `Pass`.
+    BlackHole,
+}
+
+#[derive(Clone, Copy)]
+struct State {
+    mode: Mode,
+    /// Bumped by [`Proxy::cut_all`]; a connection opened under an older value closes.
+    generation: u64,
+    /// Connections numbered below this stay black-holed for good ([`Proxy::freeze_open`]).
+    frozen_below: u64,
+}
+
+/// A running proxy on 127.0.0.1; stops (and closes every connection) when dropped.
+pub struct Proxy {
+    port: u16,
+    state: watch::Sender<State>,
+    open: Arc<AtomicUsize>,
+    /// Connections accepted so far; the next one gets this number.
+    accepted: Arc<AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream` on a free port of 127.0.0.1, in `Pass` mode.
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (state, rx) = watch::channel(State {
+            mode: Mode::Pass,
+            generation: 0,
+            frozen_below: 0,
+        });
+        let open = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            rx,
+            open.clone(),
+            accepted.clone(),
+        ));
+        Proxy {
+            port,
+            state,
+            open,
+            accepted,
+            accept,
+        }
+    }
+
+    /// The port the service should connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Switches the mode (applies to open connections at once).
+    pub fn set_mode(&self, mode: Mode) {
+        self.state.send_modify(|s| s.mode = mode);
+    }
+
+    /// Lets new connections through again while the ones open now stay black-holed for
+    /// good: a middlebox whose old flows died silently while the server recovered.
+    pub fn freeze_open(&self) {
+        self.state.send_modify(|s| {
+            s.frozen_below = self.accepted.load(Ordering::SeqCst);
+            s.mode = Mode::Pass;
+        });
+    }
+
+    /// Closes every open connection (both sides); returns how many there were.
+    pub fn cut_all(&self) -> usize {
+        let mut open = 0;
+        // Under the channel's write lock: the accept loop counts a connection and reads
+        // its generation under the read lock, so none escapes the count.
+        self.state.send_modify(|s| {
+            open = self.open.load(Ordering::SeqCst);
+            s.generation += 1;
+        });
+        open
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        // Dropping `state` ends every connection task (their receivers see it closed).
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    state: watch::Receiver<State>,
+    open: Arc<AtomicUsize>,
+    accepted: Arc<AtomicU64>,
+) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            // Out of file descriptors, say: do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        // Counted and numbered under the channel's read lock (see `cut_all`).
+        let (now, id) = {
+            let now = state.borrow();
+            if now.mode != Mode::Refuse {
+                open.fetch_add(1, Ordering::SeqCst);
+            }
+            (*now, accepted.fetch_add(1, Ordering::SeqCst))
+        };
+        if now.mode == Mode::Refuse {
+            drop(client);
+            continue;
+        }
+        let open = open.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = relay(client, upstream, id, state.clone()) => {}
+                () = cut(state, now.generation) => {}
+            }
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Connects upstream once traffic may flow, then forwards both ways until either side
+/// closes.
+async fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    id: u64,
+    mut state: watch::Receiver<State>,
+) {
+    if !flowing(&mut state, id).await {
+        return;
+    }
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    tokio::select! {
+        () = pump(client_read, server_write, id, state.clone()) => {}
+        () = pump(server_read, client_write, id, state) => {}
+    }
+}
+
+/// Copies one direction, holding the data back while the proxy black-holes.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    id: u64,
+    mut state: watch::Receiver<State>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if !flowing(&mut state, id).await {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // A mode change while waiting: look at the mode again (reads are cancel-safe).
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Data read just as a black hole began is held back too.
+        if !flowing(&mut state, id).await || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits while connection `id` is black-holed; false once the proxy is gone.
+async fn flowing(state: &mut watch::Receiver<State>, id: u64) -> bool {
+    loop {
+        let now = *state.borrow_and_update();
+        if now.mode != Mode::BlackHole && id >= now.frozen_below {
+            return true;
+        }
+        if state.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Resolves when connections of `generation` must be cut, or the proxy is gone.
+async fn cut(mut state: watch::Receiver<State>, generation: u64) {
+    while state.borrow_and_update().generation == generation {
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
