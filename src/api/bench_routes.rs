@@ -80,10 +80,8 @@ async fn create_transfer(
     let mut conn = checkout(&settings).await?;
     let posted = conn
         .transaction::<_, ApiError, _>(async |conn| {
-            if let Some(idempotent) = &idempotent {
-                if let Claimed::Replay(stored) = idempotent.claim(conn).await? {
-                    return Ok(Posted::Replay(stored));
-                }
+            if let Claimed::Replay(stored) = idempotency::claim(idempotent.as_ref(), conn).await? {
+                return Ok(Posted::Replay(stored));
             }
             let transfer = ledger::post(conn, &[item])
                 .await
