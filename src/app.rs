@@ -40,7 +40,8 @@ impl Application {
     /// be reached, the service starts anyway and migrations are retried in the background.
     pub async fn build(config: Config) -> io::Result<Self> {
         let metrics = web::Data::new(Metrics::new(&config.db));
-        let pool = pool::build_pool(&config.db, metrics.db()).map_err(io::Error::other)?;
+        let pool = pool::build_pool(&config.db, metrics.db(), config.http_workers == 1)
+            .map_err(io::Error::other)?;
         pool::spawn_reaper(&pool, &config.db, metrics.db());
         db::idempotency::spawn_purger(&pool, config.idempotency_ttl);
         let health = web::Data::new(

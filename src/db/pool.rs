@@ -65,8 +65,13 @@ pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
 pub fn build_pool(
     cfg: &DbConfig,
     metrics: &DbMetrics,
+    single_worker: bool,
 ) -> Result<DbPool, deadpool::managed::BuildError> {
-    let connector = connector(cfg);
+    let connector = if single_worker {
+        connector(cfg).on_callers_runtime()
+    } else {
+        connector(cfg)
+    };
     let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
     manager_config.recycling_method = RecyclingMethod::Fast;
     let create_metrics = metrics.clone();

@@ -126,7 +126,7 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
     let db = TestDb::migrated().await;
     let config = crate::helpers::config_for(&db.name, &Default::default());
     let metrics = actix_web::web::Data::new(ledger::metrics::Metrics::new(&config.db));
-    let pool = ledger::db::pool::build_pool(&config.db, metrics.db()).expect("pool");
+    let pool = ledger::db::pool::build_pool(&config.db, metrics.db(), false).expect("pool");
     let health = actix_web::web::Data::new(ledger::health::Health::new(&config.db, pool.clone()));
     let state = ledger::app::AppState {
         settings: actix_web::web::Data::new(ledger::db::session::SessionSettings::new(
