@@ -188,11 +188,14 @@ PG_VERSION=$(psql "$DB_URL" -c "SHOW server_version")
 PG_PORT=$(sed -E 's#.*:([0-9]+)/[^/]*$#\1#' <<<"$ADMIN_URL")
 
 # A free local port (the service's own start-up line is not logged below RUST_LOG=info).
+# Taken below the kernel's ephemeral range (32768+ by default), where the load generators'
+# client sockets linger in TIME_WAIT and would make the service's bind fail; and no socket
+# in any state may use it.
 free_port() {
   local port
   while :; do
-    port=$((20000 + RANDOM % 30000))
-    [ -z "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] && { echo "$port"; return; }
+    port=$((20000 + RANDOM % 12000))
+    [ -z "$(ss -Htan "sport = :$port" 2>/dev/null)" ] && { echo "$port"; return; }
   done
 }
 
