@@ -23,10 +23,13 @@ use crate::db::transfers::NewTransfer;
 use crate::error::ApiError;
 use crate::ledger;
 
-/// Registers the baselines under `/_bench`.
+/// Registers the baselines under `/_bench`, in one scope (see `api::configure`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/_bench/accounts/{id}").route(web::get().to(get_account)))
-        .service(web::resource("/_bench/transfers").route(web::post().to(create_transfer)));
+    cfg.service(
+        web::scope("/_bench")
+            .service(web::resource("/accounts/{id}").route(web::get().to(get_account)))
+            .service(web::resource("/transfers").route(web::post().to(create_transfer))),
+    );
 }
 
 /// A pooled connection, within `DB_POOL_TIMEOUT` (the pool's own wait timeout).

@@ -38,12 +38,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
     cfg.app_data(json_config(body_limit))
         .app_data(web::PathConfig::default().error_handler(path_error))
         .app_data(web::QueryConfig::default().error_handler(query_error));
+    // First, as one scope: Actix tries resources in order, matching the dynamic ones with
+    // a regex, so a baseline registered after the real routes would pay for matching them
+    // too. This way either side's request matches one pattern (after cheap prefix checks).
+    #[cfg(feature = "bench")]
+    bench_routes::configure(cfg);
     accounts::configure(cfg);
     transfers::configure(cfg);
     #[cfg(feature = "test-routes")]
     test_routes::configure(cfg);
-    #[cfg(feature = "bench")]
-    bench_routes::configure(cfg);
 }
 
 /// A resource that answers `methods` and 405 (with `Allow`) to anything else, with the

@@ -44,7 +44,7 @@
 //!   after the handler's writes are committed, i.e. not inside the handler, or accept that
 //!   they may happen for a request that rolls back.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::{ready, Future, Ready};
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
@@ -62,7 +62,7 @@ use diesel_async::{
 use futures_util::FutureExt;
 
 use super::connect::Connector;
-use super::lease::Lease;
+use super::lease::{self, Lease};
 use super::pool::{DbPool, PooledConnection};
 use super::watch::{StatementWatch, WatchHandle};
 use crate::config::DbConfig;
@@ -134,7 +134,9 @@ pub enum Reason {
 /// a connection can never re-enter the pool inside a transaction, whatever path (error,
 /// panic, cancellation) got us here.
 pub struct TxConn {
-    conn: Option<PooledConnection>,
+    /// Boxed: the connection is large, and a `TxConn` moves between the session's slot and
+    /// the handler's guard at every use.
+    conn: Option<Box<PooledConnection>>,
     watch: WatchHandle,
     /// Use-time metric and leak warning; ends when the `TxConn` drops.
     lease: Lease,
@@ -150,7 +152,7 @@ impl TxConn {
             // From here on, dropping `tx` (error, timeout, cancellation) closes the
             // connection instead of pooling it: BEGIN may have reached the server.
             let mut tx = TxConn {
-                conn: Some(conn),
+                conn: Some(Box::new(conn)),
                 watch: handle,
                 lease: settings.metrics.lease(),
             };
@@ -261,7 +263,7 @@ impl TxConn {
         let clean = self
             .conn
             .as_mut()
-            .is_some_and(|conn| !PoolableConnection::is_broken(&mut **conn));
+            .is_some_and(|conn| !PoolableConnection::is_broken(&mut ***conn));
         if clean {
             drop(self.conn.take());
         }
@@ -269,7 +271,9 @@ impl TxConn {
 
     /// A token to ask the server to cancel whatever this connection is running.
     fn cancel_token(&self) -> Option<tokio_postgres::CancelToken> {
-        self.conn.as_deref().map(AsyncPgConnection::cancel_token)
+        self.conn
+            .as_deref()
+            .map(|conn| AsyncPgConnection::cancel_token(conn))
     }
 }
 
@@ -279,7 +283,7 @@ impl Drop for TxConn {
             // Not released: its transaction may be open. Take it out of the pool's
             // accounting and close it; the server rolls back when the socket closes.
             self.lease.broken();
-            drop(deadpool::managed::Object::take(conn));
+            drop(deadpool::managed::Object::take(*conn));
         }
     }
 }
@@ -303,9 +307,8 @@ enum State {
     Idle,
     /// Check-out and BEGIN are under way, or the handler holds the connection.
     Busy,
-    /// A transaction is open and the connection is parked between uses. (Boxed: the
-    /// connection is large and the other states are empty.)
-    Open(Box<TxConn>),
+    /// A transaction is open and the connection is parked between uses.
+    Open(TxConn),
     /// The middleware has finished the session; nothing may use it again.
     Finalized,
 }
@@ -319,6 +322,8 @@ struct SlotInner {
     /// The watch of the session's connection, once there is one: the middleware reads the
     /// in-flight statement from it while the handler holds the connection.
     watch: RefCell<Option<WatchHandle>>,
+    /// When the session checked its connection out, once it has: for the leak warning.
+    held_since: Cell<Option<Instant>>,
     settings: web::Data<SessionSettings>,
 }
 
@@ -327,6 +332,7 @@ impl Slot {
         Slot(Rc::new(SlotInner {
             state: RefCell::new(State::Idle),
             watch: RefCell::new(None),
+            held_since: Cell::new(None),
             settings,
         }))
     }
@@ -377,14 +383,17 @@ impl Slot {
                 ))
             }
             State::Open(tx) => {
+                // Both futures are boxed: they hold diesel's large ones, which would
+                // otherwise make every request's middleware future larger, and that future
+                // is moved around on every request.
                 let timeout = self.settings().statement_deadline;
                 if commit {
-                    let result = tx.commit(timeout).await;
+                    let result = Box::pin(tx.commit(timeout)).await;
                     self.settings().metrics.committed(result.is_ok());
                     result
                 } else {
                     log::debug!("rolling back the request's transaction ({reason:?})");
-                    tx.rollback(timeout).await;
+                    Box::pin(tx.rollback(timeout)).await;
                     self.settings().metrics.rolled_back(reason);
                     Ok(())
                 }
@@ -402,7 +411,7 @@ impl Drop for CancelGuard {
             if let State::Open(tx) = slot.replace(State::Finalized) {
                 log::warn!("request cancelled inside a transaction; rolling back");
                 slot.settings().metrics.rolled_back(Reason::Cancelled);
-                abandon(*tx, slot.settings().statement_deadline);
+                abandon(tx, slot.settings().statement_deadline);
             }
         }
     }
@@ -436,15 +445,18 @@ impl DbSession {
     pub async fn conn(&self) -> Result<SessionConn, ApiError> {
         let previous = self.slot.replace(State::Busy);
         let tx = match previous {
-            State::Open(tx) => *tx,
+            State::Open(tx) => tx,
             State::Idle => {
                 // If this future is dropped mid-way (a handler's own timeout around
                 // `conn()`), the slot goes back to Idle; the half-made TxConn closes its
                 // connection as it drops.
                 let mut opening = BackToIdle(&self.slot, true);
-                let tx = TxConn::begin(self.slot.settings()).await?;
+                // Boxed: check-out and BEGIN make a large future, which would otherwise
+                // be part of every handler's future.
+                let tx = Box::pin(TxConn::begin(self.slot.settings())).await?;
                 opening.1 = false;
                 *self.slot.0.watch.borrow_mut() = Some(tx.watch.clone());
+                self.slot.0.held_since.set(Some(tx.lease.started()));
                 tx
             }
             other @ (State::Busy | State::Finalized) => {
@@ -499,6 +511,7 @@ impl Deref for SessionConn {
         self.tx
             .as_ref()
             .and_then(|tx| tx.conn.as_deref())
+            .map(|conn| &**conn)
             .expect("SessionConn used after drop")
     }
 }
@@ -514,7 +527,7 @@ impl Drop for SessionConn {
         let Some(tx) = self.tx.take() else { return };
         let mut state = self.slot.0.state.borrow_mut();
         match &*state {
-            State::Busy => *state = State::Open(Box::new(tx)),
+            State::Busy => *state = State::Open(tx),
             _ => {
                 // The request is over (or the session was torn down under us): never
                 // commit late work, roll it back.
@@ -532,13 +545,25 @@ impl Drop for SessionConn {
 /// The timer sleeps a whole deadline while no statement runs and re-arms relative to the
 /// start of the statement in flight, so a handler that runs many short statements is
 /// never cut off, while one that waits on a silent peer is, after at most one deadline.
-async fn run_with_statement_deadline<F: Future>(handler: F, slot: &Slot) -> Option<F::Output> {
+///
+/// The same timer raises the leak warning (`DB_LEAK_WARN_SECS`, see `db::lease`) once the
+/// handler has held the session's connection for that long: one timer per request for
+/// both, and none at all for the warning.
+async fn run_with_deadlines<F: Future>(handler: F, slot: &Slot) -> Option<F::Output> {
     let deadline = slot.settings().statement_deadline;
+    // `None` once warned (or when the warning is off).
+    let mut leak_after = slot.settings().metrics.leak_warn();
     let mut handler = std::pin::pin!(handler);
     loop {
-        let wake = slot
+        let now = Instant::now();
+        let mut wake = slot
             .statement_in_flight_since()
-            .map_or_else(|| Instant::now() + deadline, |since| since + deadline);
+            .map_or(now + deadline, |since| since + deadline);
+        if let Some(after) = leak_after {
+            // Before the check-out, wake when a connection taken now would be overdue.
+            let held_since = slot.0.held_since.get().unwrap_or(now);
+            wake = wake.min(held_since + after);
+        }
         tokio::select! {
             biased;
             output = &mut handler => return Some(output),
@@ -549,6 +574,12 @@ async fn run_with_statement_deadline<F: Future>(handler: F, slot: &Slot) -> Opti
                             "a statement got no answer within {deadline:?}; closing its connection"
                         );
                         return None;
+                    }
+                }
+                if let (Some(after), Some(held_since)) = (leak_after, slot.0.held_since.get()) {
+                    if held_since.elapsed() >= after {
+                        lease::warn_leak(&slot.settings().metrics, after);
+                        leak_after = None;
                     }
                 }
             }
@@ -577,7 +608,7 @@ pub async fn finalize(
 
     let mut cancel = CancelGuard(Some(slot.clone()));
     let handler = AssertUnwindSafe(next.call(req)).catch_unwind();
-    let outcome = run_with_statement_deadline(handler, &slot).await;
+    let outcome = run_with_deadlines(handler, &slot).await;
     cancel.0 = None;
 
     let Some(outcome) = outcome else {

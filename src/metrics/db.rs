@@ -165,7 +165,10 @@ struct Inner {
     timeouts: Family<KindLabel, Counter>,
     created: Counter,
     closed: Family<ReasonLabel, Counter>,
-    transactions: Family<TransactionLabels, Counter>,
+    /// The series of `db_transactions_total`, looked up once (every request touches one;
+    /// a family lookup takes a lock and hashes the labels). Every one is created up front.
+    commits: Counter,
+    rollbacks: [Counter; ROLLBACK_REASONS.len()],
     leak_warnings: Family<HolderLabels, Counter>,
     leak_warn: Option<Duration>,
 }
@@ -173,6 +176,20 @@ struct Inner {
 impl DbMetrics {
     /// Creates the metrics and registers them. `leak_warn` is `DB_LEAK_WARN_SECS`.
     pub fn register(registry: &mut Registry, leak_warn: Option<Duration>) -> DbMetrics {
+        let transactions: Family<TransactionLabels, Counter> = registered(
+            registry,
+            "db_transactions",
+            "Request transactions finished, by outcome and by what decided it",
+            Family::default(),
+        );
+        let commits = transactions
+            .get_or_create(&TransactionLabels::commit())
+            .clone();
+        let rollbacks = ROLLBACK_REASONS.map(|reason| {
+            transactions
+                .get_or_create(&TransactionLabels::rollback(reason))
+                .clone()
+        });
         let inner = Inner {
             acquire: registered(
                 registry,
@@ -210,12 +227,8 @@ impl DbMetrics {
                 "Pooled connections closed by the service, by reason",
                 Family::default(),
             ),
-            transactions: registered(
-                registry,
-                "db_transactions",
-                "Request transactions finished, by outcome and by what decided it",
-                Family::default(),
-            ),
+            commits,
+            rollbacks,
             leak_warnings: registered(
                 registry,
                 "db_pool_leak_warnings",
@@ -229,18 +242,6 @@ impl DbMetrics {
         }
         for reason in CloseReason::ALL {
             drop(inner.closed.get_or_create(&reason.labels()));
-        }
-        drop(
-            inner
-                .transactions
-                .get_or_create(&TransactionLabels::commit()),
-        );
-        for reason in ROLLBACK_REASONS {
-            drop(
-                inner
-                    .transactions
-                    .get_or_create(&TransactionLabels::rollback(reason)),
-            );
         }
         DbMetrics(Arc::new(inner))
     }
@@ -288,25 +289,29 @@ impl DbMetrics {
     /// Counts a finished COMMIT: a success, or a failure (then the transaction is gone:
     /// counted as a rollback because the commit failed).
     pub fn committed(&self, ok: bool) {
-        let labels = if ok {
-            TransactionLabels::commit()
+        if ok {
+            self.0.commits.inc();
         } else {
-            TransactionLabels::rollback(Reason::CommitFailed)
-        };
-        self.0.transactions.get_or_create(&labels).inc();
+            self.rolled_back(Reason::CommitFailed);
+        }
     }
 
     /// Counts a transaction rolled back (or abandoned to the server, which rolls it back).
     pub fn rolled_back(&self, reason: Reason) {
-        self.0
-            .transactions
-            .get_or_create(&TransactionLabels::rollback(reason))
-            .inc();
+        let index = ROLLBACK_REASONS.iter().position(|r| *r == reason);
+        if let Some(counter) = index.and_then(|i| self.0.rollbacks.get(i)) {
+            counter.inc();
+        }
     }
 
     /// Starts a check-out: see [`Lease`].
     pub fn lease(&self) -> Lease {
-        Lease::start(self.clone(), self.0.leak_warn)
+        Lease::start(self.clone())
+    }
+
+    /// `DB_LEAK_WARN_SECS`: how long a request may hold a connection before a warning.
+    pub fn leak_warn(&self) -> Option<Duration> {
+        self.0.leak_warn
     }
 
     /// Records how long a connection was held.
