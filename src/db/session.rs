@@ -49,6 +49,7 @@ use std::future::{ready, Future, Ready};
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
@@ -143,31 +144,21 @@ pub struct TxConn {
 }
 
 impl TxConn {
-    /// Checks a connection out and begins a transaction, within `settings.checkout_timeout`.
+    /// Checks a connection out and begins a transaction. Not bounded here: the session
+    /// puts `DB_POOL_TIMEOUT` over it (see [`Slot::open`]).
     async fn begin(settings: &SessionSettings) -> Result<TxConn, ApiError> {
-        let work = async {
-            let mut conn = settings.metrics.acquire(&settings.pool).await?;
-            let (watch, handle) = StatementWatch::new(settings.echo);
-            conn.set_instrumentation(watch);
-            // From here on, dropping `tx` (error, timeout, cancellation) closes the
-            // connection instead of pooling it: BEGIN may have reached the server.
-            let mut tx = TxConn {
-                conn: Some(Box::new(conn)),
-                watch: handle,
-                lease: settings.metrics.lease(),
-            };
-            AnsiTransactionManager::begin_transaction(tx.connection()).await?;
-            Ok::<_, ApiError>(tx)
+        let mut conn = settings.metrics.acquire(&settings.pool).await?;
+        let (watch, handle) = StatementWatch::new(settings.echo);
+        conn.set_instrumentation(watch);
+        // From here on, dropping `tx` (error, timeout, cancellation) closes the connection
+        // instead of pooling it: BEGIN may have reached the server.
+        let mut tx = TxConn {
+            conn: Some(Box::new(conn)),
+            watch: handle,
+            lease: settings.metrics.lease(),
         };
-        match tokio::time::timeout(settings.checkout_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => {
-                settings.metrics.timeout(TimeoutKind::Wait);
-                Err(ApiError::DatabaseUnavailable(
-                    "no database connection became available in time".to_owned(),
-                ))
-            }
-        }
+        AnsiTransactionManager::begin_transaction(tx.connection()).await?;
+        Ok(tx)
     }
 
     #[expect(
@@ -192,7 +183,9 @@ impl TxConn {
     }
 
     /// Commits. On success the connection returns to the pool; on any failure it is
-    /// closed, and the error says what the client gets.
+    /// closed, and the error says what the client gets. The COMMIT itself is bounded by the
+    /// session's statement deadline, which the middleware keeps running around it; a
+    /// rollback instead of it (aborted transaction) by `timeout`.
     async fn commit(mut self, timeout: Duration) -> Result<(), ApiError> {
         if !self.at_top_level() {
             // Dropping `self` closes the connection: the server rolls everything back.
@@ -207,17 +200,12 @@ impl TxConn {
                 "a statement failed inside the transaction, but the handler answered success",
             ));
         }
-        match tokio::time::timeout(
-            timeout,
-            AnsiTransactionManager::commit_transaction(self.connection()),
-        )
-        .await
-        {
-            Ok(Ok(())) => {
+        match AnsiTransactionManager::commit_transaction(self.connection()).await {
+            Ok(()) => {
                 self.release();
                 Ok(())
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 log::error!("COMMIT failed: {e}");
                 Err(match ApiError::from(e) {
                     e @ (ApiError::TransactionConflict
@@ -225,10 +213,6 @@ impl TxConn {
                     | ApiError::Timeout) => e,
                     _ => ApiError::internal("COMMIT failed"),
                 })
-            }
-            Err(_) => {
-                log::error!("COMMIT did not answer within {timeout:?}; closing the connection");
-                Err(ApiError::Timeout)
             }
         }
     }
@@ -324,6 +308,14 @@ struct SlotInner {
     watch: RefCell<Option<WatchHandle>>,
     /// When the session checked its connection out, once it has: for the leak warning.
     held_since: Cell<Option<Instant>>,
+    /// While a check-out (and its BEGIN) is under way: when it must give up
+    /// (`DB_POOL_TIMEOUT` after it started). The middleware's timer watches it.
+    checkout_deadline: Cell<Option<Instant>>,
+    /// Set by the middleware's timer when `checkout_deadline` passed: the check-out gives up.
+    checkout_expired: Cell<bool>,
+    /// Set while COMMIT is under way, so that a COMMIT cut off by the statement deadline is
+    /// counted and logged as such.
+    committing: Cell<bool>,
     settings: web::Data<SessionSettings>,
 }
 
@@ -333,6 +325,9 @@ impl Slot {
             state: RefCell::new(State::Idle),
             watch: RefCell::new(None),
             held_since: Cell::new(None),
+            checkout_deadline: Cell::new(None),
+            checkout_expired: Cell::new(false),
+            committing: Cell::new(false),
             settings,
         }))
     }
@@ -352,6 +347,30 @@ impl Slot {
             .borrow()
             .as_ref()
             .and_then(WatchHandle::in_flight_since)
+    }
+
+    /// Checks the session's connection out and begins its transaction, within
+    /// `DB_POOL_TIMEOUT`: the deadline goes into the slot, where the middleware's one timer
+    /// per request watches it (instead of a timer of its own) and flags it when it passes.
+    async fn open(&self) -> Result<TxConn, ApiError> {
+        let settings = self.settings();
+        self.0
+            .checkout_deadline
+            .set(Some(Instant::now() + settings.checkout_timeout));
+        let _done = CheckoutOver(self);
+        // Boxed: check-out and BEGIN make a large future, which would otherwise be part of
+        // every handler's future.
+        let mut begin = Box::pin(TxConn::begin(settings));
+        std::future::poll_fn(|cx| match begin.as_mut().poll(cx) {
+            Poll::Pending if self.0.checkout_expired.get() => {
+                settings.metrics.timeout(TimeoutKind::Wait);
+                Poll::Ready(Err(ApiError::DatabaseUnavailable(
+                    "no database connection became available in time".to_owned(),
+                )))
+            }
+            other => other,
+        })
+        .await
     }
 
     /// Ends the session without talking to the server: the connection (if the session has
@@ -388,7 +407,9 @@ impl Slot {
                 // is moved around on every request.
                 let timeout = self.settings().statement_deadline;
                 if commit {
+                    self.0.committing.set(true);
                     let result = Box::pin(tx.commit(timeout)).await;
+                    self.0.committing.set(false);
                     self.settings().metrics.committed(result.is_ok());
                     result
                 } else {
@@ -399,6 +420,17 @@ impl Slot {
                 }
             }
         }
+    }
+}
+
+/// Clears the slot's check-out deadline when the check-out is over (done, failed, timed out
+/// or dropped).
+struct CheckoutOver<'a>(&'a Slot);
+
+impl Drop for CheckoutOver<'_> {
+    fn drop(&mut self) {
+        self.0 .0.checkout_deadline.set(None);
+        self.0 .0.checkout_expired.set(false);
     }
 }
 
@@ -451,9 +483,7 @@ impl DbSession {
                 // `conn()`), the slot goes back to Idle; the half-made TxConn closes its
                 // connection as it drops.
                 let mut opening = BackToIdle(&self.slot, true);
-                // Boxed: check-out and BEGIN make a large future, which would otherwise
-                // be part of every handler's future.
-                let tx = Box::pin(TxConn::begin(self.slot.settings())).await?;
+                let tx = self.slot.open().await?;
                 opening.1 = false;
                 *self.slot.0.watch.borrow_mut() = Some(tx.watch.clone());
                 self.slot.0.held_since.set(Some(tx.lease.started()));
@@ -539,52 +569,95 @@ impl Drop for SessionConn {
     }
 }
 
-/// Drives the handler; returns `None` if one of the session's statements has been in
-/// flight for longer than the statement deadline (the handler future is then dropped).
+/// Drives the request's work (the handler, then its COMMIT) under the session's deadlines,
+/// with one timer per request:
+/// - **statement deadline**: returns `None` if one of the session's statements has been in
+///   flight for longer than it (the work is then dropped). The timer sleeps a whole
+///   deadline while no statement runs and re-arms relative to the start of the statement
+///   in flight, so a handler that runs many short statements is never cut off, while one
+///   that waits on a silent peer is, after at most one deadline;
+/// - **check-out deadline** (`DB_POOL_TIMEOUT` over check-out and BEGIN, see
+///   [`Slot::open`]): flags the check-out as expired and polls the work again, so that
+///   `DbSession::conn` returns its error to the handler;
+/// - **leak warning** (`DB_LEAK_WARN_SECS`, see `db::lease`): once the session has held
+///   its connection that long.
 ///
-/// The timer sleeps a whole deadline while no statement runs and re-arms relative to the
-/// start of the statement in flight, so a handler that runs many short statements is
-/// never cut off, while one that waits on a silent peer is, after at most one deadline.
-///
-/// The same timer raises the leak warning (`DB_LEAK_WARN_SECS`, see `db::lease`) once the
-/// handler has held the session's connection for that long: one timer per request for
-/// both, and none at all for the warning.
-async fn run_with_deadlines<F: Future>(handler: F, slot: &Slot) -> Option<F::Output> {
+/// Written as a hand-made poll rather than `select!` because it runs around every request:
+/// the timer registers only once the work has to wait, and afterwards it is looked at (an
+/// atomic load) instead of polled at every wake-up.
+async fn run_with_deadlines<F: Future>(work: F, slot: &Slot) -> Option<F::Output> {
     let deadline = slot.settings().statement_deadline;
+    let inner = &slot.0;
     // `None` once warned (or when the warning is off).
     let mut leak_after = slot.settings().metrics.leak_warn();
-    let mut handler = std::pin::pin!(handler);
-    loop {
+    let next_wake = |leak_after: Option<Duration>| {
         let now = Instant::now();
         let mut wake = slot
             .statement_in_flight_since()
             .map_or(now + deadline, |since| since + deadline);
-        if let Some(after) = leak_after {
-            // Before the check-out, wake when a connection taken now would be overdue.
-            let held_since = slot.0.held_since.get().unwrap_or(now);
-            wake = wake.min(held_since + after);
-        }
-        tokio::select! {
-            biased;
-            output = &mut handler => return Some(output),
-            () = tokio::time::sleep_until(wake.into()) => {
-                if let Some(since) = slot.statement_in_flight_since() {
-                    if since.elapsed() >= deadline {
-                        log::warn!(
-                            "a statement got no answer within {deadline:?}; closing its connection"
-                        );
-                        return None;
-                    }
-                }
-                if let (Some(after), Some(held_since)) = (leak_after, slot.0.held_since.get()) {
-                    if held_since.elapsed() >= after {
-                        lease::warn_leak(&slot.settings().metrics, after);
-                        leak_after = None;
-                    }
-                }
+        if let Some(due) = inner.checkout_deadline.get() {
+            if !inner.checkout_expired.get() {
+                wake = wake.min(due);
             }
         }
-    }
+        // Before the check-out, wake when a connection taken now would be overdue.
+        leak_after.map_or(wake, |after| {
+            wake.min(inner.held_since.get().unwrap_or(now) + after)
+        })
+    };
+    let mut work = std::pin::pin!(work);
+    let mut armed_for = next_wake(leak_after);
+    let mut sleep = std::pin::pin!(tokio::time::sleep_until(armed_for.into()));
+    // The waker the timer was last registered with; `None` until it has been.
+    let mut registered: Option<Waker> = None;
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        // A check-out that started during this poll may be due before the timer.
+        if let Some(due) = inner.checkout_deadline.get() {
+            if due < armed_for && !inner.checkout_expired.get() {
+                armed_for = due;
+                sleep.as_mut().reset(due.into());
+                registered = None;
+            }
+        }
+        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            registered = Some(cx.waker().clone());
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        } else if !sleep.is_elapsed() {
+            return Poll::Pending;
+        }
+        // The timer fired.
+        let now = Instant::now();
+        if let Some(since) = slot.statement_in_flight_since() {
+            if now.saturating_duration_since(since) >= deadline {
+                log::warn!("a statement got no answer within {deadline:?}; closing its connection");
+                return Poll::Ready(None);
+            }
+        }
+        if inner.checkout_deadline.get().is_some_and(|due| now >= due) {
+            // The check-out gives up when the work is polled again, at the top of the loop.
+            inner.checkout_expired.set(true);
+        }
+        if let (Some(after), Some(held_since)) = (leak_after, inner.held_since.get()) {
+            if now.saturating_duration_since(held_since) >= after {
+                lease::warn_leak(&slot.settings().metrics, after);
+                leak_after = None;
+            }
+        }
+        armed_for = next_wake(leak_after);
+        sleep.as_mut().reset(armed_for.into());
+        registered = None;
+    })
+    .await
+}
+
+/// Whether the handler's answer commits: a status below 400 that is not an error.
+fn succeeded(res: &ServiceResponse<impl MessageBody>) -> bool {
+    res.status().as_u16() < 400 && res.response().error().is_none()
 }
 
 /// The finalizing middleware; see the module docs for the rule it enforces.
@@ -607,13 +680,27 @@ pub async fn finalize(
     let http_req = req.request().clone();
 
     let mut cancel = CancelGuard(Some(slot.clone()));
-    let handler = AssertUnwindSafe(next.call(req)).catch_unwind();
-    let outcome = run_with_deadlines(handler, &slot).await;
+    // The handler and, when it succeeded, its COMMIT run under the same deadlines.
+    let work = async {
+        let outcome = AssertUnwindSafe(next.call(req)).catch_unwind().await;
+        let committed = match &outcome {
+            Ok(Ok(res)) if succeeded(res) => Some(slot.finish(true, Reason::Status).await),
+            _ => None,
+        };
+        (outcome, committed)
+    };
+    let done = run_with_deadlines(work, &slot).await;
     cancel.0 = None;
 
-    let Some(outcome) = outcome else {
-        // A statement outlived its deadline. The handler future is gone (which cancelled
-        // the statement on our side); the connection cannot be trusted and is closed.
+    let Some((outcome, committed)) = done else {
+        // A statement outlived its deadline. The work future is gone (which cancelled the
+        // statement on our side); the connection cannot be trusted and is closed.
+        if slot.0.committing.get() {
+            // It was the COMMIT, whose outcome is now unknown; its connection went with
+            // the work future.
+            log::error!("COMMIT got no answer; the client gets 503 and the write may or may not have landed");
+            slot.settings().metrics.committed(false);
+        }
         slot.discard();
         let response = ApiError::Timeout.error_response();
         return Ok(ServiceResponse::new(http_req, response));
@@ -637,13 +724,18 @@ pub async fn finalize(
             Err(err)
         }
         Ok(Ok(res)) => {
-            let success = res.status().as_u16() < 400 && res.response().error().is_none();
-            let reason = if res.response().error().is_some() {
-                Reason::Error
-            } else {
-                Reason::Status
+            let finished = match committed {
+                Some(result) => result,
+                None => {
+                    let reason = if res.response().error().is_some() {
+                        Reason::Error
+                    } else {
+                        Reason::Status
+                    };
+                    slot.finish(false, reason).await
+                }
             };
-            match slot.finish(success, reason).await {
+            match finished {
                 Ok(()) => Ok(res.map_into_boxed_body()),
                 Err(e) => Ok(res.into_response(e.error_response())),
             }

@@ -380,6 +380,72 @@ async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_ne
     assert_eq!(app.db.accounts_named("control").await, 1);
 }
 
+/// The database stops answering after the handler's writes, so COMMIT gets no answer: the
+/// client gets 503 `timeout` (never its 201) within the statement deadline and the
+/// connection is discarded. Whether the write landed is unknown to the service (the COMMIT
+/// may reach the server later, as this proxy delivers it once it passes traffic again),
+/// which is what a 503 on a write means (README, "During a database outage"): retry with an
+/// `Idempotency-Key`. The server is left with no open transaction either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_gets_no_answer_is_a_503_timeout_within_the_statement_deadline() {
+    let (app, proxy) = spawn_behind_proxy(
+        TestDb::migrated().await,
+        &[
+            ("DB_POOL_SIZE", "1"),
+            ("DB_MAX_OVERFLOW", "0"),
+            ("DB_POOL_TIMEOUT", "1"),
+        ],
+    )
+    .await;
+    let path = |name: &str| format!("/_test/write-then-sleep?name={name}&ms=700");
+    // Control: the same request commits when the database answers.
+    let control = app.post_json(&path("commit-control"), &json!({})).await;
+    assert_eq!(control.status, 201, "{}", control.text);
+
+    let request = app.post_in_background(&path("commit-hang"));
+    // The handler has written and sleeps; the database goes silent before its COMMIT.
+    let observer = app.db.client().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let waiting: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND application_name = 'ledger' AND state = 'idle in transaction'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            waiting == 1
+        })
+        .await,
+        "the handler wrote and holds its transaction open"
+    );
+    proxy.set_mode(Mode::BlackHole);
+    let holed = Instant::now();
+    let answer = within(HANG, "request whose COMMIT hangs", async {
+        Answer::from(request.await.expect("request task").expect("POST")).await
+    })
+    .await;
+    answer.assert_problem(503, "timeout");
+    assert!(
+        holed.elapsed() < Duration::from_millis(700) + Duration::from_secs(1) + SLACK,
+        "COMMIT was bounded by the statement deadline: {:?}",
+        holed.elapsed()
+    );
+    assert_eq!(app.pool.status().size, 0, "the connection was discarded");
+
+    proxy.set_mode(Mode::Pass);
+    app.create_account("after-commit-hang", 1).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app.db.sessions("ledger", Some("idle in transaction")).await == 0
+        })
+        .await
+    );
+    assert_eq!(app.db.accounts_named("commit-control").await, 1);
+}
+
 /// Start-up against a database that accepts TCP but never answers: the service starts
 /// (live 200, ready 503), and a migration attempt stuck in the connection handshake must
 /// not stop the background retries once the database answers new connections.
