@@ -32,11 +32,14 @@
 //! - Every statement of a session (COMMIT and ROLLBACK included) is bounded on the client
 //!   side too: the statement timeout plus a margin, or `DB_POOL_TIMEOUT` when there is no
 //!   statement timeout. A statement past that bound means the peer went silent (TCP still
-//!   acknowledged, so keepalives never fire): the handler is dropped, a cancel request is
-//!   sent in the background (the server would otherwise keep running the statement and
-//!   holding its locks), the connection is closed, and the client gets 503 `timeout`. A
-//!   live server's own `statement_timeout` normally fires first, answering 503 `timeout`
-//!   with the connection kept.
+//!   acknowledged, so keepalives never fire): the handler (or the COMMIT after it) is
+//!   dropped, a cancel request is sent in the background when the handler held the
+//!   statement (the server would otherwise keep running it and holding its locks), the
+//!   connection is closed, and the client gets 503 `timeout`. A COMMIT cut off this way
+//!   may still reach the server: the write is in doubt, as with any 503 (retry with an
+//!   `Idempotency-Key`). A live server's own `statement_timeout` normally fires first,
+//!   answering 503 `timeout` with the connection kept. One timer per request, run by the
+//!   middleware, keeps this deadline, the check-out deadline and the leak warning.
 //! - The guard returned by [`DbSession::conn`] must not outlive the handler. If it does
 //!   (moved into a spawned local task), the response becomes a 500 and the transaction is
 //!   rolled back when the guard is finally dropped: a late write can never be committed.
@@ -139,7 +142,7 @@ pub struct TxConn {
     /// the handler's guard at every use.
     conn: Option<Box<PooledConnection>>,
     watch: WatchHandle,
-    /// Use-time metric and leak warning; ends when the `TxConn` drops.
+    /// Use-time metric; ends when the `TxConn` drops.
     lease: Lease,
 }
 
@@ -186,7 +189,9 @@ impl TxConn {
     /// closed, and the error says what the client gets. The COMMIT itself is bounded by the
     /// session's statement deadline, which the middleware keeps running around it; a
     /// rollback instead of it (aborted transaction) by `timeout`.
-    async fn commit(mut self, timeout: Duration) -> Result<(), ApiError> {
+    ///
+    /// `committing` is set while the COMMIT statement is under way.
+    async fn commit(mut self, timeout: Duration, committing: &Cell<bool>) -> Result<(), ApiError> {
         if !self.at_top_level() {
             // Dropping `self` closes the connection: the server rolls everything back.
             log::error!("not committing: a nested unit of work or a statement was left unfinished");
@@ -200,7 +205,10 @@ impl TxConn {
                 "a statement failed inside the transaction, but the handler answered success",
             ));
         }
-        match AnsiTransactionManager::commit_transaction(self.connection()).await {
+        committing.set(true);
+        let result = AnsiTransactionManager::commit_transaction(self.connection()).await;
+        committing.set(false);
+        match result {
             Ok(()) => {
                 self.release();
                 Ok(())
@@ -313,9 +321,12 @@ struct SlotInner {
     checkout_deadline: Cell<Option<Instant>>,
     /// Set by the middleware's timer when `checkout_deadline` passed: the check-out gives up.
     checkout_expired: Cell<bool>,
-    /// Set while COMMIT is under way, so that a COMMIT cut off by the statement deadline is
-    /// counted and logged as such.
+    /// Set while the COMMIT statement is under way, so that a COMMIT cut off by the
+    /// statement deadline is counted and logged as such.
     committing: Cell<bool>,
+    /// The waker of the task waiting on the check-out, woken when its deadline passes: it
+    /// need not be the request's own task (`conn()` under `spawn_local`, say).
+    checkout_waker: RefCell<Option<Waker>>,
     settings: web::Data<SessionSettings>,
 }
 
@@ -328,6 +339,7 @@ impl Slot {
             checkout_deadline: Cell::new(None),
             checkout_expired: Cell::new(false),
             committing: Cell::new(false),
+            checkout_waker: RefCell::new(None),
             settings,
         }))
     }
@@ -356,7 +368,7 @@ impl Slot {
         let settings = self.settings();
         self.0
             .checkout_deadline
-            .set(Some(Instant::now() + settings.checkout_timeout));
+            .set(Some(later(Instant::now(), settings.checkout_timeout)));
         let _done = CheckoutOver(self);
         // Boxed: check-out and BEGIN make a large future, which would otherwise be part of
         // every handler's future.
@@ -368,7 +380,14 @@ impl Slot {
                     "no database connection became available in time".to_owned(),
                 )))
             }
-            other => other,
+            Poll::Pending => {
+                let mut waker = self.0.checkout_waker.borrow_mut();
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            ready => ready,
         })
         .await
     }
@@ -407,9 +426,7 @@ impl Slot {
                 // is moved around on every request.
                 let timeout = self.settings().statement_deadline;
                 if commit {
-                    self.0.committing.set(true);
-                    let result = Box::pin(tx.commit(timeout)).await;
-                    self.0.committing.set(false);
+                    let result = Box::pin(tx.commit(timeout, &self.0.committing)).await;
                     self.settings().metrics.committed(result.is_ok());
                     result
                 } else {
@@ -431,6 +448,7 @@ impl Drop for CheckoutOver<'_> {
     fn drop(&mut self) {
         self.0 .0.checkout_deadline.set(None);
         self.0 .0.checkout_expired.set(false);
+        self.0 .0.checkout_waker.borrow_mut().take();
     }
 }
 
@@ -592,9 +610,7 @@ async fn run_with_deadlines<F: Future>(work: F, slot: &Slot) -> Option<F::Output
     let mut leak_after = slot.settings().metrics.leak_warn();
     let next_wake = |leak_after: Option<Duration>| {
         let now = Instant::now();
-        let mut wake = slot
-            .statement_in_flight_since()
-            .map_or(now + deadline, |since| since + deadline);
+        let mut wake = later(slot.statement_in_flight_since().unwrap_or(now), deadline);
         if let Some(due) = inner.checkout_deadline.get() {
             if !inner.checkout_expired.get() {
                 wake = wake.min(due);
@@ -602,7 +618,7 @@ async fn run_with_deadlines<F: Future>(work: F, slot: &Slot) -> Option<F::Output
         }
         // Before the check-out, wake when a connection taken now would be overdue.
         leak_after.map_or(wake, |after| {
-            wake.min(inner.held_since.get().unwrap_or(now) + after)
+            wake.min(later(inner.held_since.get().unwrap_or(now), after))
         })
     };
     let mut work = std::pin::pin!(work);
@@ -623,8 +639,11 @@ async fn run_with_deadlines<F: Future>(work: F, slot: &Slot) -> Option<F::Output
             }
         }
         if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            // Unconstrained: out of the task's cooperative budget, a `Sleep` answers
+            // Pending without registering the waker, and it is not polled again.
+            let polled = std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut())).poll(cx);
             registered = Some(cx.waker().clone());
-            if sleep.as_mut().poll(cx).is_pending() {
+            if polled.is_pending() {
                 return Poll::Pending;
             }
         } else if !sleep.is_elapsed() {
@@ -639,8 +658,12 @@ async fn run_with_deadlines<F: Future>(work: F, slot: &Slot) -> Option<F::Output
             }
         }
         if inner.checkout_deadline.get().is_some_and(|due| now >= due) {
-            // The check-out gives up when the work is polled again, at the top of the loop.
+            // The check-out gives up when it is polled again: at the top of the loop when
+            // the work drives it, else in the task its waker belongs to.
             inner.checkout_expired.set(true);
+            if let Some(waker) = inner.checkout_waker.borrow_mut().take() {
+                waker.wake();
+            }
         }
         if let (Some(after), Some(held_since)) = (leak_after, inner.held_since.get()) {
             if now.saturating_duration_since(held_since) >= after {
@@ -653,6 +676,15 @@ async fn run_with_deadlines<F: Future>(work: F, slot: &Slot) -> Option<F::Output
         registered = None;
     })
     .await
+}
+
+/// `start + after`, or a time far beyond any request's life when that overflows (the
+/// configuration allows very long timeouts).
+fn later(start: Instant, after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    start
+        .checked_add(after)
+        .unwrap_or_else(|| start + FAR.min(after))
 }
 
 /// Whether the handler's answer commits: a status below 400 that is not an error.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::helpers::{eventually, spawn_app_on, Answer, TestApp, TestDb};
+use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::traffic::{summary, Outcome, Traffic};
@@ -402,6 +403,7 @@ async fn a_commit_that_gets_no_answer_is_a_503_timeout_within_the_statement_dead
     let control = app.post_json(&path("commit-control"), &json!({})).await;
     assert_eq!(control.status, 201, "{}", control.text);
 
+    let before = Scrape::take(&app).await;
     let request = app.post_in_background(&path("commit-hang"));
     // The handler has written and sleeps; the database goes silent before its COMMIT.
     let observer = app.db.client().await;
@@ -434,6 +436,22 @@ async fn a_commit_that_gets_no_answer_is_a_503_timeout_within_the_statement_dead
         holed.elapsed()
     );
     assert_eq!(app.pool.status().size, 0, "the connection was discarded");
+    let after = Scrape::take(&app).await;
+    let delta = |series: &str| after.get(series) - before.get(series);
+    assert_eq!(
+        delta(r#"db_transactions_total{outcome="rollback",reason="commit_failed"}"#),
+        1.0,
+        "counted as a failed COMMIT"
+    );
+    assert_eq!(
+        delta(r#"db_transactions_total{outcome="commit",reason="status"}"#),
+        0.0
+    );
+    assert_eq!(
+        delta(r#"db_pool_connections_closed_total{reason="broken"}"#),
+        1.0,
+        "its connection was closed, not pooled"
+    );
 
     proxy.set_mode(Mode::Pass);
     app.create_account("after-commit-hang", 1).await;

@@ -8,10 +8,10 @@ use serde_json::json;
 use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp};
 
 /// One scrape, parsed: series (name plus label set, as printed) to value.
-struct Scrape(HashMap<String, f64>);
+pub struct Scrape(HashMap<String, f64>);
 
 impl Scrape {
-    async fn take(app: &TestApp) -> Scrape {
+    pub async fn take(app: &TestApp) -> Scrape {
         let answer = app.get("/metrics").await;
         assert_eq!(answer.status, 200, "{}", answer.text);
         assert_eq!(
@@ -40,7 +40,7 @@ impl Scrape {
     }
 
     /// The value of one series; absent series are 0 (a counter not yet created).
-    fn get(&self, series: &str) -> f64 {
+    pub fn get(&self, series: &str) -> f64 {
         self.0.get(series).copied().unwrap_or(0.0)
     }
 
