@@ -60,9 +60,7 @@ use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest, ResponseError};
 use diesel_async::pooled_connection::PoolableConnection;
-use diesel_async::{
-    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, TransactionManager,
-};
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
 use futures_util::FutureExt;
 
 use super::connect::Connector;
@@ -151,8 +149,7 @@ impl TxConn {
     /// puts `DB_POOL_TIMEOUT` over it (see [`Slot::open`]).
     async fn begin(settings: &SessionSettings) -> Result<TxConn, ApiError> {
         let mut conn = settings.metrics.acquire(&settings.pool).await?;
-        let (watch, handle) = StatementWatch::new(settings.echo);
-        conn.set_instrumentation(watch);
+        let handle = StatementWatch::attach(&mut conn, settings.echo);
         // From here on, dropping `tx` (error, timeout, cancellation) closes the connection
         // instead of pooling it: BEGIN may have reached the server.
         let mut tx = TxConn {

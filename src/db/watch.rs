@@ -86,6 +86,33 @@ impl StatementWatch {
             seen,
         )
     }
+
+    /// The handle for a new session on this watch's connection, with what the watch saw
+    /// during earlier check-outs forgotten. (A watch stays installed on its connection:
+    /// installing a fresh one at every check-out costs three allocations.)
+    pub fn reuse(&mut self) -> WatchHandle {
+        *self.seen.lock() = Seen::default();
+        self.seen.clone()
+    }
+
+    /// The watch of `conn`, installed now if it has none yet, ready for a new session.
+    pub fn attach(conn: &mut diesel_async::AsyncPgConnection, echo: bool) -> WatchHandle {
+        use diesel_async::AsyncConnection;
+        // diesel-async panics if the instrumentation is shared, which it only is while a
+        // statement future of the connection is alive: never for a connection that sits
+        // in the pool. Should that ever change, a fresh watch replaces the old one.
+        let reused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            conn.instrumentation()
+                .downcast_mut::<StatementWatch>()
+                .map(StatementWatch::reuse)
+        }));
+        if let Ok(Some(handle)) = reused {
+            return handle;
+        }
+        let (watch, handle) = StatementWatch::new(echo);
+        conn.set_instrumentation(watch);
+        handle
+    }
 }
 
 impl Instrumentation for StatementWatch {

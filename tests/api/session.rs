@@ -71,6 +71,28 @@ async fn a_swallowed_statement_error_cannot_be_reported_as_success() {
     assert_eq!(app.db.accounts_named("rswallow").await, 0);
 }
 
+/// The statement watch stays installed on its connection across check-outs: on a reused
+/// connection it must still see a swallowed error (the request is refused), and what it saw
+/// then must not leak into the next request on that connection (which commits).
+#[tokio::test]
+async fn a_reused_connection_still_catches_a_swallowed_error_and_then_commits() {
+    let app = spawn_app_with(&[("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")]).await;
+    app.create_account("rwatch-first", 1).await;
+    let pids = app.db.ledger_pids().await;
+    let answer = app
+        .post_json("/_test/swallowed-error?name=rwatch-swallow", &json!({}))
+        .await;
+    answer.assert_problem(500, "internal");
+    app.create_account("rwatch-after", 1).await;
+    assert_eq!(
+        app.db.ledger_pids().await,
+        pids,
+        "one connection served all three"
+    );
+    assert_eq!(app.db.accounts_named("rwatch-after").await, 1);
+    assert_eq!(app.db.accounts_named("rwatch-swallow").await, 0);
+}
+
 #[tokio::test]
 async fn nested_units_of_work_roll_back_to_their_savepoint_only() {
     let app = spawn_app().await;
