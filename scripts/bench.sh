@@ -62,7 +62,7 @@ if [ "$SMOKE" = 1 ]; then
   export PG_STATE_FILE=.pgbench-cluster-smoke
 else
   DURATION=${BENCH_DURATION:-2} WARMUP=${BENCH_WARMUP:-1} REPS=${BENCH_REPS:-11}
-  SWEEP_REPS=${BENCH_SWEEP_REPS:-3}
+  SWEEP_REPS=${BENCH_SWEEP_REPS:-5}
   CLIENTS=${BENCH_CLIENTS:-32} SWEEP=${BENCH_SWEEP:-"1 8 32 128 512"}
   OUT=$ROOT/target/bench
   REPORT=$ROOT/BENCHMARKS.md CHART=$ROOT/docs/bench-concurrency.svg CHART_LINK=docs/bench-concurrency.svg
@@ -521,7 +521,19 @@ for c in $SWEEP; do
   e=$(get sweep session "$c" errors)
   SWEEP_ERRORS=$((SWEEP_ERRORS + ${e:-0}))
 done
-SWEEP_TAIL=$(ratio "$(get sweep session "$LAST_LEVEL" rps)" "$PEAK")
+# The tail ratio is taken within each repetition (its last level over its own peak), then
+# the median over the repetitions: the levels of one repetition run back to back, so a slow
+# spell of the machine that hits one repetition does not pit its 512 against another's peak.
+SWEEP_TAIL=$(awk -F'\t' -v last="$LAST_LEVEL" '
+  $1 == "sweep" { seen[$4] = 1; if ($5 + 0 > peak[$4] + 0) peak[$4] = $5; if ($3 == last) tail[$4] = $5 }
+  END {
+    n = 0
+    for (r in seen) if (peak[r] + 0 > 0 && (r in tail)) v[++n] = tail[r] / peak[r]
+    if (n == 0) { print "-"; exit }
+    for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+    med = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+    printf "%.3f (%.3f – %.3f)\n", med, v[1], v[n]
+  }' "$RESULTS")
 RSS_LAST_MIB=$(awk -v k="$(get sweep session "$LAST_LEVEL" rss)" 'BEGIN { printf "%.1f", k / 1024 }')
 
 # Paired ratios: side A over side B within each repetition (adjacent slices), then the
@@ -640,7 +652,7 @@ targets() {
   echo "| statements per transfer, session − baseline (session $ST_TX_S, baseline $ST_TX_B, pgbench $ST_TX_P) | $TX_EXTRA | ≤ 0 | $(verdict "$TX_EXTRA" '<=' 0.005) |"
   echo "| pings per read inside a session | $PING_RD_S | 0 | $(verdict "$PING_RD_S" '<=' 0.001) |"
   echo "| errors (non-2xx and socket) over the whole sweep | $SWEEP_ERRORS | 0 | $(verdict "$SWEEP_ERRORS" '<=' 0) |"
-  echo "| req/s at $LAST_LEVEL clients / peak of the sweep (medians) | $SWEEP_TAIL | ≥ 0.90 | $(verdict "$SWEEP_TAIL" '>=' 0.90) |"
+  echo "| req/s at $LAST_LEVEL clients / the peak of the same sweep repetition | $SWEEP_TAIL | ≥ 0.90 | $(verdict "${SWEEP_TAIL%% *}" '>=' 0.90) |"
   echo "| peak RSS at $LAST_LEVEL clients (MiB) | $RSS_LAST_MIB | ≤ 50 | $(verdict "$RSS_LAST_MIB" '<=' 50) |"
   echo
   echo "¹ The throughput a machine with no other load would reach if CPU is what limits it: the total CPU per"
