@@ -38,7 +38,7 @@ test: check-tools k8s-check
 	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s::
 	@scripts/bench.sh --smoke --bin target/debug/ledger
 
-## bench: the benchmark (release build, its own PostgreSQL cluster, ~5 minutes of runs);
+## bench: the benchmark (release build, its own PostgreSQL cluster, ~6 minutes of runs);
 ## writes BENCHMARKS.md and docs/bench-concurrency.svg
 bench: check-tools
 	@scripts/bench.sh
