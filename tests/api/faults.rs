@@ -321,9 +321,10 @@ async fn a_black_holed_database_fails_check_outs_and_readiness_within_their_time
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_new_connection() {
-    let (app, proxy) = spawn_behind_proxy(
+/// The service behind a proxy with a single pooled connection and a 1 s pool timeout (so
+/// a 1 s client-side statement deadline, there being no statement timeout).
+async fn one_connection_behind_proxy() -> (TestApp, Proxy) {
+    spawn_behind_proxy(
         TestDb::migrated().await,
         &[
             ("DB_POOL_SIZE", "1"),
@@ -331,7 +332,40 @@ async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_ne
             ("DB_POOL_TIMEOUT", "1"),
         ],
     )
+    .await
+}
+
+/// Makes the database go silent, then waits for the answer to `request`: the answer and
+/// how long it took from the moment the database went silent.
+async fn black_hole_then_answer(
+    proxy: &Proxy,
+    request: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) -> (Answer, Duration) {
+    proxy.set_mode(Mode::BlackHole);
+    let holed = Instant::now();
+    let answer = within(HANG, "the request that met the silent database", async {
+        Answer::from(request.await.expect("request task").expect("POST")).await
+    })
     .await;
+    (answer, holed.elapsed())
+}
+
+/// Lets traffic through again: the service serves a write, and no transaction of its is
+/// left open on the server.
+async fn recovers_with_no_open_transaction(app: &TestApp, proxy: &Proxy, name: &str) {
+    proxy.set_mode(Mode::Pass);
+    app.create_account(name, 1).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app.db.sessions("ledger", Some("idle in transaction")).await == 0
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_new_connection() {
+    let (app, proxy) = one_connection_behind_proxy().await;
     let path = |name: &str| format!("/_test/write-then-pg-sleep?name={name}&ms=600");
     // Control: the same request succeeds when the database answers.
     let control = app.post_json(&path("control"), &json!({})).await;
@@ -355,28 +389,15 @@ async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_ne
         .await,
         "the statement is running"
     );
-    proxy.set_mode(Mode::BlackHole);
-    let holed = Instant::now();
-    let answer = within(HANG, "mid-statement request", async {
-        Answer::from(request.await.expect("request task").expect("POST")).await
-    })
-    .await;
+    let (answer, waited) = black_hole_then_answer(&proxy, request).await;
     answer.assert_problem(503, "timeout");
     assert!(
-        holed.elapsed() < Duration::from_secs(1) + SLACK,
-        "the client-side statement deadline fired: {:?}",
-        holed.elapsed()
+        waited < Duration::from_secs(1) + SLACK,
+        "the client-side statement deadline fired: {waited:?}"
     );
     assert_eq!(app.pool.status().size, 0, "the connection was discarded");
 
-    proxy.set_mode(Mode::Pass);
-    app.create_account("after-mid-statement", 1).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            app.db.sessions("ledger", Some("idle in transaction")).await == 0
-        })
-        .await
-    );
+    recovers_with_no_open_transaction(&app, &proxy, "after-mid-statement").await;
     assert_eq!(app.db.accounts_named("mid-statement").await, 0);
     assert_eq!(app.db.accounts_named("control").await, 1);
 }
@@ -389,15 +410,7 @@ async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_ne
 /// `Idempotency-Key`. The server is left with no open transaction either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_gets_no_answer_is_a_503_timeout_within_the_statement_deadline() {
-    let (app, proxy) = spawn_behind_proxy(
-        TestDb::migrated().await,
-        &[
-            ("DB_POOL_SIZE", "1"),
-            ("DB_MAX_OVERFLOW", "0"),
-            ("DB_POOL_TIMEOUT", "1"),
-        ],
-    )
-    .await;
+    let (app, proxy) = one_connection_behind_proxy().await;
     let path = |name: &str| format!("/_test/write-then-sleep?name={name}&ms=700");
     // Control: the same request commits when the database answers.
     let control = app.post_json(&path("commit-control"), &json!({})).await;
@@ -406,34 +419,18 @@ async fn a_commit_that_gets_no_answer_is_a_503_timeout_within_the_statement_dead
     let before = Scrape::take(&app).await;
     let request = app.post_in_background(&path("commit-hang"));
     // The handler has written and sleeps; the database goes silent before its COMMIT.
-    let observer = app.db.client().await;
     assert!(
         eventually(Duration::from_secs(5), || async {
-            let waiting: i64 = observer
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                     AND application_name = 'ledger' AND state = 'idle in transaction'",
-                    &[],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            waiting == 1
+            app.db.sessions("ledger", Some("idle in transaction")).await == 1
         })
         .await,
         "the handler wrote and holds its transaction open"
     );
-    proxy.set_mode(Mode::BlackHole);
-    let holed = Instant::now();
-    let answer = within(HANG, "request whose COMMIT hangs", async {
-        Answer::from(request.await.expect("request task").expect("POST")).await
-    })
-    .await;
+    let (answer, waited) = black_hole_then_answer(&proxy, request).await;
     answer.assert_problem(503, "timeout");
     assert!(
-        holed.elapsed() < Duration::from_millis(700) + Duration::from_secs(1) + SLACK,
-        "COMMIT was bounded by the statement deadline: {:?}",
-        holed.elapsed()
+        waited < Duration::from_millis(700) + Duration::from_secs(1) + SLACK,
+        "COMMIT was bounded by the statement deadline: {waited:?}"
     );
     assert_eq!(app.pool.status().size, 0, "the connection was discarded");
     let after = Scrape::take(&app).await;
@@ -453,14 +450,7 @@ async fn a_commit_that_gets_no_answer_is_a_503_timeout_within_the_statement_dead
         "its connection was closed, not pooled"
     );
 
-    proxy.set_mode(Mode::Pass);
-    app.create_account("after-commit-hang", 1).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            app.db.sessions("ledger", Some("idle in transaction")).await == 0
-        })
-        .await
-    );
+    recovers_with_no_open_transaction(&app, &proxy, "after-commit-hang").await;
     assert_eq!(app.db.accounts_named("commit-control").await, 1);
 }
 
