@@ -51,6 +51,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         "/_test/write-then-sleep",
         post(|| web::to(write_then_sleep)),
     ))
+    .service(resource(
+        "/_test/write-in-local-task",
+        post(|| web::to(write_in_local_task)),
+    ))
     .service(resource("/_test/savepoint", post(|| web::to(savepoint))))
     .service(resource(
         "/_test/escaping-guard",
@@ -148,6 +152,19 @@ async fn write_then_sleep(
 ) -> Result<HttpResponse, ApiError> {
     let id = write(&session, &q.name).await?;
     tokio::time::sleep(Duration::from_millis(q.ms)).await;
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+}
+
+/// Writes from a local task the handler awaits, not from the handler's own future: the
+/// session's check-out deadline must still reach the check-out there.
+async fn write_in_local_task(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    let name = q.into_inner().name;
+    let id = actix_web::rt::spawn(async move { write(&session, &name).await })
+        .await
+        .map_err(ApiError::internal)??;
     Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
 }
 

@@ -402,6 +402,38 @@ async fn a_database_that_stops_answering_mid_statement_gets_503_timeout_and_a_ne
     assert_eq!(app.db.accounts_named("control").await, 1);
 }
 
+/// A check-out made from a local task the handler awaits (not from the handler's own
+/// future) is bounded by `DB_POOL_TIMEOUT` too: the middleware's timer must wake that task
+/// when BEGIN hangs on a connection handed out without a ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_out_in_a_local_task_gives_up_at_the_pool_timeout() {
+    let (app, proxy) = one_connection_behind_proxy().await;
+    let path = |name: &str| format!("/_test/write-in-local-task?name={name}");
+    // Control, which also leaves the connection recently used: the next check-out skips
+    // the ping and goes straight to BEGIN.
+    let control = app.post_json(&path("local-control"), &json!({})).await;
+    assert_eq!(control.status, 201, "{}", control.text);
+
+    proxy.set_mode(Mode::BlackHole);
+    let holed = Instant::now();
+    let answer = within(
+        HANG,
+        "check-out in a local task",
+        app.post_json(&path("local-hang"), &json!({})),
+    )
+    .await;
+    let waited = holed.elapsed();
+    answer.assert_problem(503, "database_unavailable");
+    assert!(
+        waited < Duration::from_secs(1) + SLACK,
+        "the check-out deadline reached the local task: {waited:?}"
+    );
+
+    recovers_with_no_open_transaction(&app, &proxy, "after-local-hang").await;
+    assert_eq!(app.db.accounts_named("local-hang").await, 0);
+    assert_eq!(app.db.accounts_named("local-control").await, 1);
+}
+
 /// The database stops answering after the handler's writes, so COMMIT gets no answer: the
 /// client gets 503 `timeout` (never its 201) within the statement deadline and the
 /// connection is discarded. Whether the write landed is unknown to the service (the COMMIT
