@@ -33,6 +33,14 @@ find_bin() {
   return 1
 }
 
+port_taken() { # port: a socket on it in any state (ss), or at least a listener
+  if command -v ss >/dev/null 2>&1; then
+    [ -n "$(ss -Hatn "sport = :$1" 2>/dev/null)" ]
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+
 answers() { # URL
   local psql
   psql=$(find_bin psql) || return 1
@@ -69,14 +77,30 @@ up() {
   dir=$(mktemp -d /tmp/ledger-pg.XXXXXX)
   chmod 755 "$dir"
   [ "$(id -u)" = 0 ] && chown postgres "$dir"
-  port=55432
-  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+  # Below the kernel's ephemeral range (32768 and up by default): there, any client socket
+  # that happens to hold the port (one of the test suite's, lingering in TIME_WAIT) makes
+  # the server's bind fail although nothing listens. A port that still turns out taken
+  # when the server binds is skipped too.
+  port=25432
+  while port_taken "$port"; do port=$((port + 1)); done
   log "initialising a private cluster in $dir on port $port"
   as_owner "$initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; exit 1; }
-  as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 ${PG_SERVER_OPTS:-}" \
-    start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+  local attempt
+  for attempt in 1 2 3 4 5; do
+    if as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 ${PG_SERVER_OPTS:-}" \
+      start >/dev/null 2>&1; then
+      break
+    fi
+    if [ "$attempt" = 5 ] || ! grep -q "Address already in use" "$dir/server.log"; then
+      cat "$dir/server.log" >&2
+      exit 1
+    fi
+    port=$((port + 1))
+    while port_taken "$port"; do port=$((port + 1)); done
+    log "port taken meanwhile; trying $port"
+  done
   echo "$dir $port" >"$STATE_FILE"
   cluster_url "$port"
 }
