@@ -65,6 +65,10 @@ pub enum ApiError {
     /// A statement ran past the statement timeout, or the database stopped answering.
     #[error("a database statement took too long")]
     Timeout,
+    /// The answer to COMMIT was lost and the server could not be asked in time whether the
+    /// transaction committed: the write may or may not have happened.
+    #[error("the database connection was lost during COMMIT and the outcome could not be learned; the write may or may not have been applied")]
+    CommitUnknown,
     /// Anything else. The cause is logged, the client sees a generic text.
     #[error("internal error: {0}")]
     Internal(String),
@@ -98,6 +102,7 @@ impl ApiError {
             ApiError::DatabaseUnavailable(_) => "database_unavailable",
             ApiError::TransactionConflict => "transaction_conflict",
             ApiError::Timeout => "timeout",
+            ApiError::CommitUnknown => "commit_unknown",
             ApiError::Internal(_) => "internal",
             ApiError::AtIndex { error, .. } => error.code(),
         }
@@ -129,7 +134,8 @@ impl ApiError {
             ApiError::Internal(cause) => log::error!("internal error: {cause}"),
             ApiError::DatabaseUnavailable(_)
             | ApiError::TransactionConflict
-            | ApiError::Timeout => {
+            | ApiError::Timeout
+            | ApiError::CommitUnknown => {
                 log::warn!("{}: {self}", self.code())
             }
             ApiError::AtIndex { error, .. } => error.log(),
@@ -167,7 +173,8 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::DatabaseUnavailable(_)
             | ApiError::TransactionConflict
-            | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Timeout
+            | ApiError::CommitUnknown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::AtIndex { error, .. } => error.status_code(),
         }

@@ -22,6 +22,11 @@ struct Params {
     name: String,
     #[serde(default)]
     ms: u64,
+    /// `pg-sleep` routes: switch the server's own `statement_timeout` off for the
+    /// request's transaction (`SET LOCAL`), as a server or pooler that does not apply it
+    /// would, so that only the client-side deadline can end the statement.
+    #[serde(default)]
+    no_server_timeout: bool,
 }
 
 /// Registers the test routes under `/_test`.
@@ -92,12 +97,13 @@ async fn write(session: &DbSession, name: &str) -> Result<i64, ApiError> {
     Ok(accounts::insert(&mut conn, name, 100).await?.id)
 }
 
-/// Writes, then answers 409 without an error: the status alone must roll back.
+/// Writes, sleeps `ms` (0 by default), then answers 409 without an error: the status alone must roll back.
 async fn write_then_4xx(
     session: DbSession,
     q: web::Query<Params>,
 ) -> Result<HttpResponse, ApiError> {
     write(&session, &q.name).await?;
+    tokio::time::sleep(Duration::from_millis(q.ms)).await;
     Ok(HttpResponse::Conflict().json(serde_json::json!({ "written": true })))
 }
 
@@ -200,6 +206,11 @@ async fn escaping_guard(
 /// Runs `pg_sleep` for `ms` (statement timeout tests).
 async fn pg_sleep(session: DbSession, q: web::Query<Params>) -> Result<HttpResponse, ApiError> {
     let mut conn = session.conn().await?;
+    if q.no_server_timeout {
+        diesel::sql_query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+    }
     diesel::sql_query("SELECT pg_sleep($1::bigint / 1000.0)")
         .bind::<BigInt, _>(i64::try_from(q.ms).unwrap_or(i64::MAX))
         .execute(&mut *conn)
@@ -273,11 +284,14 @@ async fn abandoned_statement(
 ) -> Result<HttpResponse, ApiError> {
     write(&session, &q.name).await?;
     let mut conn = session.conn().await?;
+    // The statement runs for `ms` (300 by default) on the server.
+    let sleep_ms = if q.ms == 0 { 300 } else { q.ms };
     let abandoned = tokio::time::timeout(
         Duration::from_millis(50),
         diesel::sql_query(
-            "INSERT INTO accounts (name, balance) SELECT 'late', -1 FROM pg_sleep(0.3)",
+            "INSERT INTO accounts (name, balance) SELECT 'late', -1 FROM pg_sleep($1::bigint / 1000.0)",
         )
+        .bind::<BigInt, _>(i64::try_from(sleep_ms).unwrap_or(i64::MAX))
         .execute(&mut *conn),
     )
     .await

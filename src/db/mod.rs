@@ -2,6 +2,8 @@
 
 /// Account rows and their queries.
 pub mod accounts;
+/// COMMIT with the transaction's id learned on the way; resolving a lost COMMIT answer.
+pub mod commit;
 /// Opening connections with the service's session settings.
 pub mod connect;
 /// Idempotency keys: claim, record, purge.

@@ -64,6 +64,7 @@ use diesel_async::pooled_connection::PoolableConnection;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
 use futures_util::FutureExt;
 
+use super::commit::{self, CommitError, Resolution, TxId};
 use super::connect::Connector;
 use super::lease::{self, Lease};
 use super::pool::{DbPool, PooledConnection};
@@ -81,13 +82,19 @@ const DEADLINE_MARGIN: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct SessionSettings {
     pool: DbPool,
-    /// Bound on check-out plus BEGIN (`DB_POOL_TIMEOUT`).
+    /// Bound on check-out plus BEGIN, and on resolving a lost COMMIT answer
+    /// (`DB_POOL_TIMEOUT`).
     checkout_timeout: Duration,
-    /// Client-side bound on every statement of a session, COMMIT and ROLLBACK included:
-    /// the statement timeout plus a margin, or the pool timeout when there is no statement
-    /// timeout. A peer that stopped answering (it still acknowledges TCP, so keepalives
-    /// never fire) must not hold a request, or a cancelled request's clean-up, forever.
-    statement_deadline: Duration,
+    /// Client-side bound on a handler's statement: the statement timeout plus a margin.
+    /// `None` without a statement timeout: a handler's statement may then run, or wait for
+    /// a lock, as long as the server lets it (contract section 2).
+    statement_deadline: Option<Duration>,
+    /// Client-side bound on the session's own statements: COMMIT, ROLLBACK and the
+    /// clean-up of an abandoned request. The statement deadline, or `DB_POOL_TIMEOUT`
+    /// without one: these must end even when the server went silent (it still
+    /// acknowledges TCP, so keepalives never fire), or a cancelled request's clean-up would
+    /// hold its socket forever. A COMMIT cut off by it is resolved like any lost answer.
+    finish_deadline: Duration,
     echo: bool,
     metrics: DbMetrics,
     /// Sends cancel requests for statements the session gives up on.
@@ -96,12 +103,12 @@ pub struct SessionSettings {
 
 impl SessionSettings {
     pub fn new(pool: DbPool, cfg: &DbConfig, metrics: &DbMetrics) -> Self {
+        let statement_deadline = cfg.statement_timeout.map(|t| t + DEADLINE_MARGIN);
         SessionSettings {
             pool,
             checkout_timeout: cfg.pool_timeout,
-            statement_deadline: cfg
-                .statement_timeout
-                .map_or(cfg.pool_timeout, |t| t + DEADLINE_MARGIN),
+            statement_deadline,
+            finish_deadline: statement_deadline.unwrap_or(cfg.pool_timeout),
             echo: cfg.echo,
             metrics: metrics.clone(),
             connector: super::pool::connector(cfg),
@@ -127,6 +134,11 @@ pub enum Reason {
     Cancelled,
     /// COMMIT failed, or could not be attempted because the transaction was aborted.
     CommitFailed,
+    /// A statement outlived its client-side deadline: the connection was closed.
+    Timeout,
+    /// The COMMIT's answer was lost, and the outcome was then learned from the server on
+    /// another connection (see `db::commit`).
+    CommitVerified,
 }
 
 /// A pooled connection whose transaction may be open.
@@ -143,12 +155,14 @@ pub struct TxConn {
     watch: WatchHandle,
     /// Use-time metric; ends when the `TxConn` drops.
     lease: Lease,
+    /// For the cancel request sent when the connection is closed with a statement running.
+    settings: web::Data<SessionSettings>,
 }
 
 impl TxConn {
     /// Checks a connection out and begins a transaction. Not bounded here: the session
     /// puts `DB_POOL_TIMEOUT` over it (see [`Slot::open`]).
-    async fn begin(settings: &SessionSettings) -> Result<TxConn, ApiError> {
+    async fn begin(settings: &web::Data<SessionSettings>) -> Result<TxConn, ApiError> {
         let mut conn = settings.metrics.acquire(&settings.pool).await?;
         let handle = StatementWatch::attach(&mut conn, settings.echo);
         // From here on, dropping `tx` (error, timeout, cancellation) closes the connection
@@ -157,6 +171,7 @@ impl TxConn {
             conn: Some(Box::new(conn)),
             watch: handle,
             lease: settings.metrics.lease(),
+            settings: settings.clone(),
         };
         AnsiTransactionManager::begin_transaction(tx.connection()).await?;
         Ok(tx)
@@ -183,42 +198,54 @@ impl TxConn {
         matches!(status.transaction_depth(), Ok(Some(depth)) if depth.get() == 1)
     }
 
-    /// Commits. On success the connection returns to the pool; on any failure it is
-    /// closed, and the error says what the client gets. The COMMIT itself is bounded by the
-    /// session's statement deadline, which the middleware keeps running around it; a
-    /// rollback instead of it (aborted transaction) by `timeout`.
+    /// Commits, learning the transaction's id on the way (see `db::commit`). On success the
+    /// connection returns to the pool; on any failure it is closed, and the error says what
+    /// the client gets, or that the answer was lost and the outcome must be resolved. The
+    /// COMMIT itself is bounded by the session's finish deadline, which the middleware
+    /// keeps running around it; a rollback instead of it (aborted transaction) by
+    /// `timeout`.
     ///
-    /// `committing` is set while the COMMIT statement is under way.
-    async fn commit(mut self, timeout: Duration, committing: &Cell<bool>) -> Result<(), ApiError> {
+    /// `committing` is set while the COMMIT statement is under way; `xid` gets the
+    /// transaction's id as soon as it is known.
+    async fn commit(mut self, timeout: Duration, slot: &SlotInner) -> Result<(), Finish> {
         if !self.at_top_level() {
             // Dropping `self` closes the connection: the server rolls everything back.
             log::error!("not committing: a nested unit of work or a statement was left unfinished");
-            return Err(ApiError::internal(
+            return Err(Finish::Failed(ApiError::internal(
                 "the transaction was left unfinished (interrupted nested unit of work or abandoned statement)",
-            ));
+            )));
         }
         if self.watch.transaction_aborted() {
             self.rollback(timeout).await;
-            return Err(ApiError::internal(
-                "a statement failed inside the transaction, but the handler answered success",
-            ));
+            return Err(Finish::Failed(swallowed_error()));
         }
-        committing.set(true);
-        let result = AnsiTransactionManager::commit_transaction(self.connection()).await;
-        committing.set(false);
+        slot.committing.set(true);
+        let result = commit::commit(self.connection(), &slot.xid).await;
+        slot.committing.set(false);
         match result {
             Ok(()) => {
                 self.release();
                 Ok(())
             }
-            Err(e) => {
+            Err(CommitError::WasRollback) => {
+                log::error!(
+                    "the transaction was aborted by a failed statement; COMMIT rolled it back"
+                );
+                self.release();
+                Err(Finish::Failed(swallowed_error()))
+            }
+            Err(CommitError::AnswerLost(e)) => {
+                log::error!("COMMIT got no answer ({e}); asking the server what happened");
+                Err(Finish::AnswerLost)
+            }
+            Err(CommitError::Failed(e)) => {
                 log::error!("COMMIT failed: {e}");
-                Err(match ApiError::from(e) {
+                Err(Finish::Failed(match ApiError::from(e) {
                     e @ (ApiError::TransactionConflict
                     | ApiError::DatabaseUnavailable(_)
                     | ApiError::Timeout) => e,
                     _ => ApiError::internal("COMMIT failed"),
-                })
+                }))
             }
         }
     }
@@ -258,13 +285,6 @@ impl TxConn {
             drop(self.conn.take());
         }
     }
-
-    /// A token to ask the server to cancel whatever this connection is running.
-    fn cancel_token(&self) -> Option<tokio_postgres::CancelToken> {
-        self.conn
-            .as_deref()
-            .map(|conn| AsyncPgConnection::cancel_token(conn))
-    }
 }
 
 impl Drop for TxConn {
@@ -272,6 +292,13 @@ impl Drop for TxConn {
         if let Some(conn) = self.conn.take() {
             // Not released: its transaction may be open. Take it out of the pool's
             // accounting and close it; the server rolls back when the socket closes.
+            // Closing does not stop a statement the server is still running (it notices
+            // only when it next writes), nor free its locks: ask it to cancel that first.
+            if self.watch.in_flight_since().is_some() {
+                self.settings
+                    .connector
+                    .cancel(AsyncPgConnection::cancel_token(&conn));
+            }
             self.lease.broken();
             drop(deadpool::managed::Object::take(*conn));
         }
@@ -319,9 +346,11 @@ struct SlotInner {
     checkout_deadline: Cell<Option<Instant>>,
     /// Set by the middleware's timer when `checkout_deadline` passed: the check-out gives up.
     checkout_expired: Cell<bool>,
-    /// Set while the COMMIT statement is under way, so that a COMMIT cut off by the
-    /// statement deadline is counted and logged as such.
+    /// Set while the COMMIT statement is under way: it is then bounded by the finish
+    /// deadline, and a COMMIT cut off by it is resolved as a lost answer.
     committing: Cell<bool>,
+    /// The transaction's id, learned during COMMIT.
+    xid: Cell<TxId>,
     /// The waker of the task waiting on the check-out, woken when its deadline passes: it
     /// need not be the request's own task (`conn()` under `spawn_local`, say).
     checkout_waker: RefCell<Option<Waker>>,
@@ -337,6 +366,7 @@ impl Slot {
             checkout_deadline: Cell::new(None),
             checkout_expired: Cell::new(false),
             committing: Cell::new(false),
+            xid: Cell::new(TxId::Unknown),
             checkout_waker: RefCell::new(None),
             settings,
         }))
@@ -371,7 +401,7 @@ impl Slot {
         // Not boxed, although it makes every handler's future 2 KB larger: measured with
         // callgrind, the box (an allocation and a copy of the future) cost more than the
         // larger future's moves. (The COMMIT future is the opposite case, see `finish`.)
-        let mut begin = std::pin::pin!(TxConn::begin(settings));
+        let mut begin = std::pin::pin!(TxConn::begin(&self.0.settings));
         std::future::poll_fn(|cx| match begin.as_mut().poll(cx) {
             Poll::Pending if self.0.checkout_expired.get() => {
                 settings.metrics.timeout(TimeoutKind::Wait);
@@ -393,41 +423,42 @@ impl Slot {
 
     /// Ends the session without talking to the server: the connection (if the session has
     /// one parked) is closed, which makes the server roll back. For a connection whose
-    /// peer stopped answering, where a ROLLBACK would only wait too.
-    ///
-    /// Closing the socket does not stop a statement the server is still running (it only
-    /// notices when it next writes), so a cancel request goes out first, in the background.
+    /// peer stopped answering, where a ROLLBACK would only wait too. (Dropping the
+    /// `TxConn` sends a cancel request for a statement still running.)
     fn discard(&self) {
         if let State::Open(tx) = self.replace(State::Finalized) {
-            self.settings().metrics.rolled_back(Reason::Error);
-            if let Some(token) = tx.cancel_token() {
-                self.settings().connector.cancel(token);
-            }
+            self.settings().metrics.rolled_back(Reason::Timeout);
             drop(tx);
         }
     }
 
     /// Ends the session: commits when `commit` is true and a transaction is open, else
-    /// rolls back. Returns the error that must replace the response, if any.
-    async fn finish(&self, commit: bool, reason: Reason) -> Result<(), ApiError> {
+    /// rolls back. Says what must replace the response, if anything.
+    async fn finish(&self, commit: bool, reason: Reason) -> Result<(), Finish> {
         match self.replace(State::Finalized) {
             State::Idle | State::Finalized => Ok(()),
             State::Busy => {
                 // The guard escaped the handler. It rolls back when it is dropped.
                 log::error!("a DbSession connection outlived its handler; answering 500");
-                Err(ApiError::internal(
+                Err(Finish::Failed(ApiError::internal(
                     "DbSession connection outlived its handler",
-                ))
+                )))
             }
             State::Open(tx) => {
                 // Both futures are boxed: they hold diesel's large ones, which would
                 // otherwise make every request's middleware future larger, and that future
-                // is moved around on every request (unboxed, COMMIT measured 9,000 more
-                // instructions per request in callgrind).
-                let timeout = self.settings().statement_deadline;
+                // is moved around on every request (see BENCHMARKS.md).
+                let timeout = self.settings().finish_deadline;
                 if commit {
-                    let result = Box::pin(tx.commit(timeout, &self.0.committing)).await;
-                    self.settings().metrics.committed(result.is_ok());
+                    let result = Box::pin(tx.commit(timeout, &self.0)).await;
+                    match &result {
+                        Ok(()) => self.settings().metrics.committed(Reason::Status),
+                        // Counted once resolved.
+                        Err(Finish::AnswerLost) => {}
+                        Err(Finish::Failed(_)) => {
+                            self.settings().metrics.rolled_back(Reason::CommitFailed)
+                        }
+                    }
                     result
                 } else {
                     log::debug!("rolling back the request's transaction ({reason:?})");
@@ -438,6 +469,66 @@ impl Slot {
             }
         }
     }
+
+    /// Finds out, on another connection, whether the transaction whose COMMIT answer was
+    /// lost committed (see `db::commit`), within `DB_POOL_TIMEOUT`. `Ok` when the
+    /// handler's response may be sent.
+    async fn resolve_lost_commit(&self) -> Result<(), ApiError> {
+        let settings = self.settings();
+        let xid = self.0.xid.get();
+        let resolution = Box::pin(commit::resolve(
+            &settings.pool,
+            &settings.metrics,
+            xid,
+            settings.checkout_timeout,
+        ))
+        .await;
+        let about = match xid {
+            TxId::Assigned(id) => format!("transaction {id}"),
+            TxId::Unassigned => "a transaction that wrote nothing".to_owned(),
+            TxId::Unknown => "a transaction whose id was lost too".to_owned(),
+        };
+        match resolution {
+            Resolution::Committed => {
+                log::warn!("COMMIT answer lost; {about} committed: sending the handler's response");
+                settings.metrics.committed(Reason::CommitVerified);
+                Ok(())
+            }
+            Resolution::Aborted => {
+                log::warn!("COMMIT answer lost; {about} did not commit: answering 503");
+                settings.metrics.rolled_back(Reason::CommitVerified);
+                Err(ApiError::DatabaseUnavailable(
+                    "the connection to the database was lost before the transaction committed"
+                        .to_owned(),
+                ))
+            }
+            Resolution::Unknown => {
+                log::error!(
+                    "COMMIT answer lost; whether {about} committed could not be learned within \
+                     {:?}: answering 503 commit_unknown",
+                    settings.checkout_timeout
+                );
+                settings.metrics.commit_unknown();
+                Err(ApiError::CommitUnknown)
+            }
+        }
+    }
+}
+
+/// What must happen after a session ended badly.
+enum Finish {
+    /// The response is replaced by this error.
+    Failed(ApiError),
+    /// The COMMIT's answer was lost: the outcome must be resolved before answering.
+    AnswerLost,
+}
+
+/// The error for a transaction that a failed statement aborted while the handler answered
+/// success.
+fn swallowed_error() -> ApiError {
+    ApiError::internal(
+        "a statement failed inside the transaction, but the handler answered success",
+    )
 }
 
 /// Clears the slot's check-out deadline when the check-out is over (done, failed, timed out
@@ -461,7 +552,7 @@ impl Drop for CancelGuard {
             if let State::Open(tx) = slot.replace(State::Finalized) {
                 log::warn!("request cancelled inside a transaction; rolling back");
                 slot.settings().metrics.rolled_back(Reason::Cancelled);
-                abandon(tx, slot.settings().statement_deadline);
+                abandon(tx, slot.settings().finish_deadline);
             }
         }
     }
@@ -581,7 +672,7 @@ impl Drop for SessionConn {
                 // commit late work, roll it back.
                 drop(state);
                 self.slot.settings().metrics.rolled_back(Reason::Cancelled);
-                abandon(tx, self.slot.settings().statement_deadline);
+                abandon(tx, self.slot.settings().finish_deadline);
             }
         }
     }
@@ -590,10 +681,12 @@ impl Drop for SessionConn {
 /// Drives the request's work (the handler, then its COMMIT) under the session's deadlines,
 /// with one timer per request:
 /// - **statement deadline**: returns `None` if one of the session's statements has been in
-///   flight for longer than it (the work is then dropped). The timer sleeps a whole
-///   deadline while no statement runs and re-arms relative to the start of the statement
-///   in flight, so a handler that runs many short statements is never cut off, while one
-///   that waits on a silent peer is, after at most one deadline;
+///   flight for longer than it (the work is then dropped): the handler's statement
+///   deadline (none without a statement timeout), or the finish deadline while the COMMIT
+///   runs. The timer sleeps a whole deadline while no statement runs and re-arms relative
+///   to the start of the statement in flight, so a handler that runs many short
+///   statements is never cut off, while one that waits on a silent peer is, after at most
+///   one deadline;
 /// - **check-out deadline** (`DB_POOL_TIMEOUT` over check-out and BEGIN, see
 ///   [`Slot::open`]): flags the check-out as expired and polls the work again, so that
 ///   `DbSession::conn` returns its error to the handler;
@@ -607,13 +700,26 @@ impl Drop for SessionConn {
 /// The work is pinned by the caller: taken by value it would sit in this future twice
 /// (argument and pinned local), and that future is moved around on every request.
 async fn run_with_deadlines<F: Future>(mut work: Pin<&mut F>, slot: &Slot) -> Option<F::Output> {
-    let deadline = slot.settings().statement_deadline;
+    let settings = slot.settings();
     let inner = &slot.0;
+    // The bound on the statement in flight, if it has one.
+    let deadline = || {
+        if inner.committing.get() {
+            Some(settings.finish_deadline)
+        } else {
+            settings.statement_deadline
+        }
+    };
+    // Whether the timer was armed for the COMMIT since it began.
+    let mut armed_for_commit = false;
     // `None` once warned (or when the warning is off).
-    let mut leak_after = slot.settings().metrics.leak_warn();
+    let mut leak_after = settings.metrics.leak_warn();
     let next_wake = |leak_after: Option<Duration>| {
         let now = Instant::now();
-        let mut wake = later(slot.statement_in_flight_since().unwrap_or(now), deadline);
+        let mut wake = later(
+            slot.statement_in_flight_since().unwrap_or(now),
+            deadline().unwrap_or(Duration::MAX),
+        );
         if let Some(due) = inner.checkout_deadline.get() {
             if !inner.checkout_expired.get() {
                 wake = wake.min(due);
@@ -632,13 +738,24 @@ async fn run_with_deadlines<F: Future>(mut work: Pin<&mut F>, slot: &Slot) -> Op
         if let Poll::Ready(output) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
         }
-        // A check-out that started during this poll may be due before the timer.
-        if let Some(due) = inner.checkout_deadline.get() {
-            if due < armed_for && !inner.checkout_expired.get() {
-                armed_for = due;
-                sleep.as_mut().reset(due.into());
-                registered = None;
-            }
+        // A check-out or a COMMIT that started during this poll may be due before the
+        // timer.
+        let mut due = inner
+            .checkout_deadline
+            .get()
+            .filter(|_| !inner.checkout_expired.get());
+        if inner.committing.get() && !armed_for_commit {
+            armed_for_commit = true;
+            let since = slot
+                .statement_in_flight_since()
+                .unwrap_or_else(Instant::now);
+            let commit_due = later(since, settings.finish_deadline);
+            due = Some(due.map_or(commit_due, |d| d.min(commit_due)));
+        }
+        if let Some(due) = due.filter(|due| *due < armed_for) {
+            armed_for = due;
+            sleep.as_mut().reset(due.into());
+            registered = None;
         }
         if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
             // Unconstrained: out of the task's cooperative budget, a `Sleep` answers
@@ -653,7 +770,7 @@ async fn run_with_deadlines<F: Future>(mut work: Pin<&mut F>, slot: &Slot) -> Op
         }
         // The timer fired.
         let now = Instant::now();
-        if let Some(since) = slot.statement_in_flight_since() {
+        if let (Some(since), Some(deadline)) = (slot.statement_in_flight_since(), deadline()) {
             if now.saturating_duration_since(since) >= deadline {
                 log::warn!("a statement got no answer within {deadline:?}; closing its connection");
                 return Poll::Ready(None);
@@ -669,7 +786,7 @@ async fn run_with_deadlines<F: Future>(mut work: Pin<&mut F>, slot: &Slot) -> Op
         }
         if let (Some(after), Some(held_since)) = (leak_after, inner.held_since.get()) {
             if now.saturating_duration_since(held_since) >= after {
-                lease::warn_leak(&slot.settings().metrics, after);
+                lease::warn_leak(&settings.metrics, after);
                 leak_after = None;
             }
         }
@@ -715,34 +832,30 @@ pub async fn finalize(
 
     let mut cancel = CancelGuard(Some(slot.clone()));
     // The handler and, when it succeeded, its COMMIT run under the same deadlines. The
-    // work is dropped at the end of this block, before anything below looks at the
-    // slot: dropping it parks the connection the handler held back in the slot, where
-    // `discard` finds it to send the cancel request.
-    let done = {
+    // handler's outcome is kept outside the work, so that it survives a COMMIT cut off by
+    // its deadline (the lost COMMIT may turn out to have committed). The work is dropped
+    // at the end of this block, before anything below looks at the slot: dropping it
+    // parks the connection the handler held back in the slot, where `discard` finds it.
+    let mut outcome = None;
+    let committed = {
         let work = std::pin::pin!(async {
-            let outcome = AssertUnwindSafe(next.call(req)).catch_unwind().await;
-            let committed = match &outcome {
-                Ok(Ok(res)) if succeeded(res) => Some(slot.finish(true, Reason::Status).await),
-                _ => None,
-            };
-            (outcome, committed)
+            let result = AssertUnwindSafe(next.call(req)).catch_unwind().await;
+            let commit = matches!(&result, Ok(Ok(res)) if succeeded(res));
+            outcome = Some(result);
+            if commit {
+                Some(slot.finish(true, Reason::Status).await)
+            } else {
+                None
+            }
         });
         run_with_deadlines(work, &slot).await
     };
     cancel.0 = None;
 
-    let Some((outcome, committed)) = done else {
-        // A statement outlived its deadline. The work future is gone (which cancelled the
-        // statement on our side); the connection cannot be trusted and is closed.
-        if slot.0.committing.get() {
-            // It was the COMMIT, whose outcome is now unknown; its connection went with
-            // the work future.
-            log::error!("COMMIT got no answer; the client gets 503 and the write may or may not have landed");
-            slot.settings().metrics.committed(false);
-        }
-        slot.discard();
-        let response = ApiError::Timeout.error_response();
-        return Ok(ServiceResponse::new(http_req, response));
+    let (committed, outcome) = match (committed, outcome) {
+        (Some(committed), Some(outcome)) => (committed, outcome),
+        // A statement outlived its deadline.
+        (_, outcome) => return Ok(after_deadline(&slot, outcome, http_req).await),
     };
 
     match outcome {
@@ -774,6 +887,11 @@ pub async fn finalize(
                     slot.finish(false, reason).await
                 }
             };
+            let finished = match finished {
+                Err(Finish::AnswerLost) => slot.resolve_lost_commit().await,
+                Err(Finish::Failed(e)) => Err(e),
+                Ok(()) => Ok(()),
+            };
             match finished {
                 Ok(()) => Ok(res.map_into_boxed_body()),
                 Err(e) => Ok(res.into_response(e.error_response())),
@@ -781,3 +899,36 @@ pub async fn finalize(
         }
     }
 }
+
+/// The answer after a statement outlived its deadline and the work future was dropped
+/// (which cancelled the statement on our side). If it was the COMMIT, its outcome is
+/// resolved on another connection, and the handler's response (`outcome`) is sent if it
+/// committed; any other statement's connection cannot be trusted and is closed: 503
+/// `timeout`.
+async fn after_deadline(
+    slot: &Slot,
+    outcome: Option<HandlerOutcome<impl MessageBody + 'static>>,
+    http_req: HttpRequest,
+) -> ServiceResponse<BoxBody> {
+    if !slot.0.committing.get() {
+        slot.discard();
+        return ServiceResponse::new(http_req, ApiError::Timeout.error_response());
+    }
+    log::error!(
+        "COMMIT got no answer within {:?}",
+        slot.settings().finish_deadline
+    );
+    match (slot.resolve_lost_commit().await, outcome) {
+        // Only a successful response is ever committed.
+        (Ok(()), Some(Ok(Ok(res)))) => res.map_into_boxed_body(),
+        (Ok(()), _) => ServiceResponse::new(
+            http_req,
+            ApiError::internal("lost response").error_response(),
+        ),
+        (Err(e), _) => ServiceResponse::new(http_req, e.error_response()),
+    }
+}
+
+/// What the inner service gave: a response, an error, or a panic.
+type HandlerOutcome<B> =
+    Result<Result<ServiceResponse<B>, actix_web::Error>, Box<dyn std::any::Any + Send>>;

@@ -94,12 +94,14 @@ impl CloseReason {
 }
 
 /// Every reason a transaction can be rolled back for.
-const ROLLBACK_REASONS: [Reason; 5] = [
+const ROLLBACK_REASONS: [Reason; 7] = [
     Reason::Status,
     Reason::Error,
     Reason::Panic,
     Reason::Cancelled,
     Reason::CommitFailed,
+    Reason::Timeout,
+    Reason::CommitVerified,
 ];
 
 fn reason_label(reason: Reason) -> &'static str {
@@ -109,6 +111,8 @@ fn reason_label(reason: Reason) -> &'static str {
         Reason::Panic => "panic",
         Reason::Cancelled => "cancelled",
         Reason::CommitFailed => "commit_failed",
+        Reason::Timeout => "timeout",
+        Reason::CommitVerified => "commit_verified",
     }
 }
 
@@ -129,11 +133,19 @@ struct TransactionLabels {
 }
 
 impl TransactionLabels {
-    /// A COMMIT: always decided by the status.
-    fn commit() -> Self {
+    /// A COMMIT: decided by the status, or verified after its answer was lost.
+    fn commit(reason: Reason) -> Self {
         TransactionLabels {
             outcome: "commit",
-            reason: reason_label(Reason::Status),
+            reason: reason_label(reason),
+        }
+    }
+
+    /// A COMMIT whose answer was lost and whose outcome could not be learned.
+    fn unknown() -> Self {
+        TransactionLabels {
+            outcome: "unknown",
+            reason: "commit_unknown",
         }
     }
 
@@ -168,6 +180,8 @@ struct Inner {
     /// The series of `db_transactions_total`, looked up once (every request touches one;
     /// a family lookup takes a lock and hashes the labels). Every one is created up front.
     commits: Counter,
+    commits_verified: Counter,
+    unknown: Counter,
     rollbacks: [Counter; ROLLBACK_REASONS.len()],
     leak_warnings: Family<HolderLabels, Counter>,
     leak_warn: Option<Duration>,
@@ -183,7 +197,13 @@ impl DbMetrics {
             Family::default(),
         );
         let commits = transactions
-            .get_or_create(&TransactionLabels::commit())
+            .get_or_create(&TransactionLabels::commit(Reason::Status))
+            .clone();
+        let commits_verified = transactions
+            .get_or_create(&TransactionLabels::commit(Reason::CommitVerified))
+            .clone();
+        let unknown = transactions
+            .get_or_create(&TransactionLabels::unknown())
             .clone();
         let rollbacks = ROLLBACK_REASONS.map(|reason| {
             transactions
@@ -228,6 +248,8 @@ impl DbMetrics {
                 Family::default(),
             ),
             commits,
+            commits_verified,
+            unknown,
             rollbacks,
             leak_warnings: registered(
                 registry,
@@ -286,14 +308,19 @@ impl DbMetrics {
         self.0.closed.get_or_create(&reason.labels()).inc_by(n);
     }
 
-    /// Counts a finished COMMIT: a success, or a failure (then the transaction is gone:
-    /// counted as a rollback because the commit failed).
-    pub fn committed(&self, ok: bool) {
-        if ok {
-            self.0.commits.inc();
+    /// Counts a transaction committed: by the status (`Reason::Status`), or found
+    /// committed after its COMMIT's answer was lost (`Reason::CommitVerified`).
+    pub fn committed(&self, reason: Reason) {
+        if reason == Reason::CommitVerified {
+            self.0.commits_verified.inc();
         } else {
-            self.rolled_back(Reason::CommitFailed);
+            self.0.commits.inc();
         }
+    }
+
+    /// Counts a COMMIT whose answer was lost and whose outcome could not be learned.
+    pub fn commit_unknown(&self) {
+        self.0.unknown.inc();
     }
 
     /// Counts a transaction rolled back (or abandoned to the server, which rolls it back).

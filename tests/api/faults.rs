@@ -16,7 +16,7 @@ use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::traffic::{summary, Outcome, Traffic};
-use crate::support::{proxy_to, within};
+use crate::support::{proxy_to, spawn_behind_proxy, within};
 
 /// A 503 that does not wait for a connection that cannot come must be this quick (the
 /// pool timeout in these tests is 5 s).
@@ -59,14 +59,6 @@ async fn assert_not_ready_within(app: &TestApp, limit: Duration) {
         "readiness while the database cannot be reached"
     );
     assert!(took < limit, "readiness took {took:?}");
-}
-
-/// The service on `db` through a proxy the test can break, with `settings` on top.
-async fn spawn_behind_proxy(db: TestDb, settings: &[(&str, &str)]) -> (TestApp, Proxy) {
-    let (proxy, url) = proxy_to(&db).await;
-    let mut vars = vec![("DATABASE_URL", url.as_str())];
-    vars.extend_from_slice(settings);
-    (spawn_app_on(db, &vars).await, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

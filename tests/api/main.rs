@@ -20,5 +20,6 @@ mod pool;
 mod session;
 mod shutdown;
 mod support;
+mod time_bounds;
 mod tls;
 mod transfers;

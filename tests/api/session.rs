@@ -255,32 +255,6 @@ async fn a_statement_past_the_statement_timeout_gets_503_timeout_and_the_connect
     );
 }
 
-/// Without a statement timeout, the client-side deadline (`DB_POOL_TIMEOUT`) bounds a
-/// statement that gets no answer: 503 `timeout`, nothing committed, connection closed.
-#[tokio::test]
-async fn a_statement_without_an_answer_is_cut_off_by_the_client_side_deadline() {
-    let app = spawn_app_with(&[
-        ("DB_POOL_TIMEOUT", "1"),
-        ("DB_POOL_SIZE", "1"),
-        ("DB_MAX_OVERFLOW", "0"),
-    ])
-    .await;
-    let started = std::time::Instant::now();
-    let answer = app
-        .post_json("/_test/write-then-pg-sleep?name=silent&ms=4000", &json!({}))
-        .await;
-    let waited = started.elapsed();
-    answer.assert_problem(503, "timeout");
-    assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
-        "{waited:?}"
-    );
-    // The abandoned connection was closed, not pooled: the next request gets a new one
-    // at once even with a pool of one.
-    app.create_account("after-deadline", 1).await;
-    assert_eq!(app.db.accounts_named("silent").await, 0);
-}
-
 /// A handler that abandons a pending `conn()` (its own timeout) can ask again.
 #[tokio::test]
 async fn an_abandoned_check_out_leaves_the_session_usable() {
@@ -356,26 +330,4 @@ async fn an_abandoned_statement_cannot_be_acknowledged() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.db.accounts_named("rabandon").await, 0);
     assert_eq!(app.db.accounts_named("late").await, 0);
-}
-
-/// When the client-side deadline gives up on a statement, the server is asked to cancel
-/// it: the backend does not keep running it (and holding its locks) after the 503.
-#[tokio::test]
-async fn a_statement_cut_off_by_the_deadline_is_cancelled_on_the_server() {
-    let app = spawn_app_with(&[("DB_POOL_TIMEOUT", "1")]).await;
-    let answer = app
-        .post_json(
-            "/_test/write-then-pg-sleep?name=rcancelled&ms=8000",
-            &json!({}),
-        )
-        .await;
-    answer.assert_problem(503, "timeout");
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            app.db.sessions("ledger", Some("active")).await == 0
-        })
-        .await,
-        "the abandoned statement stopped running on the server"
-    );
-    assert_eq!(app.db.accounts_named("rcancelled").await, 0);
 }

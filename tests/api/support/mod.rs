@@ -7,7 +7,7 @@ pub mod traffic;
 
 use std::net::SocketAddr;
 
-use crate::helpers::{admin_url, TestDb};
+use crate::helpers::{admin_url, spawn_app_on, TestApp, TestDb};
 use proxy::Proxy;
 
 /// The shared test server's address (from `DATABASE_URL`).
@@ -29,6 +29,14 @@ pub async fn proxy_to(db: &TestDb) -> (Proxy, String) {
     url.set_host(Some("127.0.0.1")).expect("host");
     url.set_port(Some(proxy.port())).expect("port");
     (proxy, url.to_string())
+}
+
+/// The service on `db` through a proxy the test can break, with `settings` on top.
+pub async fn spawn_behind_proxy(db: TestDb, settings: &[(&str, &str)]) -> (TestApp, Proxy) {
+    let (proxy, url) = proxy_to(&db).await;
+    let mut vars = vec![("DATABASE_URL", url.as_str())];
+    vars.extend_from_slice(settings);
+    (spawn_app_on(db, &vars).await, proxy)
 }
 
 /// A port nothing listens on right now (bound, read, released).
