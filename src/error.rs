@@ -293,3 +293,59 @@ impl From<PoolError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    use super::*;
+
+    /// What diesel-async reports when the connection is gone: no SQLSTATE, a text only.
+    fn lost_connection() -> Error {
+        Error::DatabaseError(
+            DatabaseErrorKind::UnableToSendCommand,
+            Box::new("connection closed".to_owned()),
+        )
+    }
+
+    #[test]
+    fn an_error_without_a_server_answer_is_classified_by_its_kind() {
+        assert_eq!(
+            ApiError::from(lost_connection()).code(),
+            "database_unavailable"
+        );
+        let closed = Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection,
+            Box::new("deadlock detected".to_owned()),
+        );
+        assert_eq!(ApiError::from(closed).code(), "database_unavailable");
+        // The text is never read: an English deadlock message without a code stays internal.
+        let unknown = Error::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("deadlock detected".to_owned()),
+        );
+        assert_eq!(ApiError::from(unknown).code(), "internal");
+    }
+
+    #[test]
+    fn a_commit_whose_rollback_also_failed_is_classified_by_the_commit_error() {
+        let error = Error::RollbackErrorOnCommit {
+            rollback_error: Box::new(Error::BrokenTransactionManager),
+            commit_error: Box::new(lost_connection()),
+        };
+        assert_eq!(ApiError::from(error).code(), "database_unavailable");
+    }
+
+    #[test]
+    fn every_connection_exception_is_database_unavailable() {
+        for code in ["08000", "08001", "08003", "08004", "08006", "08P01"] {
+            let class = classify_sql_state(&SqlState::from_code(code));
+            assert_eq!(
+                class.map(|e| e.code()),
+                Some("database_unavailable"),
+                "{code}"
+            );
+        }
+        assert!(classify_sql_state(&SqlState::from_code("0A000")).is_none());
+    }
+}
