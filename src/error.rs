@@ -12,6 +12,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use diesel::result::DatabaseErrorKind;
 use serde::Serialize;
+use tokio_postgres::error::SqlState;
 
 use crate::db::pool::PoolError;
 use crate::request_id;
@@ -220,46 +221,63 @@ impl ResponseError for ApiError {
 impl From<diesel::result::Error> for ApiError {
     fn from(error: diesel::result::Error) -> Self {
         use diesel::result::Error as E;
-        match &error {
+        match error {
             E::NotFound => ApiError::NotFound("not found".to_owned()),
-            E::DatabaseError(kind, info) => match kind {
-                DatabaseErrorKind::SerializationFailure => ApiError::TransactionConflict,
-                // A failover to a standby (or a server set read-only): not the request's
-                // fault, and worth retrying once the primary is back.
-                DatabaseErrorKind::ReadOnlyTransaction => {
-                    ApiError::DatabaseUnavailable("the database is read-only right now".to_owned())
+            E::DatabaseError(kind, ref info) => {
+                let class = match diesel_async::pg::sql_state(info.as_ref()) {
+                    Some(code) => classify_sql_state(&code),
+                    None => classify_kind(kind),
+                };
+                match class {
+                    Some(ApiError::DatabaseUnavailable(text)) => {
+                        // The cause matters to an operator; the client sees `text` only.
+                        log::warn!("database unavailable: {}", info.message());
+                        ApiError::DatabaseUnavailable(text)
+                    }
+                    Some(class) => class,
+                    None => ApiError::internal(&error),
                 }
-                DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection => {
-                    log::warn!("database connection failed: {}", info.message());
-                    ApiError::DatabaseUnavailable("the database connection failed".to_owned())
-                }
-                _ => classify_by_message(info.message())
-                    .unwrap_or_else(|| ApiError::internal(&error)),
-            },
-            _ => ApiError::internal(&error),
+            }
+            // COMMIT failed and so did the ROLLBACK after it: the COMMIT's error is the
+            // reason (a lost connection fails both).
+            E::RollbackErrorOnCommit { commit_error, .. } => ApiError::from(*commit_error),
+            other => ApiError::internal(other),
         }
     }
 }
 
-/// diesel passes SQLSTATEs it has no variant for as `Unknown`, without the code; the
-/// server's primary message is all there is. These are PostgreSQL's English texts
-/// (`lc_messages` other than English would make these fall through to `internal`, which is
-/// still a 5xx and still rolled back).
-fn classify_by_message(message: &str) -> Option<ApiError> {
-    if message.starts_with("deadlock detected") {
-        Some(ApiError::TransactionConflict)
-    } else if message.contains("statement timeout") {
-        Some(ApiError::Timeout)
-    } else if message.starts_with("terminating connection")
-        || message.starts_with("the database system is")
-        || message.starts_with("canceling statement due to user request")
-        || message.contains("server closed the connection")
-    {
-        Some(ApiError::DatabaseUnavailable(
-            "the database connection failed".to_owned(),
-        ))
-    } else {
-        None
+/// The contract's class (section 1) of a server error, by its SQLSTATE alone: the message
+/// follows the server's `lc_messages` and is never read. `None`: anything else, `internal`.
+fn classify_sql_state(code: &SqlState) -> Option<ApiError> {
+    let unavailable = |text: &str| Some(ApiError::DatabaseUnavailable(text.to_owned()));
+    match *code {
+        // 40001, 40P01
+        SqlState::T_R_SERIALIZATION_FAILURE | SqlState::T_R_DEADLOCK_DETECTED => {
+            Some(ApiError::TransactionConflict)
+        }
+        // 57014 (statement_timeout, or a cancel request), 55P03 (lock_timeout, NOWAIT)
+        SqlState::QUERY_CANCELED | SqlState::LOCK_NOT_AVAILABLE => Some(ApiError::Timeout),
+        // 57P01..57P03: the server is going away, or is not up yet.
+        SqlState::ADMIN_SHUTDOWN | SqlState::CRASH_SHUTDOWN | SqlState::CANNOT_CONNECT_NOW => {
+            unavailable("the database connection failed")
+        }
+        // 25006: a failover to a standby (or a server set read-only), not the request's
+        // fault, and worth retrying once the primary is back.
+        SqlState::READ_ONLY_SQL_TRANSACTION => unavailable("the database is read-only right now"),
+        // Class 08, connection exception.
+        _ if code.code().starts_with("08") => unavailable("the database connection failed"),
+        _ => None,
+    }
+}
+
+/// The class of an error that carries no SQLSTATE: diesel-async reports a failure to
+/// reach the server (closed connection, I/O error) as `UnableToSendCommand` with a text.
+fn classify_kind(kind: DatabaseErrorKind) -> Option<ApiError> {
+    match kind {
+        DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection => Some(
+            ApiError::DatabaseUnavailable("the database connection failed".to_owned()),
+        ),
+        _ => None,
     }
 }
 
@@ -280,5 +298,61 @@ impl From<PoolError> for ApiError {
             P::Closed => ApiError::DatabaseUnavailable("the service is shutting down".to_owned()),
             other => ApiError::internal(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    use super::*;
+
+    /// What diesel-async reports when the connection is gone: no SQLSTATE, a text only.
+    fn lost_connection() -> Error {
+        Error::DatabaseError(
+            DatabaseErrorKind::UnableToSendCommand,
+            Box::new("connection closed".to_owned()),
+        )
+    }
+
+    #[test]
+    fn an_error_without_a_server_answer_is_classified_by_its_kind() {
+        assert_eq!(
+            ApiError::from(lost_connection()).code(),
+            "database_unavailable"
+        );
+        let closed = Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection,
+            Box::new("deadlock detected".to_owned()),
+        );
+        assert_eq!(ApiError::from(closed).code(), "database_unavailable");
+        // The text is never read: an English deadlock message without a code stays internal.
+        let unknown = Error::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("deadlock detected".to_owned()),
+        );
+        assert_eq!(ApiError::from(unknown).code(), "internal");
+    }
+
+    #[test]
+    fn a_commit_whose_rollback_also_failed_is_classified_by_the_commit_error() {
+        let error = Error::RollbackErrorOnCommit {
+            rollback_error: Box::new(Error::BrokenTransactionManager),
+            commit_error: Box::new(lost_connection()),
+        };
+        assert_eq!(ApiError::from(error).code(), "database_unavailable");
+    }
+
+    #[test]
+    fn every_connection_exception_is_database_unavailable() {
+        for code in ["08000", "08001", "08003", "08004", "08006", "08P01"] {
+            let class = classify_sql_state(&SqlState::from_code(code));
+            assert_eq!(
+                class.map(|e| e.code()),
+                Some("database_unavailable"),
+                "{code}"
+            );
+        }
+        assert!(classify_sql_state(&SqlState::from_code("0A000")).is_none());
     }
 }

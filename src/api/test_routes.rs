@@ -86,6 +86,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         "/_test/write-then-pg-sleep",
         post(|| web::to(write_then_pg_sleep)),
     ))
+    .service(resource("/_test/raise", post(|| web::to(raise))))
+    .service(resource(
+        "/_test/lock-account",
+        post(|| web::to(lock_account)),
+    ))
     .service(resource(
         "/_test/no-session",
         [(Method::GET, web::to(no_session))],
@@ -297,6 +302,56 @@ async fn abandoned_statement(
     .await
     .is_err();
     Ok(HttpResponse::Created().json(serde_json::json!({ "abandoned": abandoned })))
+}
+
+/// The SQLSTATEs `/_test/raise` accepts. A `DO` block takes no bind parameters, so the
+/// statement is built from the entry of this list, never from the request's text.
+const RAISABLE: &[&str] = &[
+    "40001", "40P01", "57014", "55P03", "57P01", "57P02", "57P03", "08000", "08003", "08006",
+    "25006", "22012",
+];
+
+#[derive(Deserialize)]
+struct RaiseParams {
+    code: String,
+}
+
+/// Raises the SQLSTATE `code` (one of [`RAISABLE`]) inside the session's transaction,
+/// under a message no server would write: the answer must follow from the code alone.
+async fn raise(session: DbSession, q: web::Query<RaiseParams>) -> Result<HttpResponse, ApiError> {
+    let Some(code) = RAISABLE.iter().find(|&&code| code == q.code) else {
+        return Err(ApiError::BadRequest(
+            "code is not one of the raisable SQLSTATEs".to_owned(),
+        ));
+    };
+    let mut conn = session.conn().await?;
+    diesel::sql_query(format!(
+        "DO $$BEGIN RAISE EXCEPTION 'zz' USING ERRCODE = '{code}'; END$$"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    Ok(HttpResponse::Ok().finish())
+}
+
+#[derive(Deserialize)]
+struct LockParams {
+    id: i64,
+}
+
+/// Locks account `id` with a lock timeout of 100 ms for this transaction only.
+async fn lock_account(
+    session: DbSession,
+    q: web::Query<LockParams>,
+) -> Result<HttpResponse, ApiError> {
+    let mut conn = session.conn().await?;
+    diesel::sql_query("SET LOCAL lock_timeout = '100ms'")
+        .execute(&mut *conn)
+        .await?;
+    diesel::sql_query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind::<BigInt, _>(q.id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(HttpResponse::Ok().finish())
 }
 
 /// Takes no session: must not check out a connection.

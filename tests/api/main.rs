@@ -19,6 +19,7 @@ mod migrations;
 mod pool;
 mod session;
 mod shutdown;
+mod sqlstate;
 mod support;
 mod time_bounds;
 mod tls;
