@@ -42,21 +42,39 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
-use diesel::dsl::sql;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Bool, Nullable, Text};
-use diesel::QueryableByName;
+use diesel::{QueryResult, QueryableByName};
 use diesel_async::{
     AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
     TransactionManager,
 };
 
+use tokio_postgres::error::SqlState;
+
 use super::pool::DbPool;
 use crate::metrics::db::DbMetrics;
 
-/// The SQL of the id query; the same text everywhere, so that the statement prepared at
-/// connection time is the one the COMMIT path finds in the statement cache.
-const XID_SQL: &str = "pg_current_xact_id_if_assigned()::text";
+/// `SELECT pg_current_xact_id_if_assigned()::text`, as a query with a static id: diesel
+/// caches its prepared statement by that id, so the statement prepared at connection time
+/// is the one the COMMIT finds. (A `sql()` literal is never cached: every COMMIT would
+/// prepare it first, a round trip during which the COMMIT would overtake it.)
+#[derive(QueryId, Clone, Copy)]
+struct CurrentXid;
+
+impl Query for CurrentXid {
+    type SqlType = Nullable<Text>;
+}
+
+impl QueryFragment<Pg> for CurrentXid {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        // `xid8` has no diesel type: the id travels as text.
+        out.push_sql("SELECT pg_current_xact_id_if_assigned()::text");
+        Ok(())
+    }
+}
 
 /// Pause between two verification attempts that failed (a pooled connection that was cut
 /// too, a server that is restarting).
@@ -89,7 +107,7 @@ pub enum CommitError {
 /// Prepares the id query on a new connection, so that [`commit`] can pipeline it without
 /// a round trip of its own. One round trip per connection, not per request.
 pub async fn prepare(conn: &mut AsyncPgConnection) -> Result<(), DieselError> {
-    diesel::select(sql::<Nullable<Text>>(XID_SQL))
+    CurrentXid
         .get_result::<Option<String>>(conn)
         .await
         .map(drop)
@@ -104,8 +122,7 @@ pub async fn commit(conn: &mut AsyncPgConnection, xid: &Cell<TxId>) -> Result<()
         let (mut for_id, mut for_commit) = (shared, shared);
         let id = async {
             let answer = tokio::task::coop::unconstrained(
-                diesel::select(sql::<Nullable<Text>>(XID_SQL))
-                    .get_result::<Option<String>>(&mut for_id),
+                CurrentXid.get_result::<Option<String>>(&mut for_id),
             )
             .await;
             if let Ok(id) = &answer {
@@ -140,16 +157,30 @@ pub async fn commit(conn: &mut AsyncPgConnection, xid: &Cell<TxId>) -> Result<()
     result
 }
 
-/// True when an error means the answer did not arrive (the connection broke or the
-/// server ended the session), rather than that the server refused.
+/// True when an error means the COMMIT's answer did not arrive, or came from a server
+/// that ended the session (57P01..57P03, class 08: a backend terminated while it waited
+/// for its commit record's flush may have committed), rather than a refusal (any other
+/// error: the transaction did not commit).
 pub fn answer_lost(error: &DieselError) -> bool {
-    matches!(
-        error,
-        DieselError::DatabaseError(
-            DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection,
-            _,
-        )
-    )
+    match error {
+        DieselError::DatabaseError(kind, info) => {
+            match diesel_async::pg::sql_state(info.as_ref()) {
+                Some(code) => {
+                    matches!(
+                        code,
+                        SqlState::ADMIN_SHUTDOWN
+                            | SqlState::CRASH_SHUTDOWN
+                            | SqlState::CANNOT_CONNECT_NOW
+                    ) || code.code().starts_with("08")
+                }
+                None => matches!(
+                    kind,
+                    DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection
+                ),
+            }
+        }
+        _ => false,
+    }
 }
 
 /// What verification found out about a transaction whose COMMIT answer was lost.

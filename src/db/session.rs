@@ -354,6 +354,9 @@ struct SlotInner {
     /// The waker of the task waiting on the check-out, woken when its deadline passes: it
     /// need not be the request's own task (`conn()` under `spawn_local`, say).
     checkout_waker: RefCell<Option<Waker>>,
+    /// The waker the middleware's timer is registered with: a check-out that starts in
+    /// another task wakes it, so that the timer is armed for the check-out's deadline.
+    timer_waker: RefCell<Option<Waker>>,
     settings: web::Data<SessionSettings>,
 }
 
@@ -368,6 +371,7 @@ impl Slot {
             committing: Cell::new(false),
             xid: Cell::new(TxId::Unknown),
             checkout_waker: RefCell::new(None),
+            timer_waker: RefCell::new(None),
             settings,
         }))
     }
@@ -413,6 +417,13 @@ impl Slot {
                 let mut waker = self.0.checkout_waker.borrow_mut();
                 if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     *waker = Some(cx.waker().clone());
+                    // Checking out in a task of its own (`conn()` under `spawn_local`): the
+                    // middleware's timer learns of the deadline only when it is polled.
+                    if let Some(timer) = self.0.timer_waker.borrow().as_ref() {
+                        if !timer.will_wake(cx.waker()) {
+                            timer.wake_by_ref();
+                        }
+                    }
                 }
                 Poll::Pending
             }
@@ -508,7 +519,7 @@ impl Slot {
                      {:?}: answering 503 commit_unknown",
                     settings.checkout_timeout
                 );
-                settings.metrics.commit_unknown();
+                settings.metrics.commit_unknown(xid != TxId::Unknown);
                 Err(ApiError::CommitUnknown)
             }
         }
@@ -762,6 +773,7 @@ async fn run_with_deadlines<F: Future>(mut work: Pin<&mut F>, slot: &Slot) -> Op
             // Pending without registering the waker, and it is not polled again.
             let polled = std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut())).poll(cx);
             registered = Some(cx.waker().clone());
+            *inner.timer_waker.borrow_mut() = registered.clone();
             if polled.is_pending() {
                 return Poll::Pending;
             }

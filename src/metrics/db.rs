@@ -141,11 +141,13 @@ impl TransactionLabels {
         }
     }
 
-    /// A COMMIT whose answer was lost and whose outcome could not be learned.
-    fn unknown() -> Self {
+    /// A COMMIT whose answer was lost and whose outcome could not be learned: the server
+    /// could not be asked in time (`commit_unknown`), or the transaction's id was lost
+    /// with the COMMIT's answer, so there was nothing to ask about (`xid_unknown`).
+    fn unknown(reason: &'static str) -> Self {
         TransactionLabels {
             outcome: "unknown",
-            reason: "commit_unknown",
+            reason,
         }
     }
 
@@ -182,6 +184,7 @@ struct Inner {
     commits: Counter,
     commits_verified: Counter,
     unknown: Counter,
+    xid_unknown: Counter,
     rollbacks: [Counter; ROLLBACK_REASONS.len()],
     leak_warnings: Family<HolderLabels, Counter>,
     leak_warn: Option<Duration>,
@@ -203,7 +206,10 @@ impl DbMetrics {
             .get_or_create(&TransactionLabels::commit(Reason::CommitVerified))
             .clone();
         let unknown = transactions
-            .get_or_create(&TransactionLabels::unknown())
+            .get_or_create(&TransactionLabels::unknown("commit_unknown"))
+            .clone();
+        let xid_unknown = transactions
+            .get_or_create(&TransactionLabels::unknown("xid_unknown"))
             .clone();
         let rollbacks = ROLLBACK_REASONS.map(|reason| {
             transactions
@@ -250,6 +256,7 @@ impl DbMetrics {
             commits,
             commits_verified,
             unknown,
+            xid_unknown,
             rollbacks,
             leak_warnings: registered(
                 registry,
@@ -318,9 +325,14 @@ impl DbMetrics {
         }
     }
 
-    /// Counts a COMMIT whose answer was lost and whose outcome could not be learned.
-    pub fn commit_unknown(&self) {
-        self.0.unknown.inc();
+    /// Counts a COMMIT whose answer was lost and whose outcome could not be learned;
+    /// `id_known`: whether the transaction's id was (so the server could not be asked).
+    pub fn commit_unknown(&self, id_known: bool) {
+        if id_known {
+            self.0.unknown.inc();
+        } else {
+            self.0.xid_unknown.inc();
+        }
     }
 
     /// Counts a transaction rolled back (or abandoned to the server, which rolls it back).

@@ -10,6 +10,8 @@ use tokio::task::JoinHandle;
 /// One request of the traffic and what became of it.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// The name of the account the request tried to create.
+    pub name: String,
     pub started: Instant,
     pub elapsed: Duration,
     /// HTTP status; 0 when no response came (connection error or client timeout).
@@ -98,6 +100,7 @@ async fn create(client: &reqwest::Client, url: &str, name: &str) -> Outcome {
         Err(_) => (0, serde_json::Value::Null),
     };
     Outcome {
+        name: name.to_owned(),
         started,
         elapsed: started.elapsed(),
         status,
