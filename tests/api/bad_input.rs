@@ -4,6 +4,10 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::helpers::{spawn_app, spawn_app_with, Answer, TestApp};
+use crate::metrics::Scrape;
+
+/// Pool check-outs so far (one per session that asked for a connection).
+const CHECKOUTS: &str = "db_pool_acquire_duration_seconds_count";
 
 /// The answer a case must get.
 #[derive(Debug, Clone, Copy)]
@@ -146,9 +150,10 @@ fn batch(items: &[String]) -> String {
 }
 
 /// Every field of every body, query and path at its edges and in every wrong shape, each
-/// answered with the contract's status and code (and field or index) in problem+json, and
-/// none writing anything: no 500 from PostgreSQL refusing a value, no array taken for an
-/// object, no `*/json` media type taken for `application/json`.
+/// answered with the contract's status and code (and field or index) in problem+json, none
+/// writing anything, and those the request alone decides checking out no connection: no
+/// 500 from PostgreSQL refusing a value, no array taken for an object, no `*/json` media
+/// type taken for `application/json`.
 #[tokio::test]
 async fn every_edge_value_and_wrong_shape_gets_the_contracts_answer_and_writes_nothing() {
     let app = spawn_app().await;
@@ -552,12 +557,16 @@ async fn every_edge_value_and_wrong_shape_gets_the_contracts_answer_and_writes_n
     let mut before = snapshot(&client).await;
     let mut wrong = Vec::new();
     for (req, want) in &cases {
+        let checkouts = Scrape::take(&app).await.get(CHECKOUTS);
         let answer = req.send(&app).await;
         let after = snapshot(&client).await;
         // Compared with the state just before this case, so that one case's write does
         // not show as every later case's.
         let written = after != before;
         before = after;
+        if needs_no_connection(want) && Scrape::take(&app).await.get(CHECKOUTS) != checkouts {
+            wrong.push(format!("{}: checked out a connection", req.describe()));
+        }
         if let Some(problem) = mismatch(&answer, want, written) {
             wrong.push(format!("{}: {problem}: {}", req.describe(), answer.text));
         }
@@ -569,6 +578,16 @@ async fn every_edge_value_and_wrong_shape_gets_the_contracts_answer_and_writes_n
         cases.len(),
         wrong.join("\n")
     );
+}
+
+/// Answers that the request alone decides: they must come before any check-out. (An
+/// overflowing credit, a missing account or a short balance need the database.)
+fn needs_no_connection(want: &Want) -> bool {
+    match want.status {
+        400 | 415 => true,
+        422 => matches!(want.field, Some("name" | "balance" | "limit" | "transfers")),
+        _ => false,
+    }
 }
 
 /// What is wrong with `answer` for `want`, if anything.
