@@ -164,6 +164,8 @@ async fn every_edge_value_and_wrong_shape_gets_the_contracts_answer_and_writes_n
     let one = batch(std::slice::from_ref(&ok));
     let hundred_and_one = vec![ok.clone(); 101];
     let long_name = "é".repeat(101);
+    // Past serde_json's recursion limit (128), through the wrapper's extra frames.
+    let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
 
     let cases: Vec<(Req, Want)> = vec![
         // POST /accounts: text.
@@ -189,6 +191,8 @@ async fn every_edge_value_and_wrong_shape_gets_the_contracts_answer_and_writes_n
         (post("/accounts", r#"{"name": ["x"]}"#), BAD),
         (post("/accounts", r#"{"name": {"x": 1}}"#), BAD),
         (post("/accounts", r#"{"name": "x", "name": "y"}"#), BAD),
+        (post("/accounts", format!(r#"{{"name": {deep}}}"#)), BAD),
+        (post("/accounts", "\u{feff}{\"name\": \"bom\"}"), BAD),
         // POST /accounts: the balance.
         (
             post("/accounts", r#"{"name": "x", "balance": -1}"#),
@@ -477,6 +481,10 @@ async fn every_edge_value_and_wrong_shape_gets_the_contracts_answer_and_writes_n
             BAD,
         ),
         (post("/transfers/batch", r#"{"transfers": null}"#), BAD),
+        (
+            post("/transfers/batch", format!(r#"{{"transfers": {deep}}}"#)),
+            at(0, BAD),
+        ),
         (post("/transfers/batch", "{}"), BAD),
         (
             post(
@@ -634,6 +642,16 @@ async fn edge_values_the_contract_allows_are_accepted() {
         .await;
     assert_eq!(answer.status, 201, "{}", answer.text);
     assert_eq!(answer.body["name"], name.as_str());
+    // Outside the BMP (a JSON surrogate pair) and noncharacters: PostgreSQL takes them.
+    let answer = app
+        .post_raw(
+            "/accounts",
+            Some("application/json"),
+            r#"{"name": "\ud83d\ude00 \udbff\udfff \uffff \u0001"}"#,
+        )
+        .await;
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(answer.body["name"], "\u{1f600} \u{10ffff} \u{ffff} \u{1}");
     let full = app.account_id("full", i64::MAX).await;
     let zero = app.account_id("zero", 0).await;
 
