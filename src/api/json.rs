@@ -10,14 +10,14 @@
 //!   move money. The contract calls that a wrong JSON type.
 //!
 //! The second is fixed in the deserializer, not in each request type: the body is parsed
-//! through [`ObjectsOnly`], a transparent wrapper around serde_json's deserializer that
+//! through `ObjectsOnly`, a transparent wrapper around serde_json's deserializer that
 //! refuses a sequence wherever a struct was asked for, at every depth (nested structs,
 //! `Vec` items, `Option`s, enum variants). A request type added tomorrow is covered by
 //! using this extractor, with nothing to remember in the type itself. (Checking the shape on
 //! a `serde_json::Value` first would need each type's shape spelt out a second time, and
-//! `Value` silently keeps the last of two duplicate keys.) Two serde features buffer their
-//! input before the struct sees it and so bypass the wrapper: `#[serde(flatten)]` and
-//! untagged enums; no request type uses them.
+//! `Value` silently keeps the last of two duplicate keys.) Serde features that buffer their
+//! input before the struct sees it bypass the wrapper: `#[serde(flatten)]`, internally
+//! tagged and untagged enums; no request type uses them.
 //!
 //! The wrapper also records which array element was being read when parsing failed: an
 //! error inside an element of an array (a batch item) is answered with that element's
