@@ -50,6 +50,13 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
 /// Upper bound of `DB_POOL_SIZE` and `DB_MAX_OVERFLOW` (contract section 6).
 const MAX_POOL_SETTING: usize = 1000;
+/// The shortest duration setting. `Duration::from_secs_f64` would round `1e-10` down to
+/// zero, which deadpool reads as "fail at once" and tokio as "already expired"; below a
+/// millisecond a setting is a unit mix-up, not an intent.
+const MIN_DURATION: Duration = Duration::from_millis(1);
+/// The longest duration setting, in seconds (a year): beyond it a value is a typo, and
+/// `Duration::from_secs_f64` panics on values it cannot represent.
+const MAX_DURATION_SECS: f64 = 366.0 * 86_400.0;
 /// Upper bound of `HTTP_WORKERS`: a guard against typos, far above any core count.
 const MAX_HTTP_WORKERS: usize = 1024;
 
@@ -285,7 +292,8 @@ impl Env<'_> {
         }
     }
 
-    /// Seconds > 0; `decimals` allows values such as `0.5`.
+    /// Seconds, at least [`MIN_DURATION`] and at most [`MAX_DURATION_SECS`]; `decimals`
+    /// allows values such as `0.5`.
     fn positive_secs(
         &self,
         var: &'static str,
@@ -296,7 +304,7 @@ impl Env<'_> {
             return Ok(Duration::from_secs_f64(default));
         };
         let what = if decimals {
-            "a number of seconds > 0"
+            "a number of seconds >= 0.001"
         } else {
             "a whole number of seconds > 0"
         };
@@ -305,10 +313,14 @@ impl Env<'_> {
         } else {
             raw.parse::<u64>().ok().map(|n| n as f64)
         };
+        // `is_finite` first: NaN compares false with everything, infinity would make
+        // `Duration::from_secs_f64` panic.
         match parsed {
-            // Anything beyond a year is a typo, and Duration::from_secs_f64 panics on
-            // values it cannot represent.
-            Some(secs) if secs.is_finite() && secs > 0.0 && secs <= 366.0 * 86_400.0 => {
+            Some(secs)
+                if secs.is_finite()
+                    && secs >= MIN_DURATION.as_secs_f64()
+                    && secs <= MAX_DURATION_SECS =>
+            {
                 Ok(Duration::from_secs_f64(secs))
             }
             _ => Err(ConfigError::new(
@@ -427,6 +439,22 @@ mod tests {
     fn decimals_are_allowed_for_the_pool_timeout() {
         let c = config(&[URL, ("DB_POOL_TIMEOUT", "0.25")]).unwrap();
         assert_eq!(c.db.pool_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn the_shortest_accepted_durations_are_one_millisecond_and_never_zero() {
+        for var in ["DB_POOL_TIMEOUT", "DB_HEALTH_TIMEOUT"] {
+            let c = config(&[URL, (var, "0.001")]).unwrap();
+            let d = if var == "DB_POOL_TIMEOUT" {
+                c.db.pool_timeout
+            } else {
+                c.db.health_timeout
+            };
+            assert_eq!(d, Duration::from_millis(1), "{var}");
+            for bad in ["0.0009999", "1e-10", "NaN", "inf", "-0.0", "1e300"] {
+                assert_eq!(config(&[URL, (var, bad)]).unwrap_err().var, var, "{bad}");
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ use actix_web::http::{header, Method};
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 
+use super::json::Json;
 use super::{find_by_id, page_limit, resource, Page};
 use crate::db::accounts::{self, Account};
 use crate::db::session::DbSession;
@@ -43,6 +44,10 @@ impl CreateAccount {
                 "name",
                 "must be 1 to 100 characters after trimming",
             ));
+        } else if name.contains('\0') {
+            // Valid JSON (`\u0000`), but PostgreSQL's text cannot hold it: the INSERT
+            // would fail with a 500.
+            errors.push(FieldError::new("name", "must not contain U+0000"));
         }
         if self.balance < 0 {
             errors.push(FieldError::new("balance", "must be >= 0"));
@@ -55,17 +60,16 @@ impl CreateAccount {
     }
 }
 
-/// Query of `GET /accounts`.
+/// Query of `GET /accounts`. Unknown parameters are rejected (400), as for transfers: a
+/// misspelt `limit` must not silently give the default page.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListParams {
     pub limit: Option<i64>,
     pub after_id: Option<i64>,
 }
 
-async fn create(
-    session: DbSession,
-    body: web::Json<CreateAccount>,
-) -> Result<HttpResponse, ApiError> {
+async fn create(session: DbSession, body: Json<CreateAccount>) -> Result<HttpResponse, ApiError> {
     let name = body.validate()?;
     let mut conn = session.conn().await?;
     let account = accounts::insert(&mut conn, name, body.balance).await?;

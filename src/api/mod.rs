@@ -3,8 +3,9 @@
 //! Every resource is registered through [`resource`], which lists its methods once: a
 //! known path with a wrong method gets 405 `method_not_allowed` with an `Allow` header
 //! (Actix's route macros would fall through to 404). Unknown paths get 404 `not_found`
-//! from [`not_found`]. The JSON, path and query extractors map their failures to the
-//! contract's codes (400, 413, 415), so bad input never reaches a handler, never checks
+//! from [`not_found`]. Request bodies go through [`json::Json`] (objects only,
+//! `application/json` only); it and the path and query extractors map their failures to
+//! the contract's codes (400, 413, 415), so bad input never reaches a handler, never checks
 //! out a connection and never writes.
 
 use actix_web::body::MessageBody;
@@ -27,6 +28,8 @@ pub mod accounts;
 pub mod bench_routes;
 /// The `Idempotency-Key` header of the POST endpoints.
 pub mod idempotency;
+/// The request body extractor: `application/json`, objects where structs are expected.
+pub mod json;
 /// Routes that exist only to prove the session guarantees (`--features test-routes`).
 #[cfg(feature = "test-routes")]
 pub mod test_routes;
@@ -35,6 +38,8 @@ pub mod transfers;
 
 /// Registers the API routes and the extractor configuration.
 pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
+    json::configure(cfg, body_limit);
+    // `web::Json` is left to the benchmark baselines; the API's bodies use `json::Json`.
     cfg.app_data(json_config(body_limit))
         .app_data(web::PathConfig::default().error_handler(path_error))
         .app_data(web::QueryConfig::default().error_handler(query_error));

@@ -7,9 +7,9 @@
 use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
+use super::json::Json;
 use super::{find_by_id, page_limit, resource, Page};
 use crate::db::session::DbSession;
 use crate::db::transfers::{self, NewTransfer, Transfer};
@@ -58,31 +58,21 @@ impl From<TransferRequest> for NewTransfer {
     }
 }
 
-/// `POST /transfers/batch` body. Items are parsed one by one (see [`BatchRequest::items`])
-/// so that a malformed item's 400 names its index like any other failing item.
+/// `POST /transfers/batch` body. A malformed item's 400 names its index like any other
+/// failing item: the body extractor ([`Json`]) tracks the element being read.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    pub transfers: Vec<Value>,
+    pub transfers: Vec<TransferRequest>,
 }
 
 impl BatchRequest {
-    /// The parsed items: 1..=100 of them (else 422), each a well-formed transfer request
-    /// (else 400 with its index).
+    /// The items: 1..=100 of them, else 422.
     fn items(self) -> Result<Vec<TransferRequest>, ApiError> {
         if !(1..=MAX_BATCH_ITEMS).contains(&self.transfers.len()) {
             return Err(ApiError::invalid("transfers", "must hold 1 to 100 items"));
         }
-        self.transfers
-            .into_iter()
-            .enumerate()
-            .map(|(index, item)| {
-                serde_json::from_value(item).map_err(|e| ApiError::AtIndex {
-                    index,
-                    error: Box::new(ApiError::BadRequest(format!("invalid transfer: {e}"))),
-                })
-            })
-            .collect()
+        Ok(self.transfers)
     }
 }
 
@@ -123,7 +113,7 @@ async fn create(
     session: DbSession,
     key: IdempotencyKey,
     settings: web::Data<IdempotencySettings>,
-    body: web::Json<TransferRequest>,
+    body: Json<TransferRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let request = body.into_inner();
     let item = NewTransfer::from(request);
@@ -154,7 +144,7 @@ async fn create_batch(
     session: DbSession,
     key: IdempotencyKey,
     settings: web::Data<IdempotencySettings>,
-    body: web::Json<BatchRequest>,
+    body: Json<BatchRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let requests = body.into_inner().items()?;
     let items: Vec<NewTransfer> = requests.iter().copied().map(NewTransfer::from).collect();
