@@ -134,6 +134,9 @@ async fn build_template(name: &str) {
         .expect("advisory unlock");
 }
 
+/// How much longer a COMMIT takes on a table made slow with [`TestDb::slow_commits`].
+pub const SLOW_COMMIT: Duration = Duration::from_millis(500);
+
 /// A database of one test's own, dropped when this value drops.
 pub struct TestDb {
     pub name: String,
@@ -237,6 +240,24 @@ impl TestDb {
             .await
             .expect("terminate")
             .get(0)
+    }
+
+    /// Makes every COMMIT that wrote rows of `table` take `SLOW_COMMIT` longer per row: a
+    /// deferred constraint trigger fires at COMMIT, before the commit record is written,
+    /// and sleeps. Until it returns, no other connection sees the rows. Only this test's
+    /// database gets it; nothing of the migrations changes.
+    pub async fn slow_commits(&self, table: &str) {
+        let seconds = SLOW_COMMIT.as_secs_f64();
+        self.client()
+            .await
+            .batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END$$; \
+                 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON {table} \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+            ))
+            .await
+            .expect("slow COMMIT trigger");
     }
 
     /// Creates the database now (for tests that start the service before it exists).
