@@ -20,6 +20,17 @@ use tokio_postgres::{Client, NoTls};
 /// Marks every database this suite creates.
 const TEST_DB_PREFIX: &str = "ledger_test_";
 
+/// The slack every timing bound of the suite gets on top of the time it bounds: "within
+/// the 1 s pool timeout" is asserted as `< 1 s + SLACK`, "at once" as `< SLACK`.
+///
+/// CI runs 8 test threads on 2 cores, so each test's server, client and PostgreSQL backends
+/// compete with seven other tests (and with whatever else the machine runs) for a quarter
+/// of a core: a task that is ready can wait whole scheduler slices, several times in one
+/// request. One value for every bound, generous rather than tuned, so that a bound fails only
+/// when something waited for a timeout it should not have met: each test keeps what it
+/// bounds at least `SLACK` away from the timeout or hang a regression would run into.
+pub const SLACK: Duration = Duration::from_secs(2);
+
 /// The `Retry-After` value of every 503 (README, "During a database outage": `Retry-After: 1`).
 pub const RETRY_AFTER: &str = "1";
 
@@ -211,6 +222,23 @@ impl TestDb {
             .await
             .expect("pg_stat_activity")
             .get(0)
+    }
+
+    /// Whether no backend of the service on this database runs a statement or sits inside a
+    /// transaction: whatever a request left behind (a statement it stopped waiting for, a
+    /// transaction on a connection it closed) has been settled by the server.
+    pub async fn ledger_settled(&self) -> bool {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'ledger' AND state <> 'idle'",
+                &[&self.name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0)
+            == 0
     }
 
     /// Backend PIDs of the service's pooled connections on this database.
