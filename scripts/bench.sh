@@ -5,7 +5,8 @@
 #   scripts/bench.sh                 full run; writes BENCHMARKS.md (between its markers)
 #                                    and docs/bench-concurrency.svg
 #   scripts/bench.sh --smoke         a few seconds per step, tiny load, checks that the
-#                                    output parses and the statement counts are as expected;
+#                                    output parses, the statement counts are as expected and
+#                                    every 2xx ended in COMMIT (one at a time, exact);
 #                                    writes only under target/bench-smoke
 #   --bin PATH                       use this ledger binary (built with --features bench)
 #                                    instead of building one (make test passes the one its
@@ -768,6 +769,40 @@ if [ "$SMOKE" = 1 ]; then
   }
   # The pgbench script's statement count is the reference a transfer must not exceed.
   EXPECTED_TX=$(grep -cE '^(BEGIN|SELECT|UPDATE|INSERT|COMMIT)' bench/pgbench/transfer.sql)
+  # Which statements, not only how many: a ROLLBACK in place of the COMMIT costs as many.
+  # Requests one at a time, so that none is in flight at the reset or the read and the
+  # counts are exact: transfers, every fifth naming an account that does not exist (404,
+  # which must roll back), then reads. Read: "2xx other commits rollbacks inserts
+  # transfers_2xx".
+  commit_check() { # requests
+    local i code from ok=0 other=0 transfers_ok
+    local url="http://127.0.0.1:"
+    start_service commits
+    url=$url${SVC_PORT[commits]}
+    stats_reset
+    for i in $(seq "$1"); do
+      from=$((i % ACCOUNTS + 1))
+      [ $((i % 5)) = 0 ] && from=$((ACCOUNTS + 1))
+      code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' \
+        -d "{\"from_account_id\":$from,\"to_account_id\":$((from % ACCOUNTS + 1)),\"amount\":1}" \
+        "$url/transfers") || code=000
+      case $code in 2??) ok=$((ok + 1)) ;; *) other=$((other + 1)) ;; esac
+    done
+    transfers_ok=$ok
+    for i in $(seq "$1"); do
+      code=$(curl -s -o /dev/null -w '%{http_code}' "$url/accounts/$((i % ACCOUNTS + 1))") || code=000
+      case $code in 2??) ok=$((ok + 1)) ;; *) other=$((other + 1)) ;; esac
+    done
+    stats_read >"$OUT/stmts/commit-check.tsv"
+    stop_services
+    awk -F'\t' -v ok="$ok" -v other="$other" -v tx="$transfers_ok" '
+      $2 == "COMMIT" { commits += $1 }
+      $2 == "ROLLBACK" { rollbacks += $1 }
+      $2 ~ /^INSERT INTO "transfers"/ { inserts += $1 }
+      END { printf "%d %d %d %d %d %d\n", ok, other, commits, rollbacks, inserts, tx }' \
+      "$OUT/stmts/commit-check.tsv"
+  }
+  read -r CC_OK CC_OTHER CC_COMMITS CC_ROLLBACKS CC_INSERTS CC_TX_OK < <(commit_check 50)
   check "one result line per run ($RUN_NO)" "$(yes_if 'v1 == v2' "$(wc -l <"$RESULTS")" "$RUN_NO")"
   check "every run parsed with throughput > 0" \
     "$(awk -F'\t' '$5 + 0 <= 0 || $7 == "" { bad = 1 } END { print bad ? "no" : "yes" }' "$RESULTS")"
@@ -776,6 +811,10 @@ if [ "$SMOKE" = 1 ]; then
     "$(yes_if 'v1 == v2' "$ST_TX_P" "$EXPECTED_TX")"
   check "a transfer through the session costs $EXPECTED_TX statements besides pings ($ST_TX_S, pings $PING_TX_S)" \
     "$(yes_if 'v1 - v2 > v3 - 0.001 && v1 - v2 < v3 + 0.001' "$ST_TX_S" "$PING_TX_S" "$EXPECTED_TX")"
+  check "every 2xx committed: COMMITs = 2xx ($CC_COMMITS, $CC_OK); transfer INSERTs = 2xx transfers ($CC_INSERTS, $CC_TX_OK)" \
+    "$(yes_if 'v1 == v2 && v3 == v4 && v4 > 0 && v2 > v4' "$CC_COMMITS" "$CC_OK" "$CC_INSERTS" "$CC_TX_OK")"
+  check "every other answer rolled back: ROLLBACKs = non-2xx ($CC_ROLLBACKS, $CC_OTHER)" \
+    "$(yes_if 'v1 == v2 && v2 > 0' "$CC_ROLLBACKS" "$CC_OTHER")"
   check "the baseline transfer costs as many ($ST_TX_B)" \
     "$(yes_if 'v1 - v2 < 0.05 && v2 - v1 < 0.05' "$ST_TX_B" "$ST_TX_S")"
   check "a read costs BEGIN, SELECT, COMMIT and no ping (session $ST_RD_S, pings $PING_RD_S; baseline $ST_RD_B)" \

@@ -62,6 +62,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ))
     .service(resource("/_test/savepoint", post(|| web::to(savepoint))))
     .service(resource(
+        "/_test/savepoint-db-error",
+        post(|| web::to(savepoint_db_error)),
+    ))
+    .service(resource(
         "/_test/escaping-guard",
         post(|| web::to(escaping_guard)),
     ))
@@ -194,6 +198,33 @@ async fn savepoint(session: DbSession, q: web::Query<Params>) -> Result<HttpResp
         .json(serde_json::json!({ "id": outer, "nested_failed": nested.is_err() })))
 }
 
+/// Writes, then a nested unit of work writes and hits a real database error (division by
+/// zero, which aborts the transaction up to the savepoint); after the savepoint rolled back,
+/// the handler writes once more and answers 201.
+async fn savepoint_db_error(
+    session: DbSession,
+    q: web::Query<Params>,
+) -> Result<HttpResponse, ApiError> {
+    let outer = write(&session, &q.name).await?;
+    let mut conn = session.conn().await?;
+    let inner_name = format!("{}-inner", q.name);
+    let nested = conn
+        .transaction::<(), diesel::result::Error, _>(async |conn| {
+            accounts::insert(conn, &inner_name, 1).await?;
+            diesel::sql_query("SELECT 1/0").execute(conn).await?;
+            Ok(())
+        })
+        .await;
+    let after = accounts::insert(&mut conn, &format!("{}-after", q.name), 1)
+        .await?
+        .id;
+    Ok(HttpResponse::Created().json(serde_json::json!({
+        "id": outer,
+        "after_id": after,
+        "nested_failed": nested.is_err(),
+    })))
+}
+
 /// Moves the connection guard into a task that outlives the handler, which then writes.
 async fn escaping_guard(
     session: DbSession,
@@ -281,8 +312,8 @@ async fn nested_timeout(
     Ok(HttpResponse::Created().json(serde_json::json!({ "cut_short": cut_short })))
 }
 
-/// Writes, then drops a statement future mid-flight (a statement that will fail) and
-/// answers 201 anyway.
+/// Writes, then drops a statement future mid-flight (a valid INSERT that the server runs
+/// after the handler stopped waiting) and answers 201 anyway.
 async fn abandoned_statement(
     session: DbSession,
     q: web::Query<Params>,
@@ -294,7 +325,7 @@ async fn abandoned_statement(
     let abandoned = tokio::time::timeout(
         Duration::from_millis(50),
         diesel::sql_query(
-            "INSERT INTO accounts (name, balance) SELECT 'late', -1 FROM pg_sleep($1::bigint / 1000.0)",
+            "INSERT INTO accounts (name, balance) SELECT 'late', 1 FROM pg_sleep($1::bigint / 1000.0)",
         )
         .bind::<BigInt, _>(i64::try_from(sleep_ms).unwrap_or(i64::MAX))
         .execute(&mut *conn),

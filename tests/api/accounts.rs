@@ -1,6 +1,8 @@
+use std::time::Instant;
+
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, SLOW_COMMIT};
 
 #[tokio::test]
 async fn created_account_is_committed_before_the_client_sees_201() {
@@ -24,8 +26,45 @@ async fn created_account_is_committed_before_the_client_sees_201() {
     assert!(answer.body["created_at"]
         .as_str()
         .is_some_and(|t| t.ends_with('Z')));
-    // Visible at once from a connection of our own: the COMMIT happened before the 201.
     assert_eq!(app.db.accounts_named("Alice").await, 1);
+}
+
+/// A read after the answer would also pass for a COMMIT sent just after the response. Here
+/// the COMMIT itself is slow (a deferred trigger sleeps in it), so only a service that
+/// waits for it before answering can pass: the row is visible to another connection the
+/// moment the 201's headers arrive, and the request took at least as long as the COMMIT.
+#[tokio::test]
+async fn a_slow_commit_finishes_before_the_201_is_sent() {
+    let app = spawn_app().await;
+    app.db.slow_commits("accounts").await;
+    // Connected and prepared beforehand: nothing but one round trip follows the answer.
+    let observer = app.db.client().await;
+    let count = observer
+        .prepare("SELECT count(*) FROM accounts WHERE name = $1")
+        .await
+        .expect("prepare");
+
+    let started = Instant::now();
+    let response = app
+        .client
+        .post(app.url("/accounts"))
+        .json(&json!({ "name": "slow-commit", "balance": 7 }))
+        .send()
+        .await
+        .expect("POST");
+    let visible: i64 = observer
+        .query_one(&count, &[&"slow-commit"])
+        .await
+        .expect("count")
+        .get(0);
+    let took = started.elapsed();
+
+    assert_eq!(response.status(), 201);
+    assert_eq!(visible, 1, "the row was committed when the 201 arrived");
+    assert!(
+        took >= SLOW_COMMIT,
+        "the 201 waited for the COMMIT: {took:?}"
+    );
 }
 
 #[tokio::test]

@@ -20,6 +20,20 @@ use tokio_postgres::{Client, NoTls};
 /// Marks every database this suite creates.
 const TEST_DB_PREFIX: &str = "ledger_test_";
 
+/// The slack every timing bound of the suite gets on top of the time it bounds: "within
+/// the 1 s pool timeout" is asserted as `< 1 s + SLACK`, "at once" as `< SLACK`.
+///
+/// CI runs 8 test threads on 2 cores, so each test's server, client and PostgreSQL backends
+/// compete with seven other tests (and with whatever else the machine runs) for a quarter
+/// of a core: a task that is ready can wait whole scheduler slices, several times in one
+/// request. One value for every bound, generous rather than tuned, so that a bound fails only
+/// when something waited for a timeout it should not have met: each test keeps what it
+/// bounds at least `SLACK` away from the timeout or hang a regression would run into.
+pub const SLACK: Duration = Duration::from_secs(2);
+
+/// The `Retry-After` value of every 503 (README, "During a database outage": `Retry-After: 1`).
+pub const RETRY_AFTER: &str = "1";
+
 /// The server-admin URL from the environment.
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
@@ -131,6 +145,9 @@ async fn build_template(name: &str) {
         .expect("advisory unlock");
 }
 
+/// How much longer a COMMIT takes on a table made slow with [`TestDb::slow_commits`].
+pub const SLOW_COMMIT: Duration = Duration::from_millis(500);
+
 /// A database of one test's own, dropped when this value drops.
 pub struct TestDb {
     pub name: String,
@@ -207,6 +224,23 @@ impl TestDb {
             .get(0)
     }
 
+    /// Whether no backend of the service on this database runs a statement or sits inside a
+    /// transaction: whatever a request left behind (a statement it stopped waiting for, a
+    /// transaction on a connection it closed) has been settled by the server.
+    pub async fn ledger_settled(&self) -> bool {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'ledger' AND state <> 'idle'",
+                &[&self.name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0)
+            == 0
+    }
+
     /// Backend PIDs of the service's pooled connections on this database.
     pub async fn ledger_pids(&self) -> Vec<i32> {
         self.client()
@@ -234,6 +268,24 @@ impl TestDb {
             .await
             .expect("terminate")
             .get(0)
+    }
+
+    /// Makes every COMMIT that wrote rows of `table` take `SLOW_COMMIT` longer per row: a
+    /// deferred constraint trigger fires at COMMIT, before the commit record is written,
+    /// and sleeps. Until it returns, no other connection sees the rows. Only this test's
+    /// database gets it; nothing of the migrations changes.
+    pub async fn slow_commits(&self, table: &str) {
+        let seconds = SLOW_COMMIT.as_secs_f64();
+        self.client()
+            .await
+            .batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END$$; \
+                 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON {table} \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+            ))
+            .await
+            .expect("slow COMMIT trigger");
     }
 
     /// Creates the database now (for tests that start the service before it exists).
@@ -457,9 +509,10 @@ impl Answer {
             "problem bodies repeat the request id"
         );
         if status == 503 {
-            assert!(
-                self.header("retry-after").is_some(),
-                "503 carries Retry-After"
+            assert_eq!(
+                self.header("retry-after"),
+                Some(RETRY_AFTER),
+                "a 503 tells the client when to retry"
             );
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp, SLACK};
 
 /// One scrape, parsed: series (name plus label set, as printed) to value.
 pub struct Scrape(HashMap<String, f64>);
@@ -240,8 +240,15 @@ async fn metrics_count_transactions_and_closed_connections_by_reason() {
 
     // A pooled connection that the server closed fails its ping before reuse.
     app.create_account("m-before-kill", 1).await;
+    let last_used = std::time::Instant::now();
     assert_eq!(app.db.terminate("ledger").await, 1);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        eventually(SLACK, || async { app.db.ledger_pids().await.is_empty() }).await,
+        "the backend ended"
+    );
+    // Not synchronisation: the connection must sit idle past the 500 ms ping window, or
+    // it is handed out without a ping.
+    tokio::time::sleep(Duration::from_millis(600).saturating_sub(last_used.elapsed())).await;
     app.create_account("m-after-kill", 1).await;
 
     let after = Scrape::take(&app).await;

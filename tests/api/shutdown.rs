@@ -11,12 +11,12 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{eventually, Answer, TestDb};
+use crate::helpers::{eventually, Answer, TestDb, SLACK};
 use crate::support::free_port;
 
 /// actix checks every second whether its workers' connections are done, and the process
 /// needs a moment to close the pool and exit: the bound beyond drain + in-flight time.
-const EXIT_MARGIN: Duration = Duration::from_millis(1800);
+const EXIT_MARGIN: Duration = Duration::from_secs(1).checked_add(SLACK).unwrap();
 
 /// The `ledger` binary, running on its own port against a test database.
 struct Service {
@@ -128,13 +128,17 @@ async fn accepts(port: u16) -> bool {
 
 /// The whole drain sequence after `signal`, with writes in flight and new ones arriving.
 async fn drains_then_exits_0_with_every_acknowledged_write_committed(signal: libc::c_int) {
-    const DRAIN: Duration = Duration::from_secs(1);
-    const IN_FLIGHT: Duration = Duration::from_millis(2000);
+    // New requests go out during the first second of the drain window; the window lasts
+    // SLACK longer, so that the last of them is served well before the listener closes.
+    const DRAIN: Duration = Duration::from_secs(1).checked_add(SLACK).unwrap();
+    const SENDING: Duration = DRAIN.checked_sub(SLACK).unwrap();
+    // In-flight writes outlast the drain window.
+    const IN_FLIGHT: Duration = DRAIN.checked_add(Duration::from_secs(1)).unwrap();
     let db = TestDb::migrated().await;
     let mut service = Service::start(
         &db,
         &[
-            ("SHUTDOWN_DRAIN_SECS", "1"),
+            ("SHUTDOWN_DRAIN_SECS", &DRAIN.as_secs().to_string()),
             ("SHUTDOWN_TIMEOUT_SECS", "10"),
         ],
     )
@@ -160,7 +164,7 @@ async fn drains_then_exits_0_with_every_acknowledged_write_committed(signal: lib
 
     // Readiness fails at once; liveness does not.
     assert!(
-        eventually(Duration::from_millis(500), || async {
+        eventually(SLACK, || async {
             service.get("/health/ready").await.status == 503
         })
         .await,
@@ -181,7 +185,7 @@ async fn drains_then_exits_0_with_every_acknowledged_write_committed(signal: lib
         .build()
         .expect("client");
     let mut drained = 0;
-    while signalled.elapsed() < DRAIN - Duration::from_millis(250) {
+    loop {
         for client in [&fresh, &service.client] {
             let answer = Answer::from(
                 client
@@ -195,16 +199,16 @@ async fn drains_then_exits_0_with_every_acknowledged_write_committed(signal: lib
             assert_eq!(answer.status, 201, "{}", answer.text);
             drained += 1;
         }
+        if signalled.elapsed() >= SENDING {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(drained >= 2, "{drained} requests during the drain window");
 
     // Then the listener stops accepting.
     assert!(
-        eventually(DRAIN + Duration::from_secs(1), || async {
-            !accepts(service.port).await
-        })
-        .await,
+        eventually(DRAIN + SLACK, || async { !accepts(service.port).await }).await,
         "the listener closed after the drain window"
     );
     let closed = signalled.elapsed();
@@ -329,15 +333,24 @@ async fn a_request_across_a_graceful_stop_commits(workers: &str) {
         .await
         .unwrap();
     assert_eq!(warm.status(), 201);
-    // The next one holds that connection across the stop.
+    // The next one holds that connection across the stop: it has written and still holds
+    // its transaction when the stop begins.
     let slow = tokio::spawn(
         fresh()
             .post(format!(
-                "{base}/_test/write-then-sleep?name=across-stop&ms=1500"
+                "{base}/_test/write-then-sleep?name=across-stop&ms={}",
+                (SLACK + Duration::from_secs(1)).as_millis()
             ))
             .send(),
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        eventually(SLACK, || async {
+            db.sessions("ledger", Some("idle in transaction")).await == 1
+        })
+        .await,
+        "the request wrote and holds its transaction"
+    );
+    assert!(!slow.is_finished(), "the request is in flight at the stop");
     handle.stop(true).await;
     let answer = Answer::from(slow.await.unwrap().unwrap()).await;
     server.await.unwrap().unwrap();

@@ -10,13 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, TestDb};
+use crate::helpers::{eventually, spawn_app, spawn_app_with, TestDb, SLACK};
 use crate::metrics::Scrape;
 use crate::support::proxy::Mode;
 use crate::support::{spawn_behind_proxy, within};
-
-/// Slack for timing bounds on a loaded 2-core machine (8 test threads).
-const SLACK: Duration = Duration::from_millis(1500);
 
 /// Pool of one, overflow 0, `DB_POOL_TIMEOUT=1`, no statement timeout: a transfer waits
 /// 3 s for a row lock held outside the service and then commits (201), while a second

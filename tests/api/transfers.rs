@@ -1,9 +1,11 @@
 //! `/transfers` (contract section 4): every endpoint's success path and every error code,
 //! each error proven to leave the database exactly as it was.
 
+use std::time::Instant;
+
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, spawn_app_with, Answer, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, Answer, TestApp, SLOW_COMMIT};
 
 /// Asserts the problem and that the ledger did not change.
 async fn assert_rejected(
@@ -58,6 +60,53 @@ async fn a_transfer_moves_money_and_is_committed_before_the_201() {
     assert_eq!(
         app.db.ledger_state().await.balances,
         vec![(alice, 0), (bob, 1005)]
+    );
+}
+
+/// As for accounts: with a COMMIT made slow on purpose (a deferred trigger on `transfers`
+/// sleeps in it), the transfer and both balances are visible to another connection the
+/// moment the 201's headers arrive, and the request took at least as long as the COMMIT.
+#[tokio::test]
+async fn a_slow_commit_finishes_before_the_transfer_gets_its_201() {
+    let app = spawn_app().await;
+    let alice = app.account_id("alice", 1000).await;
+    let bob = app.account_id("bob", 5).await;
+    app.db.slow_commits("transfers").await;
+    // Connected and prepared beforehand: nothing but one round trip follows the answer.
+    let observer = app.db.client().await;
+    let state = observer
+        .prepare(
+            "SELECT (SELECT count(*) FROM transfers), \
+                    (SELECT balance FROM accounts WHERE id = $1), \
+                    (SELECT balance FROM accounts WHERE id = $2)",
+        )
+        .await
+        .expect("prepare");
+
+    let started = Instant::now();
+    let response = app
+        .client
+        .post(app.url("/transfers"))
+        .json(&json!({ "from_account_id": alice, "to_account_id": bob, "amount": 250 }))
+        .send()
+        .await
+        .expect("POST");
+    let row = observer
+        .query_one(&state, &[&alice, &bob])
+        .await
+        .expect("state");
+    let took = started.elapsed();
+
+    assert_eq!(response.status(), 201);
+    let seen: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        seen,
+        (1, 750, 255),
+        "the transfer was committed when the 201 arrived"
+    );
+    assert!(
+        took >= SLOW_COMMIT,
+        "the 201 waited for the COMMIT: {took:?}"
     );
 }
 
