@@ -14,10 +14,11 @@
 //!   flushes the id's answer at that Sync, before it even reads the COMMIT, so the id
 //!   arrives even when the COMMIT's answer is lost. (In the same simple-protocol message
 //!   as the COMMIT it would not: the server flushes a message's output only at its end.)
-//!   The id query is sent first for sure: its statement is prepared when the connection is
-//!   opened ([`prepare`]), so its first poll writes Bind/Execute/Sync into the driver's
-//!   queue without waiting (polled outside the task's cooperative budget, whose exhaustion
-//!   could otherwise make it yield before it sends), and the COMMIT is queued after it.
+//!   The id query is sent first for sure: its statement is prepared (by the first COMMIT
+//!   of the connection, which waits for the id before it sends COMMIT), so its first poll
+//!   writes Bind/Execute/Sync into the driver's queue without waiting (polled outside the
+//!   task's cooperative budget, whose exhaustion could otherwise make it yield before it
+//!   sends), and the COMMIT is queued after it.
 //!   And an id that arrived while the COMMIT's answer did not was necessarily answered
 //!   before the COMMIT ran: the server answers in order, on one socket.
 //! - A transaction that wrote nothing has no id (NULL): its COMMIT changes nothing, so a
@@ -58,9 +59,9 @@ use super::pool::DbPool;
 use crate::metrics::db::DbMetrics;
 
 /// `SELECT pg_current_xact_id_if_assigned()::text`, as a query with a static id: diesel
-/// caches its prepared statement by that id, so the statement prepared at connection time
-/// is the one the COMMIT finds. (A `sql()` literal is never cached: every COMMIT would
-/// prepare it first, a round trip during which the COMMIT would overtake it.)
+/// caches its prepared statement by that id, so that a connection prepares it once. (A
+/// `sql()` literal is never cached: every COMMIT would prepare it first, a round trip
+/// during which the COMMIT would overtake it.)
 #[derive(QueryId, Clone, Copy)]
 struct CurrentXid;
 
@@ -104,19 +105,19 @@ pub enum CommitError {
     AnswerLost(DieselError),
 }
 
-/// Prepares the id query on a new connection, so that [`commit`] can pipeline it without
-/// a round trip of its own. One round trip per connection, not per request.
-pub async fn prepare(conn: &mut AsyncPgConnection) -> Result<(), DieselError> {
-    CurrentXid
-        .get_result::<Option<String>>(conn)
-        .await
-        .map(drop)
-}
-
 /// Commits the top-level transaction of `conn`, learning its id on the way (see the
 /// module docs); `xid` holds the id as soon as it arrives, so that a caller whose future
 /// is dropped mid-COMMIT (the session's deadline) still has it.
-pub async fn commit(conn: &mut AsyncPgConnection, xid: &Cell<TxId>) -> Result<(), CommitError> {
+///
+/// `prepared`: whether this connection has the id query prepared already. The first
+/// COMMIT of a connection asks for the id and waits for it before it sends COMMIT (a round
+/// trip, once per connection): its prepare would be a round trip during which a pipelined
+/// COMMIT would overtake it. Every later COMMIT pipelines.
+pub async fn commit(
+    conn: &mut AsyncPgConnection,
+    xid: &Cell<TxId>,
+    prepared: bool,
+) -> Result<(), CommitError> {
     let result = {
         let shared: &AsyncPgConnection = conn;
         let (mut for_id, mut for_commit) = (shared, shared);
@@ -134,8 +135,12 @@ pub async fn commit(conn: &mut AsyncPgConnection, xid: &Cell<TxId>) -> Result<()
             }
             answer
         };
-        let (id, committed) =
-            futures_util::future::join(id, for_commit.batch_execute("COMMIT")).await;
+        let (id, committed) = if prepared {
+            futures_util::future::join(id, for_commit.batch_execute("COMMIT")).await
+        } else {
+            let id = id.await;
+            (id, for_commit.batch_execute("COMMIT").await)
+        };
         match (id, committed) {
             (_, Err(e)) if answer_lost(&e) => Err(CommitError::AnswerLost(e)),
             (_, Err(e)) => Err(CommitError::Failed(e)),

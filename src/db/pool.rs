@@ -98,18 +98,6 @@ pub fn build_pool(
             create: Some(cfg.pool_timeout),
             recycle: Some(cfg.pool_timeout),
         })
-        // The session pipelines the transaction-id query ahead of each COMMIT; that only
-        // works without a round trip if its statement is prepared (see `db::commit`).
-        .post_create(Hook::async_fn(
-            |conn: &mut AsyncPgConnection, _: &Metrics| {
-                async move {
-                    super::commit::prepare(conn).await.map_err(|_| {
-                        HookError::message("preparing the session's statements failed")
-                    })
-                }
-                .boxed()
-            },
-        ))
         .pre_recycle(Hook::async_fn(
             move |conn: &mut AsyncPgConnection, metrics: &Metrics| {
                 let (metrics, counts) = (*metrics, hook_metrics.clone());

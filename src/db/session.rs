@@ -220,8 +220,12 @@ impl TxConn {
             return Err(Finish::Failed(swallowed_error()));
         }
         slot.committing.set(true);
-        let result = commit::commit(self.connection(), &slot.xid).await;
+        let prepared = self.watch.xid_prepared();
+        let result = commit::commit(self.connection(), &slot.xid, prepared).await;
         slot.committing.set(false);
+        if slot.xid.get() != TxId::Unknown {
+            self.watch.set_xid_prepared();
+        }
         match result {
             Ok(()) => {
                 self.release();

@@ -42,6 +42,9 @@ struct Seen {
     in_flight: u32,
     /// When the oldest of the unanswered statements was sent; `None` when there are none.
     in_flight_since: Option<Instant>,
+    /// The connection has prepared the session's transaction-id query (see `db::commit`);
+    /// kept across check-outs, like the prepared statement itself.
+    xid_prepared: bool,
 }
 
 /// A handle on the watch's observations, kept by the session.
@@ -61,6 +64,16 @@ impl WatchHandle {
     /// outcome is unknown, and the session treats the transaction accordingly.
     pub fn in_flight_since(&self) -> Option<Instant> {
         self.lock().in_flight_since
+    }
+
+    /// Whether the connection has the transaction-id query prepared (`db::commit`).
+    pub fn xid_prepared(&self) -> bool {
+        self.lock().xid_prepared
+    }
+
+    /// Records that the connection has the transaction-id query prepared.
+    pub fn set_xid_prepared(&self) {
+        self.lock().xid_prepared = true;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -91,7 +104,12 @@ impl StatementWatch {
     /// during earlier check-outs forgotten. (A watch stays installed on its connection:
     /// installing a fresh one at every check-out costs three allocations.)
     pub fn reuse(&mut self) -> WatchHandle {
-        *self.seen.lock() = Seen::default();
+        let mut seen = self.seen.lock();
+        *seen = Seen {
+            xid_prepared: seen.xid_prepared,
+            ..Seen::default()
+        };
+        drop(seen);
         self.seen.clone()
     }
 

@@ -11,7 +11,8 @@ use crate::helpers::{eventually, TestDb};
 use crate::support::free_port;
 
 /// Echo logs statement text only (no bind values, never the URL or its password), and a
-/// request costs exactly BEGIN, its own statements and COMMIT: no ping, no SET.
+/// request costs exactly BEGIN, its own statements, the transaction-id query pipelined
+/// with COMMIT, and COMMIT: no ping, no SET.
 #[tokio::test]
 async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() {
     let db = TestDb::migrated().await;
@@ -73,7 +74,7 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
     let id = created.json::<serde_json::Value>().await.unwrap()["id"]
         .as_i64()
         .unwrap();
-    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 3 }).await);
+    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 4 }).await);
     let after_create = sql_lines();
 
     for _ in 0..2 {
@@ -84,7 +85,7 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
             .unwrap();
         assert_eq!(got.status(), 200);
     }
-    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 9 }).await);
+    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 12 }).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -112,16 +113,18 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
             after_target.split_once(": ").unwrap().1.trim().to_owned()
         })
         .collect();
+    // The transaction's id query is pipelined with COMMIT (no round trip of its own).
+    let xid = "SELECT pg_current_xact_id_if_assigned()::text";
     assert_eq!(
         after_create.len(),
-        3,
-        "POST /accounts: BEGIN, INSERT, COMMIT:\n{}",
+        4,
+        "POST /accounts: BEGIN, INSERT, the id query, COMMIT:\n{}",
         statements.join("\n")
     );
     assert_eq!(
         statements.len(),
-        9,
-        "two reads: BEGIN, SELECT, COMMIT each, no ping:\n{}",
+        12,
+        "two reads: BEGIN, SELECT, the id query, COMMIT each, no ping:\n{}",
         statements.join("\n")
     );
     assert_eq!(statements[0], "BEGIN");
@@ -130,10 +133,12 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
         "{}",
         statements[1]
     );
-    assert_eq!(statements[2], "COMMIT");
-    for read in [&statements[3..6], &statements[6..9]] {
+    assert_eq!(statements[2], xid);
+    assert_eq!(statements[3], "COMMIT");
+    for read in [&statements[4..8], &statements[8..12]] {
         assert_eq!(read[0], "BEGIN");
         assert!(read[1].starts_with("SELECT"), "{}", read[1]);
-        assert_eq!(read[2], "COMMIT");
+        assert_eq!(read[2], xid);
+        assert_eq!(read[3], "COMMIT");
     }
 }
