@@ -27,6 +27,9 @@ struct Params {
     /// would, so that only the client-side deadline can end the statement.
     #[serde(default)]
     no_server_timeout: bool,
+    /// `slow-rows`: how many rows.
+    #[serde(default)]
+    rows: i64,
 }
 
 /// Registers the test routes under `/_test`.
@@ -70,6 +73,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         post(|| web::to(escaping_guard)),
     ))
     .service(resource("/_test/pg-sleep", post(|| web::to(pg_sleep))))
+    .service(resource("/_test/slow-rows", post(|| web::to(slow_rows))))
     .service(resource(
         "/_test/nested-panic",
         post(|| web::to(nested_panic)),
@@ -252,6 +256,33 @@ async fn pg_sleep(session: DbSession, q: web::Query<Params>) -> Result<HttpRespo
         .execute(&mut *conn)
         .await?;
     Ok(HttpResponse::Ok().finish())
+}
+
+/// Reads `rows` rows of 10 kB, one every `ms`: each row is larger than the server's output
+/// buffer, so it leaves as soon as it is made, and the result streams for as long as the
+/// rows take, long after the statement started answering (client-side deadline tests).
+async fn slow_rows(session: DbSession, q: web::Query<Params>) -> Result<HttpResponse, ApiError> {
+    #[derive(diesel::QueryableByName)]
+    struct Pad {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        pad: String,
+    }
+    let mut conn = session.conn().await?;
+    if q.no_server_timeout {
+        diesel::sql_query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+    }
+    let rows: Vec<Pad> = diesel::sql_query(
+        "SELECT repeat('x', 10000) || pg_sleep($2::bigint / 1000.0)::text AS pad \
+         FROM generate_series(1, $1)",
+    )
+    .bind::<BigInt, _>(q.rows)
+    .bind::<BigInt, _>(i64::try_from(q.ms).unwrap_or(i64::MAX))
+    .load(&mut *conn)
+    .await?;
+    let bytes: usize = rows.iter().map(|r| r.pad.len()).sum();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "rows": rows.len(), "bytes": bytes })))
 }
 
 /// Writes, then runs `pg_sleep` for `ms` (client-side deadline tests).

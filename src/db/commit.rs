@@ -26,7 +26,7 @@
 //! - The id query also tells an aborted transaction apart: in a transaction where a
 //!   statement failed, it fails too (25P02), and the COMMIT that follows is really a
 //!   ROLLBACK. That catches a swallowed error that the statement watch cannot see (one
-//!   raised while a row-returning statement streams its rows, see `db::watch`).
+//!   the server raised after its reader stopped reading a result, see `db::watch`).
 //! - **Resolving a lost answer** ([`resolve`]) is bounded by `DB_POOL_TIMEOUT` and uses a
 //!   pooled connection: the request's own connection is closed first, which frees its
 //!   place in the pool, so the verification never grows the connection budget (the

@@ -8,16 +8,15 @@
 //!   failure (and clears it when a savepoint rollback repairs it); the session refuses to
 //!   report success for an aborted transaction.
 //!
-//!   Limit: diesel-async reports a row-returning statement (`load`, `get_result`,
-//!   `first`, `... RETURNING`) as finished once the server has bound it, before its rows
-//!   (or its error) arrive, so an error raised while such a statement executes reaches the
-//!   handler but not this watch. Catching that too would take one more statement per
-//!   transaction (a probe before `COMMIT`; tokio-postgres does not expose the `ROLLBACK`
-//!   tag of the answer). Handlers must therefore propagate database errors (`?`), as every
-//!   handler here does; swallowing one is a bug the watch catches only for `execute`.
+//!   A row-returning statement (`load`, `get_result`, `... RETURNING`) counts as finished
+//!   once its last row, or its error, has arrived (the vendored diesel-async reports it so;
+//!   see `vendor/diesel-async/PATCH.md`), so an error raised while its rows stream is seen
+//!   too. One that its reader stopped reading early is finished when the reader drops it;
+//!   an error the server would have raised after that is still caught before COMMIT by the
+//!   transaction-id query, which fails in an aborted transaction (`db::commit`).
 //! - **In-flight statement**: when the statement now running was sent, so the session can
-//!   bound it with a client-side deadline (a peer that stopped answering never trips the
-//!   server's `statement_timeout`).
+//!   bound it, rows included, with a client-side deadline (a peer that stopped answering
+//!   never trips the server's `statement_timeout`).
 //! - **SQL echo** (`DB_ECHO`): the statement text only. diesel's display of a query appends
 //!   its bind values (` -- binds: [...]`), which may be personal data, so they are cut off;
 //!   connection events carry the URL with the password and are never logged.

@@ -226,3 +226,35 @@ async fn a_statement_abandoned_by_its_handler_is_cancelled_on_the_server() {
     );
     assert_eq!(app.db.accounts_named("abandon-cancel").await, 0);
 }
+
+/// A result whose rows keep streaming is one statement in flight until its last row: a
+/// server that stalls mid-result (here it makes a 10 kB row every 500 ms, with its own
+/// statement timeout off) cannot hold the request past the statement deadline, although
+/// the statement started answering at once.
+#[tokio::test]
+async fn rows_still_streaming_are_bounded_by_the_statement_deadline() {
+    let app = spawn_app_with(&[("DB_STATEMENT_TIMEOUT", "1000")]).await;
+    // Control: a short result is read in full.
+    let control = app
+        .post_json(
+            "/_test/slow-rows?name=-&rows=2&ms=100&no_server_timeout=true",
+            &json!({}),
+        )
+        .await;
+    assert_eq!(control.status, 200, "{}", control.text);
+    assert_eq!(control.body["rows"], 2);
+
+    let started = Instant::now();
+    let answer = app
+        .post_json(
+            "/_test/slow-rows?name=-&rows=12&ms=500&no_server_timeout=true",
+            &json!({}),
+        )
+        .await;
+    let waited = started.elapsed();
+    answer.assert_problem(503, "timeout");
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(2) + SLACK,
+        "cut off at the statement deadline, not after the 6 s of rows: {waited:?}"
+    );
+}

@@ -222,7 +222,7 @@ impl AsyncConnectionCore for AsyncPgConnection {
         T::Query: QueryFragment<Self::Backend> + QueryId + 'query,
     {
         let query = source.as_query();
-        let load_future = self.with_prepared_statement(query, load_prepared);
+        let load_future = self.with_prepared_statement(query, load_prepared, finish_at_end);
 
         self.run_with_connection_future(load_future)
     }
@@ -234,7 +234,7 @@ impl AsyncConnectionCore for AsyncPgConnection {
     where
         T: QueryFragment<Self::Backend> + QueryId + 'query,
     {
-        let execute = self.with_prepared_statement(source, execute_prepared);
+        let execute = self.with_prepared_statement(source, execute_prepared, finish_now);
         self.run_with_connection_future(execute)
     }
 }
@@ -254,7 +254,7 @@ impl<'a> AsyncConnectionCore for &'a AsyncPgConnection {
         T::Query: QueryFragment<Self::Backend> + QueryId + 'query,
     {
         let query = source.as_query();
-        let load_future = self.with_prepared_statement(query, load_prepared);
+        let load_future = self.with_prepared_statement(query, load_prepared, finish_at_end);
 
         self.run_with_connection_future(load_future)
     }
@@ -266,7 +266,7 @@ impl<'a> AsyncConnectionCore for &'a AsyncPgConnection {
     where
         T: QueryFragment<Self::Backend> + QueryId + 'query,
     {
-        let execute = self.with_prepared_statement(source, execute_prepared);
+        let execute = self.with_prepared_statement(source, execute_prepared, finish_now);
         self.run_with_connection_future(execute)
     }
 }
@@ -365,6 +365,82 @@ async fn execute_prepared(
         .map_err(ErrorHelper)?;
     res.try_into()
         .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))
+}
+
+/// Records a statement's `FinishQuery` instrumentation event.
+struct QueryFinish {
+    instrumentation: Arc<std::sync::Mutex<DynInstrumentation>>,
+    sql: String,
+}
+
+impl QueryFinish {
+    fn record(&self, error: Option<&diesel::result::Error>) {
+        self.instrumentation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_connection_event(InstrumentationEvent::finish_query(
+                &StrQueryHelper::new(&self.sql),
+                error,
+            ));
+    }
+}
+
+/// A statement without rows is finished once the server answered it.
+fn finish_now<R>(result: R, finish: QueryFinish) -> R {
+    finish.record(None);
+    result
+}
+
+/// A statement with rows is finished once its last row, or its error, has arrived (or the
+/// caller stopped reading them): until then the server is still executing it, as with the
+/// sync `PgConnection`, which reports the statement finished with its whole result.
+fn finish_at_end(
+    rows: BoxStream<'static, QueryResult<PgRow>>,
+    finish: QueryFinish,
+) -> BoxStream<'static, QueryResult<PgRow>> {
+    FinishAtEnd {
+        rows,
+        finish: Some(finish),
+    }
+    .boxed()
+}
+
+struct FinishAtEnd {
+    rows: BoxStream<'static, QueryResult<PgRow>>,
+    finish: Option<QueryFinish>,
+}
+
+impl futures_core::Stream for FinishAtEnd {
+    type Item = QueryResult<PgRow>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let next = self.rows.poll_next_unpin(cx);
+        match &next {
+            std::task::Poll::Ready(None) => {
+                if let Some(finish) = self.finish.take() {
+                    finish.record(None);
+                }
+            }
+            std::task::Poll::Ready(Some(Err(e))) => {
+                if let Some(finish) = self.finish.take() {
+                    finish.record(Some(e));
+                }
+            }
+            _ => {}
+        }
+        next
+    }
+}
+
+impl Drop for FinishAtEnd {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish.record(None);
+        }
+    }
 }
 
 #[inline(always)]
@@ -548,11 +624,12 @@ impl AsyncPgConnection {
         &'a self,
         query: T,
         callback: fn(&'a tokio_postgres::Client, Statement, Vec<ToSqlHelper>) -> F,
+        finish: fn(R, QueryFinish) -> R,
     ) -> BoxFuture<'a, QueryResult<R>>
     where
         T: QueryFragment<diesel::pg::Pg> + QueryId,
         F: Future<Output = QueryResult<R>> + Send + 'a,
-        R: Send,
+        R: Send + 'a,
     {
         self.record_instrumentation(InstrumentationEvent::start_query(&diesel::debug_query(
             &query,
@@ -571,6 +648,7 @@ impl AsyncPgConnection {
         // The code that doesn't need the `T` generic parameter is in a separate function to reduce LLVM IR lines
         self.with_prepared_statement_after_sql_built(
             callback,
+            finish,
             query.is_safe_to_cache_prepared(&Pg),
             T::query_id(),
             query.to_sql(&mut query_builder, &Pg),
@@ -582,6 +660,7 @@ impl AsyncPgConnection {
     fn with_prepared_statement_after_sql_built<'a, F, R>(
         &'a self,
         callback: fn(&'a tokio_postgres::Client, Statement, Vec<ToSqlHelper>) -> F,
+        finish: fn(R, QueryFinish) -> R,
         is_safe_to_cache_prepared: QueryResult<bool>,
         query_id: Option<std::any::TypeId>,
         to_sql_result: QueryResult<()>,
@@ -590,7 +669,7 @@ impl AsyncPgConnection {
     ) -> BoxFuture<'a, QueryResult<R>>
     where
         F: Future<Output = QueryResult<R>> + Send + 'a,
-        R: Send,
+        R: Send + 'a,
     {
         let raw_connection = &self.conn;
         let stmt_cache = &self.stmt_cache;
@@ -700,15 +779,14 @@ impl AsyncPgConnection {
             let res = res.await;
             let mut tm = tm.lock().await;
             let r = update_transaction_manager_status(res, &mut tm);
-            instrumentation
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .on_connection_event(InstrumentationEvent::finish_query(
-                    &StrQueryHelper::new(&sql),
-                    r.as_ref().err(),
-                ));
-
-            r
+            let query_finish = QueryFinish { instrumentation, sql };
+            match r {
+                Ok(r) => Ok(finish(r, query_finish)),
+                Err(e) => {
+                    query_finish.record(Some(&e));
+                    Err(e)
+                }
+            }
         }
         .boxed()
     }
