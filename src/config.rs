@@ -120,9 +120,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub host: IpAddr,
     pub port: u16,
-    /// Actix worker threads. Every pooled connection's I/O runs on the worker that opened
-    /// it, so a request on another worker pays two cross-thread wake-ups per round trip:
-    /// where the database shares the machine's few cores, fewer workers can serve more.
+    /// Actix worker threads. Pooled connections are opened and driven on the application's
+    /// main runtime (on the worker itself when there is only one, see `db::connect`), so a
+    /// request pays two cross-thread wake-ups per round trip: where the database shares
+    /// the machine's few cores, fewer workers can serve more.
     pub http_workers: usize,
 }
 

@@ -29,17 +29,25 @@
 //!   nothing here checks out a second connection (hold-and-wait deadlocks the pool under
 //!   load). Nested `conn.transaction(..)` calls become savepoints through diesel's
 //!   transaction manager, which also keeps the connection's transaction state truthful.
-//! - Every statement of a session (COMMIT and ROLLBACK included) is bounded on the client
-//!   side too: the statement timeout plus a margin, or `DB_POOL_TIMEOUT` when there is no
-//!   statement timeout. A statement past that bound means the peer went silent (TCP still
-//!   acknowledged, so keepalives never fire): the handler (or the COMMIT after it) is
-//!   dropped, a cancel request is sent in the background when the handler held the
-//!   statement (the server would otherwise keep running it and holding its locks), the
-//!   connection is closed, and the client gets 503 `timeout`. A COMMIT cut off this way
-//!   may still reach the server: the write is in doubt, as with any 503 (retry with an
-//!   `Idempotency-Key`). A live server's own `statement_timeout` normally fires first,
-//!   answering 503 `timeout` with the connection kept. One timer per request, run by the
-//!   middleware, keeps this deadline, the check-out deadline and the leak warning.
+//! - Time bounds (contract section 2): `DB_POOL_TIMEOUT` bounds check-out plus `BEGIN`, and
+//!   resolving a lost COMMIT answer, nothing else. A handler's statement, its rows
+//!   included, is bounded on the client side by the statement timeout plus a margin (none
+//!   without a statement timeout: it may run, or wait for a lock, as long as the server
+//!   lets it). The session's own statements (COMMIT, ROLLBACK, the clean-up of an abandoned
+//!   request) are bounded by that deadline, or by `DB_POOL_TIMEOUT` without a statement
+//!   timeout, so that they end even when the server went silent (TCP still acknowledged,
+//!   so keepalives never fire). Past the bound the work is dropped, the connection is
+//!   closed (with a cancel request for a statement still running: the server would
+//!   otherwise keep running it and holding its locks) and the client gets 503 `timeout`.
+//!   A live server's own `statement_timeout` normally fires first, answering 503 `timeout`
+//!   with the connection kept. One timer per request, run by the middleware, keeps this
+//!   deadline, the check-out deadline and the leak warning.
+//! - A COMMIT whose answer is lost (connection broken or ended by the server, or the
+//!   COMMIT's deadline passed) is resolved before the client is answered (`db::commit`):
+//!   the transaction's id travels with the COMMIT, and the server is asked on another
+//!   connection whether it committed: the handler's response if it did, 503
+//!   `database_unavailable` if not, 503 `commit_unknown` if that cannot be learned within
+//!   `DB_POOL_TIMEOUT`.
 //! - The guard returned by [`DbSession::conn`] must not outlive the handler. If it does
 //!   (moved into a spawned local task), the response becomes a 500 and the transaction is
 //!   rolled back when the guard is finally dropped: a late write can never be committed.
