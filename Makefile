@@ -30,12 +30,14 @@ run: check-tools
 	echo "make run: using database $$(echo "$$url" | sed -E 's#//([^:/@]+):[^@]*@#//\1:***@#')"; \
 	DATABASE_URL=$$url $(CARGO) run --release --bin ledger
 
-## test: lint-free build and the whole suite against real PostgreSQL (k8s-check included),
-## then a smoke run of the benchmark harness on the binary the suite built (its own
-## private cluster, ~30 s)
+## test: lint-free build and the whole suite against real PostgreSQL (k8s-check included):
+## the parallel tests, then the load and flood tests (`serial::`) one at a time, so that
+## they neither disturb nor are disturbed by the parallel tests' timing; then a smoke run
+## of the benchmark harness on the binary the suite built (its own private cluster, ~30 s)
 test: check-tools k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
-	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s::
+	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s:: --skip serial:: && \
+	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --test-threads 1 serial::
 	@scripts/bench.sh --smoke --bin target/debug/ledger
 
 ## bench: the benchmark (release build, its own PostgreSQL cluster, ~6 minutes of runs);
