@@ -17,6 +17,7 @@ mod load;
 mod metrics;
 mod migrations;
 mod pool;
+mod serial;
 mod session;
 mod shutdown;
 mod support;

@@ -1,0 +1,7 @@
+//! Tests that load the machine's cores (floods, bursts) or whose bounds are sampled: they
+//! run on their own, one at a time, after the parallel suite (`-- serial::
+//! --test-threads 1`), so that neither they nor the rest disturb each other's timing.
+
+mod binary;
+mod connect;
+mod probe_flood;
