@@ -160,31 +160,21 @@ async fn prepare_schema(config: &Config, health: &web::Data<Health>) {
         health.set_schema_ready();
         return;
     }
-    // A database that does not answer within the health timeout must not hold up the
-    // start (liveness must answer): the background task takes over.
+    // The background task makes the first attempt too, and start-up only stops waiting
+    // for it: a first attempt dropped on a timeout would go on in its blocking thread
+    // (connected, perhaps waiting on the advisory lock) while a retry opened a second
+    // migration connection beside it. A database that does not answer within the health
+    // timeout must not hold up the start (liveness must answer).
     let first_try: Duration = config.db.health_timeout;
-    match tokio::time::timeout(first_try, migrate::run_pending(&config.db)).await {
-        Ok(Ok(applied)) => {
-            if !applied.is_empty() {
-                log::info!("applied migrations: {}", applied.join(", "));
-            }
-            health.set_schema_ready();
-        }
-        outcome => {
-            match outcome {
-                Ok(Err(e)) => log::warn!(
-                    "migrations not applied at start-up, retrying in the background: {e}"
-                ),
-                _ => log::warn!(
-                    "database did not answer within {first_try:?}; migrating in the background"
-                ),
-            }
-            let db = config.db.clone();
-            let health = health.clone();
-            tokio::spawn(async move {
-                migrate::run_until_applied(&db).await;
-                health.set_schema_ready();
-            });
-        }
+    let (db, ready) = (config.db.clone(), health.clone());
+    let mut migrating = tokio::spawn(async move {
+        migrate::run_until_applied(&db).await;
+        ready.set_schema_ready();
+    });
+    if tokio::time::timeout(first_try, &mut migrating)
+        .await
+        .is_err()
+    {
+        log::warn!("migrations not applied within {first_try:?}; migrating in the background");
     }
 }

@@ -4,16 +4,27 @@
 //!   Kubernetes restart every pod.
 //! - `/health/ready`, `/readyz`, `/health`: a `SELECT 1` round trip on one dedicated
 //!   connection outside the pool (`application_name = 'ledger-health'`), so readiness
-//!   answers even while traffic holds every pooled connection. Waiting for that connection
-//!   (probes that overlap), connecting and the query are together bounded by
-//!   `DB_HEALTH_TIMEOUT`. A connection that failed is dropped and re-established, within
-//!   the same bound, so one stale connection never fails a probe.
-//! - Readiness also fails while migrations are pending and once shutdown has begun.
+//!   answers even while traffic holds every pooled connection. Connecting and the query
+//!   are together bounded by `DB_HEALTH_TIMEOUT`. A connection that failed is dropped and
+//!   re-established, within the same bound, so one stale connection never fails a probe;
+//!   one older than `DB_POOL_RECYCLE` is closed and replaced like a pooled one (closed
+//!   first, so there are never two).
+//! - Probes that arrive together share one round trip in flight (single flight): the
+//!   first starts it, the others await its result, so a flood of probes costs the
+//!   database one round trip at a time and no probe queues behind others' round trips.
+//!   Every probe answers within `DB_HEALTH_TIMEOUT` of its own arrival. A finished round
+//!   trip's result is not reused: a probe that arrives after it starts the next one, so
+//!   no answer is older than the probe (reusing a pass for even 250 ms would report a
+//!   database that has just become unreachable as ready).
+//! - Readiness also fails while migrations are pending and once shutdown has begun (read
+//!   after the round trip, so a probe that waited on a shared round trip while shutdown
+//!   began fails too).
 //!
 //! Bodies follow the IETF draft "Health Check Response Format for HTTP APIs"
 //! (`application/health+json`); `output` texts come from the driver and name no secret.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
@@ -21,8 +32,9 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use chrono::{SecondsFormat, Utc};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::FutureExt;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
 
 use crate::config::DbConfig;
 use crate::db::connect::Connector;
@@ -35,17 +47,38 @@ const HEALTH_JSON: &str = "application/health+json";
 
 /// Probe state shared by all workers.
 pub struct Health {
-    connector: Connector,
-    conn: Mutex<Option<AsyncPgConnection>>,
+    link: Arc<ReadinessLink>,
+    /// The latest round trip: in flight, or done.
+    latest: Mutex<Option<Trip>>,
     timeout: Duration,
     pool: DbPool,
     schema_ready: AtomicBool,
     draining: AtomicBool,
-    /// `health_check_status{check="postgres"}`, set by every round trip.
+    /// `health_check_status{check="postgres"}`, set by every answer.
     postgres_status: CheckStatus,
 }
 
+/// The dedicated connection and how to make it; owned by the round trips in flight.
+struct ReadinessLink {
+    connector: Connector,
+    timeout: Duration,
+    max_lifetime: Duration,
+    /// The idle connection and when it was opened. A round trip takes it out for its
+    /// duration, so a round trip given up on (dropped) closes it rather than leaving a
+    /// half-used connection behind.
+    idle: Mutex<Option<(AsyncPgConnection, Instant)>>,
+    /// Set at shutdown: a round trip that ends later closes its connection.
+    closed: AtomicBool,
+}
+
+/// One round trip, shared by every probe that joins it.
+struct Trip {
+    started: Instant,
+    outcome: Shared<BoxFuture<'static, RoundTrip>>,
+}
+
 /// Result of one round trip.
+#[derive(Clone)]
 struct RoundTrip {
     elapsed: Duration,
     error: Option<String>,
@@ -54,14 +87,20 @@ struct RoundTrip {
 impl Health {
     pub fn new(cfg: &DbConfig, pool: DbPool) -> Self {
         Health {
-            connector: Connector::new(
-                &cfg.url,
-                APPLICATION_NAME,
-                Some(cfg.health_timeout),
-                cfg.idle_in_tx_timeout,
-                cfg.health_timeout,
-            ),
-            conn: Mutex::new(None),
+            link: Arc::new(ReadinessLink {
+                connector: Connector::new(
+                    &cfg.url,
+                    APPLICATION_NAME,
+                    Some(cfg.health_timeout),
+                    cfg.idle_in_tx_timeout,
+                    cfg.health_timeout,
+                ),
+                timeout: cfg.health_timeout,
+                max_lifetime: cfg.max_lifetime,
+                idle: Mutex::new(None),
+                closed: AtomicBool::new(false),
+            }),
+            latest: Mutex::new(None),
             timeout: cfg.health_timeout,
             pool,
             schema_ready: AtomicBool::new(false),
@@ -91,44 +130,48 @@ impl Health {
         AtomicBool::load(&self.draining, Ordering::Acquire)
     }
 
-    /// Closes the readiness connection (at shutdown).
+    /// Closes the readiness connection (at shutdown), also one a round trip holds now.
     pub async fn close(&self) {
-        self.conn.lock().await.take();
+        self.link.closed.store(true, Ordering::Release);
+        lock(&self.link.idle).take();
+        // A round trip nobody awaits any more holds its connection until dropped.
+        lock(&self.latest).take();
     }
 
+    /// The outcome of the round trip in flight, or of a new one if none is; within
+    /// `DB_HEALTH_TIMEOUT` of the call.
     async fn round_trip(&self) -> RoundTrip {
-        let started = Instant::now();
-        let error = match tokio::time::timeout(self.timeout, self.select_one()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(_) => Some(format!("no answer within {:?}", self.timeout)),
+        let arrived = Instant::now();
+        let outcome = {
+            let mut latest = lock(&self.latest);
+            match latest.as_ref() {
+                Some(trip) if self.joinable(trip) => trip.outcome.clone(),
+                _ => {
+                    let link = self.link.clone();
+                    let outcome = async move { link.round_trip().await }.boxed().shared();
+                    *latest = Some(Trip {
+                        started: arrived,
+                        outcome: outcome.clone(),
+                    });
+                    outcome
+                }
+            }
         };
-        RoundTrip {
-            elapsed: started.elapsed(),
-            error,
-        }
+        // The shared round trip has its own bound, from its start; this one is from the
+        // probe's arrival, for a round trip that nobody polled for a while.
+        tokio::time::timeout(self.timeout, outcome)
+            .await
+            .unwrap_or_else(|_| RoundTrip {
+                elapsed: arrived.elapsed(),
+                error: Some(format!("no answer within {:?}", self.timeout)),
+            })
     }
 
-    /// `SELECT 1` on the dedicated connection. The connection is taken out of its slot
-    /// for the duration, so that a timed-out (dropped) attempt closes it rather than
-    /// leaving a half-used connection behind.
-    async fn select_one(&self) -> Result<(), String> {
-        let mut slot = self.conn.lock().await;
-        if let Some(mut conn) = slot.take() {
-            if ping(&mut conn).await.is_ok() {
-                *slot = Some(conn);
-                return Ok(());
-            }
-            // Stale (server restarted, backend terminated): reconnect below.
-        }
-        let mut conn = self
-            .connector
-            .establish()
-            .await
-            .map_err(|e| e.to_string())?;
-        ping(&mut conn).await?;
-        *slot = Some(conn);
-        Ok(())
+    /// Whether a probe arriving now may join `trip`: it is still running within its
+    /// bound (one started longer ago was abandoned by every probe that awaited it; it is
+    /// dropped when replaced, closing its connection).
+    fn joinable(&self, trip: &Trip) -> bool {
+        trip.outcome.peek().is_none() && trip.started.elapsed() < self.timeout
     }
 
     async fn report(&self, detailed: bool) -> HttpResponse {
@@ -136,6 +179,9 @@ impl Health {
         let mut checks = serde_json::Map::new();
         let mut status = Status::Pass;
 
+        let trip = self.round_trip().await;
+        // Read after the round trip: a probe that waited for a (shared) result while
+        // shutdown began still fails.
         if self.is_draining() {
             status = Status::Fail;
             checks.insert(
@@ -143,7 +189,6 @@ impl Health {
                 json!([{ "status": "fail", "output": "shutting down", "time": now }]),
             );
         }
-        let trip = self.round_trip().await;
         self.postgres_status.set(trip.error.is_none());
         let mut rt = json!({
             "status": if trip.error.is_some() { "fail" } else { "pass" },
@@ -188,6 +233,56 @@ impl Health {
 
         respond(status, Some(Value::Object(checks)))
     }
+}
+
+impl ReadinessLink {
+    async fn round_trip(&self) -> RoundTrip {
+        let started = Instant::now();
+        let error = match tokio::time::timeout(self.timeout, self.select_one()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(format!("no answer within {:?}", self.timeout)),
+        };
+        RoundTrip {
+            elapsed: started.elapsed(),
+            error,
+        }
+    }
+
+    /// `SELECT 1` on the dedicated connection, (re)connecting when it is missing, stale or
+    /// past its lifetime. Single flight guarantees one caller at a time.
+    async fn select_one(&self) -> Result<(), String> {
+        let idle = lock(&self.idle).take();
+        if let Some((mut conn, opened)) = idle {
+            // One past its lifetime is dropped (closed) here, before its successor opens;
+            // a stale one (server restarted, backend terminated) likewise.
+            if opened.elapsed() < self.max_lifetime && ping(&mut conn).await.is_ok() {
+                self.put_back(conn, opened);
+                return Ok(());
+            }
+        }
+        let opened = Instant::now();
+        let mut conn = self
+            .connector
+            .establish()
+            .await
+            .map_err(|e| e.to_string())?;
+        ping(&mut conn).await?;
+        self.put_back(conn, opened);
+        Ok(())
+    }
+
+    fn put_back(&self, conn: AsyncPgConnection, opened: Instant) {
+        if !AtomicBool::load(&self.closed, Ordering::Acquire) {
+            *lock(&self.idle) = Some((conn, opened));
+        }
+    }
+}
+
+/// The guarded value even if a thread panicked while holding the lock: every value kept
+/// under these locks is valid at every point.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 async fn ping(conn: &mut AsyncPgConnection) -> Result<(), String> {

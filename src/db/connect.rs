@@ -4,6 +4,14 @@
 //! `statement_timeout` / `idle_in_transaction_session_timeout` through `options`), so a new
 //! connection costs no extra `SET` round trips. TLS follows the URL's `sslmode` (see
 //! [`super::tls`]). The pool, the readiness probe and the migrations all come through here.
+//!
+//! An attempt is bounded as a whole: one deadline covers TCP, TLS, start-up,
+//! authentication and diesel-async's own first statements (the driver's `connect_timeout`
+//! covers only the TCP connect, so a server that accepts and then says nothing would hold
+//! an attempt forever). An attempt whose caller stops waiting (a pool check-out given up,
+//! a probe past its timeout) is cancelled with it and closes its socket: nothing keeps
+//! connecting in the background, so a silent server cannot collect a pile of half-open
+//! attempts that would all turn into server connections at once when it recovers.
 
 use std::time::Duration;
 
@@ -39,11 +47,25 @@ pub struct Connector {
     /// The runtime that opens and drives connections; `None` outside any runtime, where
     /// connections use the runtime of their caller.
     io: Option<tokio::runtime::Handle>,
+    /// The bound on a whole attempt.
+    attempt_timeout: Duration,
+}
+
+/// Aborts the spawned attempt when the caller stops waiting for it: a dropped
+/// `JoinHandle` detaches its task, which would keep connecting.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        // A no-op for a finished task; its output (a connection) is dropped with the handle.
+        self.0.abort();
+    }
 }
 
 impl Connector {
     /// A connector whose connections identify as `application_name` and carry the given
-    /// server-side timeouts (`None` leaves the server's default).
+    /// server-side timeouts (`None` leaves the server's default). `connect_timeout` bounds
+    /// each attempt from the TCP connect to the connection being ready for use.
     pub fn new(
         url: &DatabaseUrl,
         application_name: &str,
@@ -87,6 +109,7 @@ impl Connector {
             config,
             tls,
             io: tokio::runtime::Handle::try_current().ok(),
+            attempt_timeout: connect_timeout,
         }
     }
 
@@ -101,16 +124,28 @@ impl Connector {
         self
     }
 
-    /// Opens one connection. Errors carry the driver's message, which names the host but
-    /// never the password; TLS failures also name the `sslmode`.
+    /// Opens one connection within the connector's attempt timeout. Dropping the returned
+    /// future cancels the attempt and closes its socket. Errors carry the driver's
+    /// message, which names the host but never the password; TLS failures also name the
+    /// `sslmode`.
     pub async fn establish(&self) -> Result<AsyncPgConnection, ConnectionError> {
-        let Some(io) = &self.io else {
-            return self.establish_here().await;
+        let limit = self.attempt_timeout;
+        let attempt = async {
+            let Some(io) = &self.io else {
+                return self.establish_here().await;
+            };
+            let connector = self.clone();
+            let mut task = AbortOnDrop(io.spawn(async move { connector.establish_here().await }));
+            (&mut task.0).await.map_err(|e| {
+                ConnectionError::BadConnection(format!("connection task failed: {e}"))
+            })?
         };
-        let connector = self.clone();
-        io.spawn(async move { connector.establish_here().await })
-            .await
-            .map_err(|e| ConnectionError::BadConnection(format!("connection task failed: {e}")))?
+        // On expiry the attempt is dropped, which aborts its task.
+        tokio::time::timeout(limit, attempt).await.map_err(|_| {
+            ConnectionError::BadConnection(format!(
+                "the database did not complete the connection within {limit:?}"
+            ))
+        })?
     }
 
     /// Asks the server, in the background and within [`CANCEL_TIMEOUT`], to cancel what

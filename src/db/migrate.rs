@@ -39,17 +39,10 @@ pub enum MigrateError {
 pub async fn run_pending(cfg: &DbConfig) -> Result<Vec<String>, MigrateError> {
     // No statement timeout: a migration may legitimately run long.
     let connector = Connector::new(&cfg.url, "ledger-migrate", None, None, cfg.pool_timeout);
-    // The driver's connect timeout covers the TCP connect only. A peer that accepts and
-    // then never answers the start-up exchange would hold this attempt, and with it every
+    // The attempt as a whole (start-up exchange included) is bounded by the connector: a
+    // peer that accepts and then never answers cannot hold this attempt, and with it every
     // background retry, forever.
-    let conn = tokio::time::timeout(cfg.pool_timeout, connector.establish())
-        .await
-        .map_err(|_| {
-            diesel::ConnectionError::BadConnection(format!(
-                "the database did not answer within {:?}",
-                cfg.pool_timeout
-            ))
-        })??;
+    let conn = connector.establish().await?;
     tokio::task::spawn_blocking(move || {
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
         let lock = |sql: &str, conn: &mut AsyncConnectionWrapper<AsyncPgConnection>| {

@@ -5,6 +5,7 @@
 
 mod accounts;
 mod bad_input;
+mod budget;
 mod config;
 mod echo;
 mod faults;

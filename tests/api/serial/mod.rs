@@ -1,6 +1,9 @@
-//! Tests that load the machine (floods, bursts) and would distort every timing bound of
-//! tests running beside them. They run in a phase of their own, one at a time, after the
-//! parallel suite: `cargo test -- --skip serial::`, then `cargo test -- serial::
-//! --test-threads 1`.
+//! Tests that load the machine's cores (floods, bursts) or whose bounds are sampled: they
+//! run on their own, one at a time, after the parallel suite (`cargo test -- --skip
+//! serial::`, then `cargo test -- serial:: --test-threads 1`), so that neither they nor
+//! the rest disturb each other's timing.
 
+mod binary;
+mod connect;
 mod load;
+mod probe_flood;

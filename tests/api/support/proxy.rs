@@ -1,11 +1,13 @@
 //! A TCP proxy between the service and PostgreSQL that misbehaves on demand: it passes
-//! traffic, refuses new connections, cuts every open connection, or black-holes (keeps
+//! traffic, refuses new connections, cuts every open connection, black-holes (keeps
 //! every socket open and forwards nothing, in either direction, as a hung server or a
-//! middlebox does while TCP still acknowledges, so keepalives never fire).
+//! middlebox does while TCP still acknowledges, so keepalives never fire), or plays a
+//! server that accepts and never answers. It can also add latency to every chunk.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -23,6 +25,13 @@ pub enum Mode {
     /// Accept, keep every socket open, forward nothing. Data waits in the socket buffers
     /// and flows again when the mode returns to `Pass`.
     BlackHole,
+    /// A server that accepts and then says nothing: new connections are accepted and
+    /// what the client sends is held, never answered, and forgotten when the client hangs
+    /// up (the proxy closes its side), so [`Proxy::open`] counts exactly the attempts the
+    /// client still has open. When the mode returns to `Pass`, the connections still open
+    /// go through to the server with what they sent. Connections opened before are held
+    /// as in `BlackHole`.
+    Silent,
 }
 
 #[derive(Clone, Copy)]
@@ -32,6 +41,8 @@ struct State {
     generation: u64,
     /// Connections numbered below this stay black-holed for good ([`Proxy::freeze_open`]).
     frozen_below: u64,
+    /// Added to every chunk forwarded, in either direction ([`Proxy::set_latency`]).
+    latency: Duration,
 }
 
 /// A running proxy on 127.0.0.1; stops (and closes every connection) when dropped.
@@ -53,6 +64,7 @@ impl Proxy {
             mode: Mode::Pass,
             generation: 0,
             frozen_below: 0,
+            latency: Duration::ZERO,
         });
         let open = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
@@ -80,6 +92,19 @@ impl Proxy {
     /// Switches the mode (applies to open connections at once).
     pub fn set_mode(&self, mode: Mode) {
         self.state.send_modify(|s| s.mode = mode);
+    }
+
+    /// Delays every chunk forwarded from now on, in either direction, by `latency`
+    /// (order preserved): a request and its answer each take `latency` longer, so a round
+    /// trip costs twice `latency` more, as with a database in another zone.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.send_modify(|s| s.latency = latency);
+    }
+
+    /// Connections open through the proxy now (a `Silent` connection counts until its
+    /// client hangs up).
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Lets new connections through again while the ones open now stay black-holed for
@@ -151,19 +176,22 @@ async fn accept_loop(
 /// Connects upstream once traffic may flow, then forwards both ways until either side
 /// closes.
 async fn relay(
-    client: TcpStream,
+    mut client: TcpStream,
     upstream: SocketAddr,
     id: u64,
     mut state: watch::Receiver<State>,
 ) {
-    if !flowing(&mut state, id).await {
+    let Some(held) = accepted_until_flowing(&mut client, id, &mut state).await else {
         return;
-    }
-    let Ok(server) = TcpStream::connect(upstream).await else {
+    };
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
+    if !held.is_empty() && server.write_all(&held).await.is_err() {
+        return;
+    }
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::select! {
@@ -172,7 +200,39 @@ async fn relay(
     }
 }
 
-/// Copies one direction, holding the data back while the proxy black-holes.
+/// Waits until traffic of a new connection may flow. While the proxy is `Silent`, reads
+/// and holds what the client sends, and gives up (`None`) when it hangs up; returns what
+/// was held.
+async fn accepted_until_flowing(
+    client: &mut TcpStream,
+    id: u64,
+    state: &mut watch::Receiver<State>,
+) -> Option<Vec<u8>> {
+    let mut held = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let now = *state.borrow_and_update();
+        if is_flowing(&now, id) {
+            return Some(held);
+        }
+        if now.mode == Mode::Silent {
+            tokio::select! {
+                read = client.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => held.extend_from_slice(&buf[..n]),
+                },
+                changed = state.changed() => changed.ok()?,
+            }
+        } else {
+            state.changed().await.ok()?;
+        }
+    }
+}
+
+/// Copies one direction, holding the data back while the proxy black-holes, each chunk
+/// delayed by the latency in force when it was read. Chunks go one at a time: one that
+/// arrives during another's delay waits for it, which a request/response protocol never
+/// notices.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
@@ -197,6 +257,10 @@ async fn pump(
                 continue;
             }
         };
+        let latency = state.borrow().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         // Data read just as a black hole began is held back too.
         if !flowing(&mut state, id).await || to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -208,13 +272,17 @@ async fn pump(
 async fn flowing(state: &mut watch::Receiver<State>, id: u64) -> bool {
     loop {
         let now = *state.borrow_and_update();
-        if now.mode != Mode::BlackHole && id >= now.frozen_below {
+        if is_flowing(&now, id) {
             return true;
         }
         if state.changed().await.is_err() {
             return false;
         }
     }
+}
+
+fn is_flowing(state: &State, id: u64) -> bool {
+    matches!(state.mode, Mode::Pass | Mode::Refuse) && id >= state.frozen_below
 }
 
 /// Resolves when connections of `generation` must be cut, or the proxy is gone.
