@@ -29,6 +29,12 @@
 //!   whose transaction state is not clean.
 //!
 //! Connections are opened lazily; the pool does not pre-fill `DB_POOL_SIZE`.
+//!
+//! deadpool counts a connection being created against `max_size` only through the
+//! check-out's semaphore permit, which it releases as soon as the `get()` future is
+//! dropped (a check-out deadline, the create timeout): the next check-out may then start
+//! a create of its own. The [`Connector`] therefore cancels an attempt whose caller stopped
+//! waiting, so creates in progress never outnumber the permits.
 
 use std::time::Duration;
 
