@@ -476,63 +476,6 @@ async fn a_check_out_in_a_local_task_gives_up_at_the_pool_timeout() {
     assert_eq!(app.db.accounts_named("local-control").await, 1);
 }
 
-/// The database stops answering after the handler's writes, so COMMIT gets no answer, and
-/// stays silent for the verification too: the client gets 503 `commit_unknown` (never its
-/// 201, never a plain 503 that would suggest nothing happened) within the COMMIT's
-/// deadline plus `DB_POOL_TIMEOUT`, and the connection is discarded. The COMMIT may indeed
-/// still land (this proxy delivers it once it passes traffic again): `commit_unknown` is
-/// the one answer whose write may or may not have happened. The server is left with no
-/// open transaction either way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_without_answer_on_an_unreachable_database_is_503_commit_unknown() {
-    let (app, proxy) = one_connection_behind_proxy().await;
-    let path = |name: &str| format!("/_test/write-then-sleep?name={name}&ms=700");
-    // Control: the same request commits when the database answers.
-    let control = app.post_json(&path("commit-control"), &json!({})).await;
-    assert_eq!(control.status, 201, "{}", control.text);
-
-    let before = Scrape::take(&app).await;
-    let request = app.post_in_background(&path("commit-hang"));
-    // The handler has written and sleeps; the database goes silent before its COMMIT.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            app.db.sessions("ledger", Some("idle in transaction")).await == 1
-        })
-        .await,
-        "the handler wrote and holds its transaction open"
-    );
-    let (answer, waited) = black_hole_then_answer(&proxy, request).await;
-    answer.assert_problem(503, "commit_unknown");
-    assert_eq!(answer.headers["retry-after"], "1");
-    assert!(
-        waited < Duration::from_millis(700) + STATEMENT_DEADLINE + Duration::from_secs(1) + SLACK,
-        "COMMIT was bounded by the statement deadline, the verification by the pool \
-         timeout: {waited:?}"
-    );
-    assert_eq!(app.pool.status().size, 0, "the connection was discarded");
-    let after = Scrape::take(&app).await;
-    let delta = |series: &str| after.get(series) - before.get(series);
-    // Here the transaction's id, whose answer the COMMIT's closely follows, was lost too.
-    assert_eq!(
-        delta(r#"db_transactions_total{outcome="unknown",reason="commit_unknown"}"#)
-            + delta(r#"db_transactions_total{outcome="unknown",reason="xid_unknown"}"#),
-        1.0,
-        "counted as a COMMIT of unknown outcome"
-    );
-    assert_eq!(
-        delta(r#"db_transactions_total{outcome="commit",reason="status"}"#),
-        0.0
-    );
-    assert_eq!(
-        delta(r#"db_pool_connections_closed_total{reason="broken"}"#),
-        1.0,
-        "its connection was closed, not pooled"
-    );
-
-    recovers_with_no_open_transaction(&app, &proxy, "after-commit-hang").await;
-    assert_eq!(app.db.accounts_named("commit-control").await, 1);
-}
-
 /// Start-up against a database that accepts TCP but never answers: the service starts
 /// (live 200, ready 503), and a migration attempt stuck in the connection handshake must
 /// not stop the background retries once the database answers new connections.

@@ -14,6 +14,7 @@ mod helpers;
 mod idempotency;
 mod invariants;
 mod k8s;
+mod lost_commit;
 mod metrics;
 mod migrations;
 mod pool;

@@ -2,6 +2,7 @@
 //! clusters (to stop the server, or to configure TLS), steady traffic.
 
 pub mod pg_cluster;
+pub mod pgwire;
 pub mod proxy;
 pub mod traffic;
 

@@ -2,7 +2,9 @@
 //! traffic, refuses new connections, cuts every open connection, black-holes (keeps
 //! every socket open and forwards nothing, in either direction, as a hung server or a
 //! middlebox does while TCP still acknowledges, so keepalives never fire), or plays a
-//! server that accepts and never answers. It can also add latency to every chunk.
+//! server that accepts and never answers. It can also add latency to every chunk, and it
+//! speaks enough of the PostgreSQL protocol (`pgwire`) to break a connection exactly at
+//! its `COMMIT` ([`Proxy::on_next_commit`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +16,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use super::pgwire::{ArmedFault, CommitFault, Verdict, Wire};
 
 /// What the proxy does with traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +56,7 @@ pub struct Proxy {
     open: Arc<AtomicUsize>,
     /// Connections accepted so far; the next one gets this number.
     accepted: Arc<AtomicU64>,
+    fault: ArmedFault,
     accept: JoinHandle<()>,
 }
 
@@ -68,18 +73,21 @@ impl Proxy {
         });
         let open = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
+        let fault = ArmedFault::default();
         let accept = tokio::spawn(accept_loop(
             listener,
             upstream,
             rx,
             open.clone(),
             accepted.clone(),
+            fault.clone(),
         ));
         Proxy {
             port,
             state,
             open,
             accepted,
+            fault,
             accept,
         }
     }
@@ -116,6 +124,23 @@ impl Proxy {
         });
     }
 
+    /// Breaks the next `COMMIT` any client sends through the proxy as `fault` says (only a
+    /// connection without TLS can be read: give the client `sslmode=disable`).
+    pub fn on_next_commit(&self, fault: CommitFault) {
+        *self
+            .fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fault);
+    }
+
+    /// Whether the fault armed by [`Proxy::on_next_commit`] has been used.
+    pub fn commit_fault_used(&self) -> bool {
+        self.fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
+
     /// Closes every open connection (both sides); returns how many there were.
     pub fn cut_all(&self) -> usize {
         let mut open = 0;
@@ -142,6 +167,7 @@ async fn accept_loop(
     state: watch::Receiver<State>,
     open: Arc<AtomicUsize>,
     accepted: Arc<AtomicU64>,
+    fault: ArmedFault,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -163,9 +189,10 @@ async fn accept_loop(
         }
         let open = open.clone();
         let state = state.clone();
+        let wire = Wire::new(fault.clone());
         tokio::spawn(async move {
             tokio::select! {
-                () = relay(client, upstream, id, state.clone()) => {}
+                () = relay(client, upstream, id, state.clone(), wire) => {}
                 () = cut(state, now.generation) => {}
             }
             open.fetch_sub(1, Ordering::SeqCst);
@@ -180,23 +207,33 @@ async fn relay(
     upstream: SocketAddr,
     id: u64,
     mut state: watch::Receiver<State>,
+    wire: Wire,
 ) {
     let Some(held) = accepted_until_flowing(&mut client, id, &mut state).await else {
         return;
     };
-    let Ok(mut server) = TcpStream::connect(upstream).await else {
+    let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    if !held.is_empty() && server.write_all(&held).await.is_err() {
-        return;
-    }
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
+    let frontend = Pump {
+        side: Side::Frontend,
+        id,
+        state: state.clone(),
+        wire: wire.clone(),
+    };
+    let backend = Pump {
+        side: Side::Backend,
+        id,
+        state,
+        wire,
+    };
     tokio::select! {
-        () = pump(client_read, server_write, id, state.clone()) => {}
-        () = pump(server_read, client_write, id, state) => {}
+        () = frontend.run(client_read, server_write, held) => {}
+        () = backend.run(server_read, client_write, Vec::new()) => {}
     }
 }
 
@@ -229,41 +266,93 @@ async fn accepted_until_flowing(
     }
 }
 
-/// Copies one direction, holding the data back while the proxy black-holes, each chunk
-/// delayed by the latency in force when it was read. Chunks go one at a time: one that
-/// arrives during another's delay waits for it, which a request/response protocol never
-/// notices.
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+/// Which way a [`Pump`] copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Client to server.
+    Frontend,
+    /// Server to client.
+    Backend,
+}
+
+/// Copies one direction of a connection, message by message (see `pgwire`).
+struct Pump {
+    side: Side,
     id: u64,
-    mut state: watch::Receiver<State>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if !flowing(&mut state, id).await {
-            return;
-        }
-        let n = tokio::select! {
-            read = from.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            // A mode change while waiting: look at the mode again (reads are cancel-safe).
-            changed = state.changed() => {
-                if changed.is_err() {
+    state: watch::Receiver<State>,
+    wire: Wire,
+}
+
+impl Pump {
+    /// Copies until either side closes, holding the data back while the proxy
+    /// black-holes, each chunk delayed by the latency in force when it was read (chunks go
+    /// one at a time: one that arrives during another's delay waits for it, which a
+    /// request/response protocol never notices). `pending`: bytes already read.
+    async fn run(mut self, mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut pending: Vec<u8>) {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut started = false;
+        loop {
+            while let Some(frame) = match self.side {
+                Side::Frontend => self.wire.next_frontend(&mut pending, &mut started),
+                Side::Backend => self.wire.next_backend(&mut pending),
+            } {
+                // Data read just as a black hole began is held back too.
+                if !flowing(&mut self.state, self.id).await {
                     return;
                 }
-                continue;
+                if self.side == Side::Backend {
+                    if self.wire.relays() {
+                        if to.write_all(&frame.bytes).await.is_err() {
+                            return;
+                        }
+                        self.wire.relayed(&frame);
+                    }
+                    continue;
+                }
+                match self.wire.verdict(&frame).await {
+                    Verdict::Forward => {
+                        if to.write_all(&frame.bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Verdict::Fault(CommitFault::SwallowThenCut) => return,
+                    Verdict::Fault(CommitFault::ForwardThenCut) => {
+                        if to.write_all(&frame.bytes).await.is_ok() {
+                            self.wire.all_answered().await;
+                        }
+                        return;
+                    }
+                    Verdict::Fault(CommitFault::ForwardThenSilence) => {
+                        let _ = to.write_all(&frame.bytes).await;
+                        std::future::pending::<()>().await;
+                    }
+                    Verdict::Fault(CommitFault::SwallowThenSilence) => {
+                        std::future::pending::<()>().await;
+                    }
+                }
             }
-        };
-        let latency = state.borrow().latency;
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
-        }
-        // Data read just as a black hole began is held back too.
-        if !flowing(&mut state, id).await || to.write_all(&buf[..n]).await.is_err() {
-            return;
+            if !flowing(&mut self.state, self.id).await {
+                return;
+            }
+            let n = tokio::select! {
+                read = from.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                // A mode change while waiting: look at the mode again (reads are
+                // cancel-safe).
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let latency = self.state.borrow().latency;
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            pending.extend_from_slice(&buf[..n]);
         }
     }
 }

@@ -1,0 +1,188 @@
+//! A COMMIT whose answer is lost is resolved, not guessed (contract section 2): the proxy
+//! breaks the connection exactly at the COMMIT, after relaying every answer before it (the
+//! transaction-id query's among them), and the service must find out on another
+//! connection what happened before it answers.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::{spawn_app_on, Answer, TestApp, TestDb, SLACK};
+use crate::metrics::Scrape;
+use crate::support::pgwire::CommitFault;
+use crate::support::proxy::{Mode, Proxy};
+use crate::support::{proxy_to, within};
+
+/// The service through a proxy that can read its traffic (no TLS), with one pooled
+/// connection and a 1 s pool timeout, and `DB_STATEMENT_TIMEOUT` of 1 s (so COMMIT's
+/// client-side deadline is 2 s).
+async fn spawn_readable() -> (TestApp, Proxy) {
+    let db = TestDb::migrated().await;
+    let (proxy, url) = proxy_to(&db).await;
+    let url = format!("{url}?sslmode=disable");
+    let app = spawn_app_on(
+        db,
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("DB_POOL_SIZE", "1"),
+            ("DB_MAX_OVERFLOW", "0"),
+            ("DB_POOL_TIMEOUT", "1"),
+            ("DB_STATEMENT_TIMEOUT", "1000"),
+        ],
+    )
+    .await;
+    // A first write on the connection: its COMMIT prepares the id query, so that the next
+    // COMMIT pipelines it, as every COMMIT but a connection's first does.
+    app.create_account("warm-up", 1).await;
+    (app, proxy)
+}
+
+/// `POST /accounts` for `name`, with the answer.
+async fn create(app: &TestApp, name: &str) -> Answer {
+    within(
+        Duration::from_secs(15),
+        "the answer to a write whose COMMIT broke",
+        app.post_json("/accounts", &json!({ "name": name, "balance": 7 })),
+    )
+    .await
+}
+
+/// Change of one `db_transactions_total` series between two scrapes.
+fn transactions(before: &Scrape, after: &Scrape, outcome: &str, reason: &str) -> f64 {
+    let series = format!(r#"db_transactions_total{{outcome="{outcome}",reason="{reason}"}}"#);
+    after.get(&series) - before.get(&series)
+}
+
+/// (a) The COMMIT reaches the server and commits, and the connection breaks before its
+/// answer reaches the service: the client gets its 201, and the row is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_landed_but_whose_answer_was_lost_gets_the_handlers_201() {
+    let (app, proxy) = spawn_readable().await;
+    let before = Scrape::take(&app).await;
+    proxy.on_next_commit(CommitFault::ForwardThenCut);
+
+    let answer = create(&app, "landed").await;
+
+    assert!(
+        proxy.commit_fault_used(),
+        "the COMMIT went through the fault"
+    );
+    assert_eq!(answer.status, 201, "{}", answer.text);
+    assert_eq!(answer.body["name"], "landed");
+    assert_eq!(app.db.accounts_named("landed").await, 1);
+    let after = Scrape::take(&app).await;
+    assert_eq!(
+        transactions(&before, &after, "commit", "commit_verified"),
+        1.0
+    );
+    assert_eq!(transactions(&before, &after, "commit", "status"), 0.0);
+    assert_eq!(
+        after.get(r#"db_pool_connections_closed_total{reason="broken"}"#)
+            - before.get(r#"db_pool_connections_closed_total{reason="broken"}"#),
+        1.0,
+        "the broken connection was closed"
+    );
+}
+
+/// (b) The COMMIT never reaches the server, and the connection breaks: nothing was
+/// written, the client gets 503 `database_unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_never_reached_the_server_gets_503_database_unavailable() {
+    let (app, proxy) = spawn_readable().await;
+    let before = Scrape::take(&app).await;
+    proxy.on_next_commit(CommitFault::SwallowThenCut);
+
+    let answer = create(&app, "swallowed").await;
+
+    assert!(
+        proxy.commit_fault_used(),
+        "the COMMIT went through the fault"
+    );
+    answer.assert_problem(503, "database_unavailable");
+    assert_eq!(app.db.accounts_named("swallowed").await, 0);
+    let after = Scrape::take(&app).await;
+    assert_eq!(
+        transactions(&before, &after, "rollback", "commit_verified"),
+        1.0
+    );
+    assert_eq!(transactions(&before, &after, "commit", "status"), 0.0);
+    // The service serves on.
+    app.create_account("after-swallowed", 1).await;
+}
+
+/// (c) The COMMIT reaches the server, which then goes silent, and the database cannot
+/// be reached for the verification either: 503 `commit_unknown` with `Retry-After`,
+/// within the COMMIT's deadline plus `DB_POOL_TIMEOUT`. (The write did land: that is what
+/// the answer admits it cannot rule out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_unanswered_while_the_database_is_unreachable_gets_503_commit_unknown() {
+    let (app, proxy) = spawn_readable().await;
+    let before = Scrape::take(&app).await;
+    // New connections (the verification's) are refused; the open one stays up.
+    proxy.set_mode(Mode::Refuse);
+    proxy.on_next_commit(CommitFault::ForwardThenSilence);
+
+    let started = Instant::now();
+    let answer = create(&app, "in-doubt").await;
+    let waited = started.elapsed();
+
+    assert!(
+        proxy.commit_fault_used(),
+        "the COMMIT went through the fault"
+    );
+    answer.assert_problem(503, "commit_unknown");
+    let bound = Duration::from_secs(2) + Duration::from_secs(1);
+    assert!(
+        waited >= bound - Duration::from_millis(100) && waited < bound + SLACK,
+        "the COMMIT's deadline (2 s), then DB_POOL_TIMEOUT (1 s) of verification: {waited:?}"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(
+        transactions(&before, &after, "unknown", "commit_unknown"),
+        1.0
+    );
+    assert_eq!(transactions(&before, &after, "unknown", "xid_unknown"), 0.0);
+
+    proxy.set_mode(Mode::Pass);
+    assert_eq!(
+        app.db.accounts_named("in-doubt").await,
+        1,
+        "the COMMIT reached the server: the write landed, as commit_unknown allowed"
+    );
+    app.create_account("after-in-doubt", 1).await;
+}
+
+/// The old backend is still alive behind a silent connection, its transaction in
+/// progress (its COMMIT held back): the verification ends that backend and asks again,
+/// and answers from that final status (aborted: 503 `database_unavailable`), within the
+/// COMMIT's deadline plus `DB_POOL_TIMEOUT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_still_in_progress_behind_a_silent_connection_is_ended_then_resolved() {
+    let (app, proxy) = spawn_readable().await;
+    let before = Scrape::take(&app).await;
+    // The proxy goes silent on the connection before the COMMIT reaches the server: its
+    // backend sits idle in the transaction, which stays in progress.
+    proxy.on_next_commit(CommitFault::SwallowThenSilence);
+
+    let started = Instant::now();
+    let answer = create(&app, "in-progress").await;
+    let waited = started.elapsed();
+
+    assert!(
+        proxy.commit_fault_used(),
+        "the COMMIT went through the fault"
+    );
+    answer.assert_problem(503, "database_unavailable");
+    assert!(waited < Duration::from_secs(3) + SLACK, "{waited:?}");
+    assert_eq!(app.db.accounts_named("in-progress").await, 0);
+    assert_eq!(
+        app.db.sessions("ledger", Some("idle in transaction")).await,
+        0,
+        "the old backend was ended"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(
+        transactions(&before, &after, "rollback", "commit_verified"),
+        1.0
+    );
+}
