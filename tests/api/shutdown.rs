@@ -3,90 +3,51 @@
 //! accepting, lets in-flight requests finish and commit, closes the pool and exits 0. A
 //! request that outlives `SHUTDOWN_TIMEOUT_SECS` is dropped and rolled back.
 
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::helpers::{eventually, Answer, TestDb, SLACK};
-use crate::support::free_port;
+use crate::support::binary::Binary;
 
 /// actix checks every second whether its workers' connections are done, and the process
 /// needs a moment to close the pool and exit: the bound beyond drain + in-flight time.
 const EXIT_MARGIN: Duration = Duration::from_secs(1).checked_add(SLACK).unwrap();
 
 /// The `ledger` binary, running on its own port against a test database.
-struct Service {
-    child: Child,
-    port: u16,
-    log: Arc<Mutex<String>>,
-    client: reqwest::Client,
+struct Service(Binary);
+
+impl std::ops::Deref for Service {
+    type Target = Binary;
+
+    fn deref(&self) -> &Binary {
+        &self.0
+    }
 }
 
 impl Service {
-    /// Starts the binary with a clean environment (no `.env` either: the working directory
-    /// is the temp dir) and waits until it is ready.
+    /// Starts the binary against `db` (migrated already) with `vars` on top, and waits
+    /// until it is ready.
     async fn start(db: &TestDb, vars: &[(&str, &str)]) -> Service {
-        let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
-            .env_clear()
-            .env("DATABASE_URL", &db.url)
-            .env("PORT", port.to_string())
-            .env("RUN_MIGRATIONS", "false")
-            .env("DB_POOL_SIZE", "2")
-            .env("DB_MAX_OVERFLOW", "3")
-            .env("RUST_LOG", "info")
-            .envs(vars.iter().copied())
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start ledger");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let service = Service {
-            child,
-            port,
-            log,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .expect("client"),
-        };
+        let mut all = vec![
+            ("DATABASE_URL", db.url.as_str()),
+            ("RUN_MIGRATIONS", "false"),
+            ("DB_POOL_SIZE", "2"),
+            ("DB_MAX_OVERFLOW", "3"),
+            ("RUST_LOG", "info"),
+        ];
+        all.extend_from_slice(vars);
+        let service = Service(Binary::start(&all).await);
         assert!(
             eventually(Duration::from_secs(10), || async {
-                service
-                    .client
-                    .get(service.url("/health/ready"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
+                service.status("/health/ready").await == Some(200)
             })
             .await,
             "the service became ready:\n{}",
             service.log()
         );
         service
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
     }
 
     fn signal(&self, signal: libc::c_int) {
@@ -112,7 +73,7 @@ impl Service {
 
     /// Waits for the process to exit; returns its status, or `None` after `within`.
     async fn exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(within, self.child.wait())
+        tokio::time::timeout(within, self.0.child.wait())
             .await
             .ok()
             .map(|status| status.expect("wait"))

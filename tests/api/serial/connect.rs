@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::binary::Binary;
 use crate::helpers::{admin_url, connect, TestDb};
+use crate::support::binary::Binary;
 use crate::support::proxy::Mode;
 use crate::support::{proxy_to, within};
 

@@ -3,7 +3,6 @@
 //! serial::`, then `cargo test -- serial:: --test-threads 1`), so that neither they nor
 //! the rest disturb each other's timing.
 
-mod binary;
 mod connect;
 mod load;
 mod probe_flood;

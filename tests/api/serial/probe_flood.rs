@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::binary::Binary;
 use crate::helpers::{eventually, TestDb};
+use crate::support::binary::Binary;
 use crate::support::proxy_to;
 
 const PROBERS: usize = 300;

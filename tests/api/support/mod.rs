@@ -1,6 +1,8 @@
-//! Test support beyond a database per test: a misbehaving TCP proxy, private PostgreSQL
-//! clusters (to stop the server, or to configure TLS), steady traffic.
+//! Test support beyond a database per test: the real binary as a process, a misbehaving
+//! TCP proxy, private PostgreSQL clusters (to stop the server, or to configure TLS),
+//! steady traffic.
 
+pub mod binary;
 pub mod pg_cluster;
 pub mod pgwire;
 pub mod proxy;

@@ -13,8 +13,8 @@ use crate::support::free_port;
 
 /// The running binary; killed when dropped.
 pub struct Binary {
-    child: Child,
-    port: u16,
+    pub child: Child,
+    pub port: u16,
     log: Arc<Mutex<String>>,
     pub client: reqwest::Client,
 }
@@ -28,6 +28,7 @@ impl Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ledger"))
             .env_clear()
             .env("PORT", port.to_string())
+            // `vars` may say otherwise.
             .env("RUST_LOG", "warn")
             .envs(vars.iter().copied())
             .current_dir(std::env::temp_dir())
