@@ -27,19 +27,29 @@
 //!   statement failed, it fails too (25P02), and the COMMIT that follows is really a
 //!   ROLLBACK. That catches a swallowed error that the statement watch cannot see (one
 //!   the server raised after its reader stopped reading a result, see `db::watch`).
-//! - **Resolving a lost answer** ([`resolve`]) is bounded by `DB_POOL_TIMEOUT` and uses a
-//!   pooled connection: the request's own connection is closed first, which frees its
-//!   place in the pool, so the verification never grows the connection budget (the
-//!   readiness connection would not either, but it belongs to the probes, whose answers
-//!   must not queue behind a verification). `pg_xact_status` answers:
-//!   `committed` or `aborted`, final; `in progress` while the old backend lives on behind
-//!   the dead or silent connection (still waiting for its COMMIT's WAL flush, say): the
-//!   verification then ends that backend, found through `pg_stat_activity.backend_xid`
-//!   (which also works behind a pooler, unlike a pid remembered from the start-up), waits
-//!   for it to exit and asks once more, and that answer is final. No answer within the
-//!   bound: the outcome is unknown, and the client is told so (503 `commit_unknown`).
+//! - **Resolving a lost answer** ([`resolve`]) is bounded by `DB_POOL_TIMEOUT`. It takes
+//!   the place in the pool of the connection whose answer was lost: that connection is
+//!   closed and a fresh one opened in its place, so the verification neither queues behind
+//!   other requests for a pooled connection (deadpool hands a freed place to the oldest
+//!   waiter) nor grows the connection budget (the readiness connection would not either,
+//!   but it belongs to the probes, whose answers must not queue behind a verification).
+//!   `pg_xact_status` answers `committed` or `aborted`, final; `in progress` while the old
+//!   backend lives on behind the dead or silent connection (still waiting for its commit
+//!   record's flush, say): the verification then ends that backend, found through
+//!   `pg_stat_activity.backend_xid` and its `xact_start` (which also works behind a
+//!   pooler, unlike a pid remembered from the start-up, and never finds another
+//!   transaction's backend), waits for it to exit and asks once more, and that answer is
+//!   final. No answer within the bound: the outcome is unknown, and the client is told so
+//!   (503 `commit_unknown`).
+//! - **An id names one transaction only until the server restarts.** PostgreSQL does not
+//!   make the handing out of an id durable by itself, so after a crash, or a failover to a
+//!   standby that had not received the transaction, the same id goes to another
+//!   transaction. The id therefore travels with the server's start time: a server that
+//!   started since can only tell that the transaction did not commit (the id is "in the
+//!   future" there, or aborted, or in progress in someone else's transaction), never that
+//!   it did.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
@@ -52,45 +62,63 @@ use diesel_async::{
     AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
     TransactionManager,
 };
+use tokio_postgres::error::{Severity, SqlState};
 
-use tokio_postgres::error::SqlState;
-
-use super::pool::DbPool;
+use super::connect::Connector;
+use super::pool::{DbPool, PooledConnection};
 use crate::metrics::db::DbMetrics;
 
-/// `SELECT pg_current_xact_id_if_assigned()::text`, as a query with a static id: diesel
-/// caches its prepared statement by that id, so that a connection prepares it once. (A
-/// `sql()` literal is never cached: every COMMIT would prepare it first, a round trip
-/// during which the COMMIT would overtake it.)
+/// The transaction's identity, asked for with its COMMIT: its id, when it began, and
+/// when the server that gave it the id started (`xid8`s and timestamps travel as text:
+/// diesel has no `xid8` type, and the server compares the timestamps itself). As a query
+/// with a static id: diesel caches its prepared statement by that id, so that a connection
+/// prepares it once. (A `sql()` literal is never cached: every COMMIT would prepare it
+/// first, a round trip during which the COMMIT would overtake it.)
 #[derive(QueryId, Clone, Copy)]
 struct CurrentXid;
 
 impl Query for CurrentXid {
-    type SqlType = Nullable<Text>;
+    type SqlType = (Nullable<Text>, Text, Text);
 }
 
 impl QueryFragment<Pg> for CurrentXid {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        // `xid8` has no diesel type: the id travels as text.
-        out.push_sql("SELECT pg_current_xact_id_if_assigned()::text");
+        out.push_sql(
+            "SELECT pg_current_xact_id_if_assigned()::text, now()::text, \
+             pg_postmaster_start_time()::text",
+        );
         Ok(())
     }
 }
 
-/// Pause between two verification attempts that failed (a pooled connection that was cut
-/// too, a server that is restarting).
+/// Pause between two verification attempts that failed (a connection that could not be
+/// made, a server that is restarting).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
-/// What the session knows of its transaction's id.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What the session knows of its transaction's identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum TxId {
     /// Not learned (no COMMIT attempted yet, or its answer was lost too).
     #[default]
     Unknown,
     /// The transaction wrote nothing, so it has no id.
     Unassigned,
-    /// The transaction's id (`xid8`).
-    Assigned(u64),
+    /// The transaction's id (`xid8`), with what tells it from a later transaction that
+    /// gets the same id.
+    Assigned(TxIdentity),
+}
+
+/// A transaction id, pinned to its transaction. After a crash, or a failover to a standby
+/// that had not received it, the server hands an id whose assignment was never made
+/// durable out again: the same number, another transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxIdentity {
+    /// The id.
+    pub xid: u64,
+    /// `now()` in the transaction: its start, as `pg_stat_activity.xact_start` shows it.
+    began: String,
+    /// `pg_postmaster_start_time()` of the server that gave the id.
+    server_started: String,
 }
 
 /// How a COMMIT ended, from the session's point of view.
@@ -105,33 +133,39 @@ pub enum CommitError {
     AnswerLost(DieselError),
 }
 
-/// Commits the top-level transaction of `conn`, learning its id on the way (see the
-/// module docs); `xid` holds the id as soon as it arrives, so that a caller whose future
+/// Commits the top-level transaction of `conn`, learning its identity on the way (see
+/// the module docs); `xid` holds it as soon as it arrives, so that a caller whose future
 /// is dropped mid-COMMIT (the session's deadline) still has it.
 ///
-/// `prepared`: whether this connection has the id query prepared already. The first
-/// COMMIT of a connection asks for the id and waits for it before it sends COMMIT (a round
-/// trip, once per connection): its prepare would be a round trip during which a pipelined
-/// COMMIT would overtake it. Every later COMMIT pipelines.
+/// `prepared`: whether this connection has the identity query prepared already. The first
+/// COMMIT of a connection asks for it and waits for the answer before it sends COMMIT (a
+/// round trip, once per connection): its prepare would be a round trip during which a
+/// pipelined COMMIT would overtake it. Every later COMMIT pipelines. (With diesel's
+/// statement cache turned off, every COMMIT would have to wait.)
 pub async fn commit(
     conn: &mut AsyncPgConnection,
-    xid: &Cell<TxId>,
+    xid: &RefCell<TxId>,
     prepared: bool,
 ) -> Result<(), CommitError> {
     let result = {
         let shared: &AsyncPgConnection = conn;
         let (mut for_id, mut for_commit) = (shared, shared);
         let id = async {
-            let answer = tokio::task::coop::unconstrained(
-                CurrentXid.get_result::<Option<String>>(&mut for_id),
-            )
-            .await;
-            if let Ok(id) = &answer {
-                xid.set(match id.as_deref().map(str::parse) {
+            let answer =
+                tokio::task::coop::unconstrained(
+                    CurrentXid.get_result::<(Option<String>, String, String)>(&mut for_id),
+                )
+                .await;
+            if let Ok((id, began, server_started)) = &answer {
+                *xid.borrow_mut() = match id.as_deref().map(str::parse) {
                     None => TxId::Unassigned,
-                    Some(Ok(id)) => TxId::Assigned(id),
+                    Some(Ok(xid)) => TxId::Assigned(TxIdentity {
+                        xid,
+                        began: began.clone(),
+                        server_started: server_started.clone(),
+                    }),
                     Some(Err(_)) => TxId::Unknown,
-                });
+                };
             }
             answer
         };
@@ -163,15 +197,18 @@ pub async fn commit(
 }
 
 /// True when an error means the COMMIT's answer did not arrive, or came from a server
-/// that ended the session (57P01..57P03, class 08: a backend terminated while it waited
-/// for its commit record's flush may have committed), rather than a refusal (any other
-/// error: the transaction did not commit).
+/// that ended the session or itself (severity `FATAL` or `PANIC`: a backend terminated
+/// while it waited for its commit record's flush, a failed flush, may have committed),
+/// rather than a refusal (any other error: the transaction did not commit).
 pub fn answer_lost(error: &DieselError) -> bool {
     match error {
         DieselError::DatabaseError(kind, info) => {
             match diesel_async::pg::sql_state(info.as_ref()) {
                 Some(code) => {
                     matches!(
+                        diesel_async::pg::severity(info.as_ref()),
+                        Some(Severity::Fatal | Severity::Panic)
+                    ) || matches!(
                         code,
                         SqlState::ADMIN_SHUTDOWN
                             | SqlState::CRASH_SHUTDOWN
@@ -195,94 +232,155 @@ pub enum Resolution {
     Committed,
     /// It did not commit.
     Aborted,
-    /// The server could not be asked in time.
+    /// The server could not be asked in time, or its answer cannot be trusted.
     Unknown,
 }
 
-/// Finds out whether the transaction `xid` committed, on a pooled connection, within
-/// `bound`; see the module docs.
-pub async fn resolve(pool: &DbPool, metrics: &DbMetrics, xid: TxId, bound: Duration) -> Resolution {
-    let xid = match xid {
+/// Finds out whether the transaction `xid` committed, within `bound`; see the module
+/// docs. `in_doubt` is the pooled connection the COMMIT was sent on: its place in the pool
+/// serves the verification, on a fresh connection (so that the verification neither
+/// queues behind other requests for a pooled one nor grows the connection budget), and is
+/// given up when it is over. Without one, the verification checks a connection out.
+pub async fn resolve(
+    in_doubt: Option<Box<PooledConnection>>,
+    connector: &Connector,
+    pool: &DbPool,
+    metrics: &DbMetrics,
+    xid: &TxId,
+    bound: Duration,
+) -> Resolution {
+    let id = match xid {
         TxId::Unassigned => return Resolution::Committed,
         TxId::Unknown => return Resolution::Unknown,
-        TxId::Assigned(xid) => xid,
+        TxId::Assigned(id) => id,
     };
     let deadline = Instant::now() + bound;
+    let mut place = in_doubt;
     let asked = tokio::time::timeout_at(deadline.into(), async {
+        let mut failures = 0_u32;
         loop {
-            match ask(pool, metrics, xid, deadline).await {
-                Ok(Some(resolution)) => return resolution,
-                Ok(None) => return Resolution::Unknown,
+            let attempt = async {
+                match place.as_deref_mut() {
+                    Some(place) => {
+                        let fresh = connector.establish().await.map_err(|e| e.to_string())?;
+                        // The broken connection is closed here; the fresh one takes its place.
+                        drop(std::mem::replace::<AsyncPgConnection>(place, fresh));
+                        ask(place, id, deadline).await.map_err(|e| e.to_string())
+                    }
+                    None => {
+                        let mut pooled = metrics.acquire(pool).await.map_err(|e| e.to_string())?;
+                        ask(&mut pooled, id, deadline)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                }
+            };
+            match attempt.await {
+                Ok(resolution) => return resolution,
                 Err(e) => {
-                    log::warn!("could not ask the server about transaction {xid}: {e}");
+                    // Once per lost COMMIT; retries every RETRY_PAUSE would flood the log.
+                    if failures == 0 {
+                        log::warn!("could not ask the server about transaction {}: {e}", id.xid);
+                    }
+                    failures += 1;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
             }
         }
     })
     .await;
+    // The place is given up, with whatever query may still be under way on it.
+    if let Some(place) = place {
+        drop(deadpool::managed::Object::take(*place));
+    }
     asked.unwrap_or(Resolution::Unknown)
 }
 
-/// One verification on one pooled connection: `Ok(None)` when the server's final answer
-/// is still "in progress" or it no longer knows the id.
+/// One verification on one connection. The server's final "in progress", or an id it
+/// no longer knows, leave the outcome unknown.
 async fn ask(
-    pool: &DbPool,
-    metrics: &DbMetrics,
-    xid: u64,
+    conn: &mut AsyncPgConnection,
+    id: &TxIdentity,
     deadline: Instant,
-) -> Result<Option<Resolution>, String> {
-    let mut conn = metrics.acquire(pool).await.map_err(|e| e.to_string())?;
-    let conn: &mut AsyncPgConnection = &mut conn;
-    let first = xact_status(conn, xid).await.map_err(|e| e.to_string())?;
-    if first.as_deref() != Some("in progress") {
-        return Ok(final_answer(first.as_deref()));
+) -> Result<Resolution, DieselError> {
+    let first = match xact_status(conn, id).await? {
+        Asked::Answered(first) => first,
+        Asked::NotYetGiven => return Ok(Resolution::Aborted),
+    };
+    if first.status.as_deref() != Some("in progress") || !first.same_server {
+        return Ok(final_answer(&first));
     }
-    // The old backend still runs the transaction: end it, and wait for it to exit (as
-    // long as the bound allows), so that the next answer is final.
+    // The old backend still runs the transaction: end it (found by id and start time, so
+    // never another transaction's backend), and wait for it to exit, for half the time
+    // left, so that the next answer is final.
     let wait_ms = deadline
         .saturating_duration_since(Instant::now())
-        .as_millis();
+        .as_millis()
+        / 2;
     let wait_ms = i64::try_from(wait_ms).unwrap_or(i64::MAX).max(1);
     let ended = diesel::sql_query(
         "SELECT coalesce(bool_and(pg_terminate_backend(pid, $1)), true) AS ended \
-         FROM pg_stat_activity WHERE backend_xid = xid($2::xid8)",
+         FROM pg_stat_activity WHERE backend_xid = xid($2::xid8) AND xact_start = $3::timestamptz",
     )
     .bind::<BigInt, _>(wait_ms)
-    .bind::<Text, _>(xid.to_string())
+    .bind::<Text, _>(id.xid.to_string())
+    .bind::<Text, _>(&id.began)
     .get_result::<Ended>(conn)
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     log::warn!(
-        "transaction {xid} was still in progress behind a lost connection; its backend was \
+        "transaction {} was still in progress behind a lost connection; its backend was \
          ended{}",
+        id.xid,
         if ended.ended {
             ""
         } else {
             " (but had not exited in time)"
         }
     );
-    let second = xact_status(conn, xid).await.map_err(|e| e.to_string())?;
-    Ok(final_answer(second.as_deref()))
+    Ok(match xact_status(conn, id).await? {
+        Asked::Answered(second) => final_answer(&second),
+        Asked::NotYetGiven => Resolution::Aborted,
+    })
 }
 
-/// `pg_xact_status(xid)`: `committed`, `aborted`, `in progress`, or NULL for an id too old
-/// to know. (`xid8` has no diesel type: the id travels as text, cast on the server.)
-async fn xact_status(
-    conn: &mut AsyncPgConnection,
-    xid: u64,
-) -> Result<Option<String>, DieselError> {
-    diesel::sql_query("SELECT pg_xact_status($1::xid8)::text AS status")
-        .bind::<Text, _>(xid.to_string())
-        .get_result::<XactStatus>(conn)
-        .await
-        .map(|row| row.status)
+/// The server's answer about a transaction id.
+enum Asked {
+    Answered(XactStatus),
+    /// The id is "in the future" (22023): the server never made its assignment durable
+    /// (it restarted, or is a standby promoted before it got it), so the transaction did
+    /// not commit there.
+    NotYetGiven,
+}
+
+/// `pg_xact_status(xid)` (`committed`, `aborted`, `in progress`, or NULL for an id too old
+/// to know), and whether the server is the one that gave the id (it did not restart).
+async fn xact_status(conn: &mut AsyncPgConnection, id: &TxIdentity) -> Result<Asked, DieselError> {
+    let asked = diesel::sql_query(
+        "SELECT pg_xact_status($1::xid8)::text AS status, \
+         pg_postmaster_start_time() = $2::timestamptz AS same_server",
+    )
+    .bind::<Text, _>(id.xid.to_string())
+    .bind::<Text, _>(&id.server_started)
+    .get_result::<XactStatus>(conn)
+    .await;
+    match asked {
+        Ok(status) => Ok(Asked::Answered(status)),
+        Err(DieselError::DatabaseError(_, info))
+            if diesel_async::pg::sql_state(info.as_ref())
+                == Some(SqlState::INVALID_PARAMETER_VALUE) =>
+        {
+            Ok(Asked::NotYetGiven)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(QueryableByName)]
 struct XactStatus {
     #[diesel(sql_type = Nullable<Text>)]
     status: Option<String>,
+    #[diesel(sql_type = Bool)]
+    same_server: bool,
 }
 
 #[derive(QueryableByName)]
@@ -291,10 +389,15 @@ struct Ended {
     ended: bool,
 }
 
-fn final_answer(status: Option<&str>) -> Option<Resolution> {
-    match status {
-        Some("committed") => Some(Resolution::Committed),
-        Some("aborted") => Some(Resolution::Aborted),
-        _ => None,
+/// The outcome a status gives. On a server that restarted (or took over) since the id was
+/// given, the id may belong to a later transaction: "committed" may be that one's, so it
+/// proves nothing; anything else means ours never became durable there.
+fn final_answer(asked: &XactStatus) -> Resolution {
+    match (asked.status.as_deref(), asked.same_server) {
+        (Some("committed"), true) => Resolution::Committed,
+        (Some("aborted"), true) => Resolution::Aborted,
+        (Some("committed"), false) | (None, _) => Resolution::Unknown,
+        (Some(_), false) => Resolution::Aborted,
+        (Some(_), true) => Resolution::Unknown,
     }
 }

@@ -34,9 +34,9 @@
 //!   included, is bounded on the client side by the statement timeout plus a margin (none
 //!   without a statement timeout: it may run, or wait for a lock, as long as the server
 //!   lets it). The session's own statements (COMMIT, ROLLBACK, the clean-up of an abandoned
-//!   request) are bounded by that deadline, or by `DB_POOL_TIMEOUT` without a statement
-//!   timeout, so that they end even when the server went silent (TCP still acknowledged,
-//!   so keepalives never fire). Past the bound the work is dropped, the connection is
+//!   request) are bounded by that deadline, or without a statement timeout by
+//!   `DB_IDLE_IN_TX_TIMEOUT` plus the margin (60 s without either), so that they end even
+//!   when the server went silent (TCP still acknowledged, so keepalives never fire). Past the bound the work is dropped, the connection is
 //!   closed (with a cancel request for a statement still running: the server would
 //!   otherwise keep running it and holding its locks) and the client gets 503 `timeout`.
 //!   A live server's own `statement_timeout` normally fires first, answering 503 `timeout`
@@ -86,6 +86,10 @@ use crate::metrics::db::{DbMetrics, TimeoutKind};
 /// wins when the server is alive.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(1);
 
+/// The bound on COMMIT, ROLLBACK and clean-up when neither a statement timeout nor an
+/// idle-in-transaction timeout is set (see `SessionSettings::finish_deadline`).
+pub const FINISH_DEADLINE_FALLBACK: Duration = Duration::from_secs(60);
+
 /// Shared, per-application settings of the session layer (in `web::Data`).
 #[derive(Clone)]
 pub struct SessionSettings {
@@ -98,10 +102,15 @@ pub struct SessionSettings {
     /// a lock, as long as the server lets it (contract section 2).
     statement_deadline: Option<Duration>,
     /// Client-side bound on the session's own statements: COMMIT, ROLLBACK and the
-    /// clean-up of an abandoned request. The statement deadline, or `DB_POOL_TIMEOUT`
-    /// without one: these must end even when the server went silent (it still
-    /// acknowledges TCP, so keepalives never fire), or a cancelled request's clean-up would
-    /// hold its socket forever. A COMMIT cut off by it is resolved like any lost answer.
+    /// clean-up of an abandoned request. These must end even when the server went silent
+    /// (it still acknowledges TCP, so keepalives never fire), or a cancelled request's
+    /// clean-up would hold its socket forever: the statement deadline; without a statement
+    /// timeout, `DB_IDLE_IN_TX_TIMEOUT` plus the margin (by then the server has given up on
+    /// a transaction whose client went quiet, so the service gives up on a server that
+    /// went quiet after as long); without either, [`FINISH_DEADLINE_FALLBACK`]. Never
+    /// `DB_POOL_TIMEOUT`, which may be tuned short to fail check-outs fast, while a COMMIT
+    /// may legitimately wait for a flush, a standby or a deferred check. A COMMIT cut off
+    /// by it is resolved like any lost answer.
     finish_deadline: Duration,
     echo: bool,
     metrics: DbMetrics,
@@ -116,7 +125,9 @@ impl SessionSettings {
             pool,
             checkout_timeout: cfg.pool_timeout,
             statement_deadline,
-            finish_deadline: statement_deadline.unwrap_or(cfg.pool_timeout),
+            finish_deadline: statement_deadline
+                .or_else(|| cfg.idle_in_tx_timeout.map(|t| t + DEADLINE_MARGIN))
+                .unwrap_or(FINISH_DEADLINE_FALLBACK),
             echo: cfg.echo,
             metrics: metrics.clone(),
             connector: super::pool::connector(cfg),
@@ -213,8 +224,10 @@ impl TxConn {
     /// keeps running around it; a rollback instead of it (aborted transaction) by
     /// `timeout`.
     ///
-    /// `committing` is set while the COMMIT statement is under way; `xid` gets the
-    /// transaction's id as soon as it is known.
+    /// The slot's `committing` is set while the COMMIT statement is under way, its `xid`
+    /// gets the transaction's identity as soon as it is known, and its `in_doubt` the
+    /// connection when the COMMIT's answer is lost (here, or because this future is
+    /// dropped mid-COMMIT by the deadline): the verification uses its place in the pool.
     async fn commit(mut self, timeout: Duration, slot: &SlotInner) -> Result<(), Finish> {
         if !self.at_top_level() {
             // Dropping `self` closes the connection: the server rolls everything back.
@@ -229,25 +242,33 @@ impl TxConn {
         }
         slot.committing.set(true);
         let prepared = self.watch.xid_prepared();
-        let result = commit::commit(self.connection(), &slot.xid, prepared).await;
+        let mut this = InDoubt {
+            tx: self,
+            slot,
+            armed: true,
+        };
+        let result = commit::commit(this.tx.connection(), &slot.xid, prepared).await;
+        this.armed = false;
+        let this = &mut this.tx;
         slot.committing.set(false);
-        if slot.xid.get() != TxId::Unknown {
-            self.watch.set_xid_prepared();
+        if *slot.xid.borrow() != TxId::Unknown {
+            this.watch.set_xid_prepared();
         }
         match result {
             Ok(()) => {
-                self.release();
+                this.release();
                 Ok(())
             }
             Err(CommitError::WasRollback) => {
                 log::error!(
                     "the transaction was aborted by a failed statement; COMMIT rolled it back"
                 );
-                self.release();
+                this.release();
                 Err(Finish::Failed(swallowed_error()))
             }
             Err(CommitError::AnswerLost(e)) => {
                 log::error!("COMMIT got no answer ({e}); asking the server what happened");
+                this.park_in_doubt(slot);
                 Err(Finish::AnswerLost)
             }
             Err(CommitError::Failed(e)) => {
@@ -286,9 +307,20 @@ impl TxConn {
         }
     }
 
+    /// Keeps the connection whose COMMIT's answer was lost in the slot, out of the pool's
+    /// hands: its place serves the verification (see `db::commit::resolve`). No cancel
+    /// request: a COMMIT is never cancelled (under synchronous replication a cancelled
+    /// wait would leave the commit local only).
+    fn park_in_doubt(&mut self, slot: &SlotInner) {
+        if let Some(conn) = self.conn.take() {
+            self.lease.broken();
+            *slot.in_doubt.borrow_mut() = Some(conn);
+        }
+    }
+
     /// Returns the connection to the pool if it is clean: no transaction open, diesel's
     /// transaction manager not broken, socket open. Otherwise dropping `self` closes it.
-    fn release(mut self) {
+    fn release(&mut self) {
         let clean = self
             .conn
             .as_mut()
@@ -313,6 +345,23 @@ impl Drop for TxConn {
             }
             self.lease.broken();
             drop(deadpool::managed::Object::take(*conn));
+        }
+    }
+}
+
+/// A `TxConn` whose COMMIT is under way: if the COMMIT's future is dropped (its deadline
+/// passed), the connection is parked for the verification instead of closed.
+struct InDoubt<'a> {
+    tx: TxConn,
+    slot: &'a SlotInner,
+    /// Until the COMMIT's future has finished.
+    armed: bool,
+}
+
+impl Drop for InDoubt<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.tx.park_in_doubt(self.slot);
         }
     }
 }
@@ -361,8 +410,10 @@ struct SlotInner {
     /// Set while the COMMIT statement is under way: it is then bounded by the finish
     /// deadline, and a COMMIT cut off by it is resolved as a lost answer.
     committing: Cell<bool>,
-    /// The transaction's id, learned during COMMIT.
-    xid: Cell<TxId>,
+    /// The transaction's identity, learned during COMMIT.
+    xid: RefCell<TxId>,
+    /// The connection of a COMMIT whose answer was lost, kept for the verification.
+    in_doubt: RefCell<Option<Box<PooledConnection>>>,
     /// The waker of the task waiting on the check-out, woken when its deadline passes: it
     /// need not be the request's own task (`conn()` under `spawn_local`, say).
     checkout_waker: RefCell<Option<Waker>>,
@@ -381,7 +432,8 @@ impl Slot {
             checkout_deadline: Cell::new(None),
             checkout_expired: Cell::new(false),
             committing: Cell::new(false),
-            xid: Cell::new(TxId::Unknown),
+            xid: RefCell::new(TxId::Unknown),
+            in_doubt: RefCell::new(None),
             checkout_waker: RefCell::new(None),
             timer_waker: RefCell::new(None),
             settings,
@@ -498,16 +550,19 @@ impl Slot {
     /// handler's response may be sent.
     async fn resolve_lost_commit(&self) -> Result<(), ApiError> {
         let settings = self.settings();
-        let xid = self.0.xid.get();
+        let xid = self.0.xid.borrow().clone();
+        let in_doubt = self.0.in_doubt.borrow_mut().take();
         let resolution = Box::pin(commit::resolve(
+            in_doubt,
+            &settings.connector,
             &settings.pool,
             &settings.metrics,
-            xid,
+            &xid,
             settings.checkout_timeout,
         ))
         .await;
-        let about = match xid {
-            TxId::Assigned(id) => format!("transaction {id}"),
+        let about = match &xid {
+            TxId::Assigned(id) => format!("transaction {}", id.xid),
             TxId::Unassigned => "a transaction that wrote nothing".to_owned(),
             TxId::Unknown => "a transaction whose id was lost too".to_owned(),
         };

@@ -114,7 +114,8 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
         })
         .collect();
     // The transaction's id query is pipelined with COMMIT (no round trip of its own).
-    let xid = "SELECT pg_current_xact_id_if_assigned()::text";
+    let xid = "SELECT pg_current_xact_id_if_assigned()::text, now()::text, \
+               pg_postmaster_start_time()::text";
     assert_eq!(
         after_create.len(),
         4,

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app_on, Answer, TestApp, TestDb, SLACK};
+use crate::helpers::{eventually, spawn_app_on, Answer, TestApp, TestDb, SLACK};
 use crate::metrics::Scrape;
+use crate::support::pg_cluster::PgCluster;
 use crate::support::pgwire::CommitFault;
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::{proxy_to, within};
@@ -185,4 +186,83 @@ async fn a_transaction_still_in_progress_behind_a_silent_connection_is_ended_the
         transactions(&before, &after, "rollback", "commit_verified"),
         1.0
     );
+}
+
+/// The server crashes and recovers while a COMMIT's answer is lost (the COMMIT never
+/// reached it): after recovery the transaction's id may be handed out again, so the
+/// verification must not take the restarted server's word about that id for the old
+/// transaction's. It learns that the transaction did not commit there (the id is aborted,
+/// or not handed out yet), and the client gets 503 `database_unavailable`, not a
+/// `commit_unknown` that would wait out the pool timeout, and never a 2xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_commit_across_a_server_crash_is_resolved_by_the_restarted_server() {
+    let cluster = PgCluster::start().await;
+    let url = cluster.migrated_database("ledger").await;
+    let upstream = format!(
+        "127.0.0.1:{}",
+        url::Url::parse(&url).unwrap().port().unwrap()
+    );
+    let proxy = Proxy::start(upstream.parse().unwrap()).await;
+    let mut through = url::Url::parse(&url).unwrap();
+    through.set_port(Some(proxy.port())).unwrap();
+    let through = format!("{through}?sslmode=disable");
+    let app = spawn_app_on(
+        TestDb::not_created(),
+        &[
+            ("DATABASE_URL", through.as_str()),
+            ("DB_POOL_SIZE", "1"),
+            ("DB_MAX_OVERFLOW", "0"),
+            ("DB_POOL_TIMEOUT", "20"),
+            ("DB_STATEMENT_TIMEOUT", "1000"),
+        ],
+    )
+    .await;
+    app.create_account("warm-up", 1).await;
+    // The private cluster runs with synchronous_commit off: make what came before the
+    // crash durable, so that only the request's transaction is in doubt.
+    crate::helpers::connect(&url)
+        .await
+        .batch_execute("CHECKPOINT")
+        .await
+        .unwrap();
+    proxy.on_next_commit(CommitFault::SwallowThenSilence);
+
+    let request = {
+        let request = app
+            .client
+            .post(app.url("/accounts"))
+            .json(&json!({ "name": "crashed", "balance": 7 }));
+        tokio::spawn(request.send())
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.commit_fault_used()
+        })
+        .await,
+        "the COMMIT reached the proxy"
+    );
+    cluster.crash().await;
+    cluster.restart().await;
+    let restarted = Instant::now();
+
+    let answer = Answer::from(
+        within(Duration::from_secs(30), "the answer", request)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await;
+    answer.assert_problem(503, "database_unavailable");
+    assert!(
+        restarted.elapsed() < Duration::from_secs(2) + SLACK,
+        "resolved once the server was back, not at the pool timeout: {:?}",
+        restarted.elapsed()
+    );
+    let stored: i64 = crate::helpers::connect(&url)
+        .await
+        .query_one("SELECT count(*) FROM accounts WHERE name = 'crashed'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
 }

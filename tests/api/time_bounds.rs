@@ -3,8 +3,8 @@
 //! timeout (plus a client-side margin for a server that went silent), and without one it
 //! runs, or waits for a lock, as long as the server lets it; the session's own statements
 //! (COMMIT, ROLLBACK, the clean-up of an abandoned request) are bounded by the statement
-//! deadline, or by `DB_POOL_TIMEOUT` without a statement timeout, so that they end even
-//! on a silent server.
+//! deadline, or without a statement timeout by `DB_IDLE_IN_TX_TIMEOUT` plus 1 s, so that
+//! they end even on a silent server.
 
 use std::time::{Duration, Instant};
 
@@ -94,19 +94,21 @@ async fn a_lock_wait_outlasts_the_pool_timeout_which_bounds_only_check_outs() {
     );
 }
 
-/// Without a statement timeout a ROLLBACK is bounded by `DB_POOL_TIMEOUT`: against a
-/// server that went silent after the handler's write, the handler's 409 still reaches the
-/// client within the sleep plus the pool timeout, and the connection is closed (the server
-/// rolls back when it sees the socket close), never pooled.
+/// Without a statement timeout a ROLLBACK is bounded by `DB_IDLE_IN_TX_TIMEOUT` plus 1 s
+/// (the server gives up on a quiet client's transaction after as long), not by the pool
+/// timeout: against a server that went silent after the handler's write, the handler's 409
+/// still reaches the client within the sleep plus that bound, and the connection is closed
+/// (the server rolls back when it sees the socket close), never pooled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_statement_timeout_a_rollback_on_a_silent_server_ends_within_the_pool_timeout() {
+async fn without_a_statement_timeout_a_rollback_on_a_silent_server_ends_within_the_idle_timeout() {
     let (app, proxy) = spawn_behind_proxy(
         TestDb::migrated().await,
         &[
             ("DB_POOL_SIZE", "1"),
             ("DB_MAX_OVERFLOW", "0"),
-            ("DB_POOL_TIMEOUT", "1"),
+            ("DB_POOL_TIMEOUT", "0.2"),
             ("DB_STATEMENT_TIMEOUT", "0"),
+            ("DB_IDLE_IN_TX_TIMEOUT", "1000"),
         ],
     )
     .await;
@@ -127,9 +129,10 @@ async fn without_a_statement_timeout_a_rollback_on_a_silent_server_ends_within_t
         .unwrap();
     let waited = holed.elapsed();
     assert_eq!(answer.status(), 409);
+    // 700 ms of the handler's sleep, then the ROLLBACK's 2 s: not the pool timeout's 0.2 s.
     assert!(
-        waited < Duration::from_millis(700) + Duration::from_secs(1) + SLACK,
-        "ROLLBACK was bounded by the pool timeout: {waited:?}"
+        waited >= Duration::from_secs(2) && waited < Duration::from_millis(2700) + SLACK,
+        "ROLLBACK was bounded by the idle timeout plus 1 s: {waited:?}"
     );
     assert_eq!(
         app.pool.status().size,

@@ -168,6 +168,20 @@ impl PgCluster {
         .expect("stop");
     }
 
+    /// Crashes the server (`pg_ctl stop -m immediate`: no checkpoint, recovery at the next
+    /// start), as a power loss would.
+    pub async fn crash(&self) {
+        let server = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            server.run(
+                "pg_ctl",
+                &["-D", &server.data(), "-m", "immediate", "-w", "stop"],
+            );
+        })
+        .await
+        .expect("crash");
+    }
+
     /// Starts the stopped server again, same port, data and options.
     pub async fn restart(&self) {
         let server = self.0.clone();

@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use diesel::result::DatabaseErrorInformation;
 use diesel::ConnectionError;
-use tokio_postgres::error::{DbError, SqlState};
+use tokio_postgres::error::{DbError, Severity, SqlState};
 
 pub(super) struct ErrorHelper(pub(super) tokio_postgres::Error);
 
@@ -82,8 +82,20 @@ pub fn sql_state(info: &dyn DatabaseErrorInformation) -> Option<SqlState> {
     let address = address_of(info);
     live_wrappers()
         .iter()
-        .find(|(live, _)| *live == address)
-        .map(|(_, code)| code.clone())
+        .find(|(live, ..)| *live == address)
+        .map(|(_, code, _)| code.clone())
+}
+
+/// The severity of a PostgreSQL error returned by [`AsyncPgConnection`](super::AsyncPgConnection),
+/// as the server sent it in its non-localized form: `FATAL` and `PANIC` mean the server
+/// ended the session (or itself) rather than just the statement. `None` as for
+/// [`sql_state`], and for a server too old to send the non-localized severity.
+pub fn severity(info: &dyn DatabaseErrorInformation) -> Option<Severity> {
+    let address = address_of(info);
+    live_wrappers()
+        .iter()
+        .find(|(live, ..)| *live == address)
+        .and_then(|(.., severity)| *severity)
 }
 
 /// The SQLSTATE of every live [`PostgresDbErrorWrapper`], by the wrapper's address.
@@ -96,9 +108,9 @@ pub fn sql_state(info: &dyn DatabaseErrorInformation) -> Option<SqlState> {
 /// the wrapper's field does not implement the trait). `Drop` removes the entry. Errors
 /// are few and short-lived: a short list and a lock per error are enough, and no
 /// `unsafe` is needed.
-static LIVE_WRAPPERS: Mutex<Vec<(usize, SqlState)>> = Mutex::new(Vec::new());
+static LIVE_WRAPPERS: Mutex<Vec<(usize, SqlState, Option<Severity>)>> = Mutex::new(Vec::new());
 
-fn live_wrappers() -> MutexGuard<'static, Vec<(usize, SqlState)>> {
+fn live_wrappers() -> MutexGuard<'static, Vec<(usize, SqlState, Option<Severity>)>> {
     // The list stays consistent whatever panicked while holding the lock.
     LIVE_WRAPPERS.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -112,9 +124,9 @@ struct PostgresDbErrorWrapper(DbError);
 
 impl PostgresDbErrorWrapper {
     fn boxed(error: DbError) -> Box<dyn DatabaseErrorInformation + Send + Sync> {
-        let code = error.code().clone();
+        let (code, severity) = (error.code().clone(), error.parsed_severity());
         let wrapper = Box::new(PostgresDbErrorWrapper(error));
-        live_wrappers().push((address_of(&*wrapper), code));
+        live_wrappers().push((address_of(&*wrapper), code, severity));
         wrapper
     }
 }
@@ -123,7 +135,7 @@ impl Drop for PostgresDbErrorWrapper {
     fn drop(&mut self) {
         let address = address_of(self);
         let mut live = live_wrappers();
-        if let Some(index) = live.iter().position(|(live, _)| *live == address) {
+        if let Some(index) = live.iter().position(|(live, ..)| *live == address) {
             live.swap_remove(index);
         }
     }

@@ -36,7 +36,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 use tokio_postgres::Statement;
 
-pub use self::error_helper::sql_state;
+pub use self::error_helper::{severity, sql_state};
 pub use self::transaction_builder::TransactionBuilder;
 
 mod error_helper;
