@@ -501,9 +501,15 @@ impl Slot {
     /// peer stopped answering, where a ROLLBACK would only wait too. (Dropping the
     /// `TxConn` sends a cancel request for a statement still running.)
     fn discard(&self) {
-        if let State::Open(tx) = self.replace(State::Finalized) {
-            self.settings().metrics.rolled_back(Reason::Timeout);
-            drop(tx);
+        match self.replace(State::Finalized) {
+            State::Open(tx) => {
+                self.settings().metrics.rolled_back(Reason::Timeout);
+                drop(tx);
+            }
+            // Cut off inside `finish`: the ROLLBACK of an aborted transaction that the
+            // session was about to COMMIT (a COMMIT cut off is resolved instead).
+            State::Finalized => self.settings().metrics.rolled_back(Reason::Timeout),
+            State::Idle | State::Busy => {}
         }
     }
 
