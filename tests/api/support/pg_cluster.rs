@@ -157,29 +157,22 @@ impl PgCluster {
 
     /// Stops the server (`pg_ctl stop -m fast`: sessions are terminated, as in a restart).
     pub async fn stop(&self) {
-        let server = self.0.clone();
-        tokio::task::spawn_blocking(move || {
-            server.run(
-                "pg_ctl",
-                &["-D", &server.data(), "-m", "fast", "-w", "stop"],
-            );
-        })
-        .await
-        .expect("stop");
+        self.stop_in("fast").await;
     }
 
     /// Crashes the server (`pg_ctl stop -m immediate`: no checkpoint, recovery at the next
     /// start), as a power loss would.
     pub async fn crash(&self) {
+        self.stop_in("immediate").await;
+    }
+
+    async fn stop_in(&self, mode: &'static str) {
         let server = self.0.clone();
         tokio::task::spawn_blocking(move || {
-            server.run(
-                "pg_ctl",
-                &["-D", &server.data(), "-m", "immediate", "-w", "stop"],
-            );
+            server.run("pg_ctl", &["-D", &server.data(), "-m", mode, "-w", "stop"]);
         })
         .await
-        .expect("crash");
+        .expect("stop");
     }
 
     /// Starts the stopped server again, same port, data and options.
