@@ -12,19 +12,15 @@ use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
 use crate::support::pgwire::CommitFault;
 use crate::support::proxy::{Mode, Proxy};
-use crate::support::{proxy_to, within};
+use crate::support::{spawn_behind_readable_proxy, within};
 
 /// The service through a proxy that can read its traffic (no TLS), with one pooled
 /// connection and a 1 s pool timeout, and `DB_STATEMENT_TIMEOUT` of 1 s (so COMMIT's
 /// client-side deadline is 2 s).
 async fn spawn_readable() -> (TestApp, Proxy) {
-    let db = TestDb::migrated().await;
-    let (proxy, url) = proxy_to(&db).await;
-    let url = format!("{url}?sslmode=disable");
-    let app = spawn_app_on(
-        db,
+    let (app, proxy) = spawn_behind_readable_proxy(
+        TestDb::migrated().await,
         &[
-            ("DATABASE_URL", url.as_str()),
             ("DB_POOL_SIZE", "1"),
             ("DB_MAX_OVERFLOW", "0"),
             ("DB_POOL_TIMEOUT", "1"),

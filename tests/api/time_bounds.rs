@@ -12,8 +12,9 @@ use serde_json::json;
 
 use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp, TestDb, SLACK};
 use crate::metrics::Scrape;
+use crate::support::pgwire::CommitFault;
 use crate::support::proxy::Mode;
-use crate::support::{spawn_behind_proxy, within};
+use crate::support::{spawn_behind_readable_proxy, within};
 
 /// Pool of one, overflow 0, `DB_POOL_TIMEOUT=1`, no statement timeout: a transfer waits
 /// 3 s for a row lock held outside the service and then commits (201), while a second
@@ -96,12 +97,12 @@ async fn a_lock_wait_outlasts_the_pool_timeout_which_bounds_only_check_outs() {
 
 /// Without a statement timeout a ROLLBACK is bounded by `DB_IDLE_IN_TX_TIMEOUT` plus 1 s
 /// (the server gives up on a quiet client's transaction after as long), not by the pool
-/// timeout: against a server that went silent after the handler's write, the handler's 409
-/// still reaches the client within the sleep plus that bound, and the connection is closed
-/// (the server rolls back when it sees the socket close), never pooled.
+/// timeout: against a server that goes silent at the ROLLBACK, the handler's 409 still
+/// reaches the client within that bound, and the connection is closed (the server rolls
+/// back when it sees the socket close), never pooled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_statement_timeout_a_rollback_on_a_silent_server_ends_within_the_idle_timeout() {
-    let (app, proxy) = spawn_behind_proxy(
+    let (app, proxy) = spawn_behind_readable_proxy(
         TestDb::migrated().await,
         &[
             ("DB_POOL_SIZE", "1"),
@@ -113,25 +114,23 @@ async fn without_a_statement_timeout_a_rollback_on_a_silent_server_ends_within_t
     )
     .await;
     let before = Scrape::take(&app).await;
-    let request = app.post_in_background("/_test/write-then-4xx?name=silent-rollback&ms=700");
+    proxy.on_next_query("ROLLBACK", CommitFault::SwallowThenSilence);
+    let started = Instant::now();
+    let answer = within(
+        Duration::from_secs(10),
+        "the 409",
+        app.post_json("/_test/write-then-4xx?name=silent-rollback", &json!({})),
+    )
+    .await;
+    let waited = started.elapsed();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            app.db.sessions("ledger", Some("idle in transaction")).await == 1
-        })
-        .await,
-        "the handler wrote and holds its transaction open"
+        proxy.commit_fault_used(),
+        "the ROLLBACK met the silent server"
     );
-    proxy.set_mode(Mode::BlackHole);
-    let holed = Instant::now();
-    let answer = within(Duration::from_secs(10), "the 409", request)
-        .await
-        .unwrap()
-        .unwrap();
-    let waited = holed.elapsed();
-    assert_eq!(answer.status(), 409);
-    // 700 ms of the handler's sleep, then the ROLLBACK's 2 s: not the pool timeout's 0.2 s.
+    assert_eq!(answer.status, 409);
+    // The ROLLBACK's 2 s (1 s idle timeout plus 1 s), not the pool timeout's 0.2 s.
     assert!(
-        waited >= Duration::from_secs(2) && waited < Duration::from_millis(2700) + SLACK,
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(2) + SLACK,
         "ROLLBACK was bounded by the idle timeout plus 1 s: {waited:?}"
     );
     assert_eq!(

@@ -42,6 +42,19 @@ pub async fn spawn_behind_proxy(db: TestDb, settings: &[(&str, &str)]) -> (TestA
     (spawn_app_on(db, &vars).await, proxy)
 }
 
+/// As [`spawn_behind_proxy`], with a connection the proxy can read (no TLS), so that it
+/// can break it at a given query (`Proxy::on_next_query`).
+pub async fn spawn_behind_readable_proxy(
+    db: TestDb,
+    settings: &[(&str, &str)],
+) -> (TestApp, Proxy) {
+    let (proxy, url) = proxy_to(&db).await;
+    let url = format!("{url}?sslmode=disable");
+    let mut vars = vec![("DATABASE_URL", url.as_str())];
+    vars.extend_from_slice(settings);
+    (spawn_app_on(db, &vars).await, proxy)
+}
+
 /// A port nothing listens on right now (bound, read, released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::Notify;
 
-/// What the proxy does with the next `COMMIT` a client sends (simple protocol, the way
-/// the session sends it), on whichever connection it comes. It first relays every answer
-/// to what the client sent before it (the transaction-id query pipelined ahead of the
-/// COMMIT, say), then:
+/// What the proxy does with the next `COMMIT` (or `ROLLBACK`) a client sends (simple
+/// protocol, the way the session sends them), on whichever connection it comes. It first
+/// relays every answer to what the client sent before it (the transaction-id query
+/// pipelined ahead of the COMMIT, say), then:
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommitFault {
     /// Forwards the COMMIT, waits until the server has answered it, drops that answer and
@@ -33,8 +33,9 @@ pub enum CommitFault {
     SwallowThenSilence,
 }
 
-/// The proxy's armed fault, shared by all its connections: the first COMMIT takes it.
-pub type ArmedFault = Arc<Mutex<Option<CommitFault>>>;
+/// The proxy's armed fault and the simple query it waits for (`COMMIT`, `ROLLBACK`),
+/// shared by all its connections: the first such query takes it.
+pub type ArmedFault = Arc<Mutex<Option<(&'static str, CommitFault)>>>;
 
 /// One message of the stream, or a run of bytes relayed as they come.
 pub struct Frame {
@@ -45,8 +46,14 @@ pub struct Frame {
 }
 
 impl Frame {
-    fn is_commit(&self) -> bool {
-        self.kind == b'Q' && self.bytes.get(5..) == Some(b"COMMIT\0".as_slice())
+    /// Whether this is the simple query `text`.
+    fn is_query(&self, text: &str) -> bool {
+        self.kind == b'Q'
+            && self
+                .bytes
+                .get(5..)
+                .and_then(|q| q.strip_suffix(b"\0"))
+                .is_some_and(|q| q == text.as_bytes())
     }
 }
 
@@ -184,16 +191,15 @@ impl Wire {
     /// What to do with a frame the client sent; for the COMMIT that takes the armed fault,
     /// waits first until every answer to what the client sent before it has been relayed.
     pub async fn verdict(&self, frame: &Frame) -> Verdict {
-        if !frame.is_commit() {
-            return Verdict::Forward;
-        }
-        let Some(fault) = self
-            .fault
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        else {
-            return Verdict::Forward;
+        let fault = {
+            let mut armed = self.fault.lock().unwrap_or_else(PoisonError::into_inner);
+            match *armed {
+                Some((query, fault)) if frame.is_query(query) => {
+                    *armed = None;
+                    fault
+                }
+                _ => return Verdict::Forward,
+            }
         };
         // The COMMIT itself was counted when it was framed.
         self.wait_until(|c| c.ready_relayed + 1 >= c.sync_points)

@@ -127,10 +127,15 @@ impl Proxy {
     /// Breaks the next `COMMIT` any client sends through the proxy as `fault` says (only a
     /// connection without TLS can be read: give the client `sslmode=disable`).
     pub fn on_next_commit(&self, fault: CommitFault) {
+        self.on_next_query("COMMIT", fault);
+    }
+
+    /// Breaks the next simple query `query` (`COMMIT`, `ROLLBACK`) as `fault` says.
+    pub fn on_next_query(&self, query: &'static str, fault: CommitFault) {
         *self
             .fault
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fault);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((query, fault));
     }
 
     /// Whether the fault armed by [`Proxy::on_next_commit`] has been used.
@@ -336,6 +341,12 @@ impl Pump {
             }
             let n = tokio::select! {
                 read = from.read(&mut buf) => match read {
+                    // A server that goes away behind a silent proxy stays silent to its
+                    // client: nothing, not even the close, is relayed any more.
+                    Ok(0) | Err(_) if self.side == Side::Backend && !self.wire.relays() => {
+                        std::future::pending::<()>().await;
+                        return;
+                    }
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 },
