@@ -44,12 +44,14 @@
 //! - **An id names one transaction only until the server restarts.** PostgreSQL does not
 //!   make the handing out of an id durable by itself, so after a crash, or a failover to a
 //!   standby that had not received the transaction, the same id goes to another
-//!   transaction. The id therefore travels with the server's start time: a server that
-//!   started since can only tell that the transaction did not commit (the id is "in the
-//!   future" there, or aborted, or in progress in someone else's transaction), never that
-//!   it did.
+//!   transaction. The id therefore travels with the server's run: its postmaster's start
+//!   time, and its statistics' reset time, which a crash restart by the same postmaster
+//!   changes too (a manual statistics reset also does: the verification is then only more
+//!   careful). A server that restarted since can only tell that the transaction did not
+//!   commit (the id is "in the future" there, or aborted, or in progress in someone else's
+//!   transaction), never that it did.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
@@ -68,9 +70,11 @@ use super::connect::Connector;
 use super::pool::{DbPool, PooledConnection};
 use crate::metrics::db::DbMetrics;
 
-/// The transaction's identity, asked for with its COMMIT: its id, when it began, and
-/// when the server that gave it the id started (`xid8`s and timestamps travel as text:
-/// diesel has no `xid8` type, and the server compares the timestamps itself). As a query
+/// The transaction's identity, asked for with its COMMIT: its id, when it began, and which
+/// run of the server gave it the id: when the postmaster started, and when the shared
+/// statistics were last reset, which a crash restart by the same postmaster also does
+/// (all as text: diesel has no `xid8` type, and the server compares the texts itself,
+/// formatted by the same session settings, so that nothing is parsed back). As a query
 /// with a static id: diesel caches its prepared statement by that id, so that a connection
 /// prepares it once. (A `sql()` literal is never cached: every COMMIT would prepare it
 /// first, a round trip during which the COMMIT would overtake it.)
@@ -85,7 +89,8 @@ impl QueryFragment<Pg> for CurrentXid {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(
             "SELECT pg_current_xact_id_if_assigned()::text, now()::text, \
-             pg_postmaster_start_time()::text",
+             pg_postmaster_start_time()::text || ' ' || \
+             coalesce(pg_stat_get_bgwriter_stat_reset_time()::text, '')",
         );
         Ok(())
     }
@@ -117,20 +122,31 @@ pub struct TxIdentity {
     pub xid: u64,
     /// `now()` in the transaction: its start, as `pg_stat_activity.xact_start` shows it.
     began: String,
-    /// `pg_postmaster_start_time()` of the server that gave the id.
+    /// Which run of the server gave the id (see [`CurrentXid`]).
     server_started: String,
 }
 
 /// How a COMMIT ended, from the session's point of view.
 #[derive(Debug)]
 pub enum CommitError {
-    /// The server answered with an error: nothing was committed.
+    /// The server answered the COMMIT with an error: nothing was committed.
     Failed(DieselError),
-    /// The server answered, but a statement had failed in the transaction, so the COMMIT
-    /// was a ROLLBACK.
-    WasRollback,
+    /// The COMMIT could not have committed, though its answer did not come: the connection
+    /// broke before it was sent, or the id query ahead of it failed on the server. The
+    /// error is what went wrong.
+    NotCommitted(DieselError),
+    /// The COMMIT was answered, but the id query ahead of it failed on the server (with
+    /// this error), so the COMMIT was a ROLLBACK: `25P02` when a statement had already
+    /// failed in the transaction, or whatever made the id query itself fail.
+    WasRollback(DieselError),
     /// No answer came: the transaction may or may not have committed.
     AnswerLost(DieselError),
+}
+
+/// An error the server sent (as opposed to a connection that broke).
+fn server_error(error: &DieselError) -> bool {
+    matches!(error, DieselError::DatabaseError(_, info)
+        if diesel_async::pg::sql_state(info.as_ref()).is_some())
 }
 
 /// Commits the top-level transaction of `conn`, learning its identity on the way (see
@@ -142,10 +158,13 @@ pub enum CommitError {
 /// round trip, once per connection): its prepare would be a round trip during which a
 /// pipelined COMMIT would overtake it. Every later COMMIT pipelines. (With diesel's
 /// statement cache turned off, every COMMIT would have to wait.)
+///
+/// `sent` is set once the COMMIT has been sent: a COMMIT cut off before is not in doubt.
 pub async fn commit(
     conn: &mut AsyncPgConnection,
     xid: &RefCell<TxId>,
     prepared: bool,
+    sent: &Cell<bool>,
 ) -> Result<(), CommitError> {
     let result = {
         let shared: &AsyncPgConnection = conn;
@@ -170,15 +189,29 @@ pub async fn commit(
             answer
         };
         let (id, committed) = if prepared {
+            sent.set(true);
             futures_util::future::join(id, for_commit.batch_execute("COMMIT")).await
         } else {
-            let id = id.await;
-            (id, for_commit.batch_execute("COMMIT").await)
+            match id.await {
+                // Nothing was committed: the COMMIT is not sent on a connection that broke.
+                Err(e) if answer_lost(&e) => return Err(CommitError::NotCommitted(e)),
+                id => {
+                    sent.set(true);
+                    (id, for_commit.batch_execute("COMMIT").await)
+                }
+            }
         };
         match (id, committed) {
+            // The server answers in order: an error for the id query means that the
+            // COMMIT after it could only roll back, whether its answer came or not.
+            (Err(id_error), Err(_)) if server_error(&id_error) => {
+                Err(CommitError::NotCommitted(id_error))
+            }
             (_, Err(e)) if answer_lost(&e) => Err(CommitError::AnswerLost(e)),
             (_, Err(e)) => Err(CommitError::Failed(e)),
-            (Err(DieselError::DatabaseError(..)), Ok(())) => Err(CommitError::WasRollback),
+            (Err(id_error), Ok(())) if server_error(&id_error) => {
+                Err(CommitError::WasRollback(id_error))
+            }
             (_, Ok(())) => Ok(()),
         }
     };
@@ -242,7 +275,7 @@ pub enum Resolution {
 /// queues behind other requests for a pooled one nor grows the connection budget), and is
 /// given up when it is over. Without one, the verification checks a connection out.
 pub async fn resolve(
-    in_doubt: Option<Box<PooledConnection>>,
+    in_doubt: Option<Detached>,
     connector: &Connector,
     pool: &DbPool,
     metrics: &DbMetrics,
@@ -260,12 +293,12 @@ pub async fn resolve(
         let mut failures = 0_u32;
         loop {
             let attempt = async {
-                match place.as_deref_mut() {
+                match place.as_mut() {
                     Some(place) => {
                         let fresh = connector.establish().await.map_err(|e| e.to_string())?;
                         // The broken connection is closed here; the fresh one takes its place.
-                        drop(std::mem::replace::<AsyncPgConnection>(place, fresh));
-                        ask(place, id, deadline).await.map_err(|e| e.to_string())
+                        let conn = place.replace(fresh).ok_or("no connection to ask on")?;
+                        ask(conn, id, deadline).await.map_err(|e| e.to_string())
                     }
                     None => {
                         let mut pooled = metrics.acquire(pool).await.map_err(|e| e.to_string())?;
@@ -289,11 +322,37 @@ pub async fn resolve(
         }
     })
     .await;
-    // The place is given up, with whatever query may still be under way on it.
-    if let Some(place) = place {
-        drop(deadpool::managed::Object::take(*place));
-    }
+    // Dropping `place` gives it up, with whatever query may still be under way on it.
     asked.unwrap_or(Resolution::Unknown)
+}
+
+/// A pooled connection that never goes back to the pool: dropping it closes it and frees
+/// its place. It holds the connection whose COMMIT's answer was lost, then the ones the
+/// verification opens in its place (whatever is left on them, a query under way, a
+/// transaction state diesel never saw, must not reach the next request).
+pub struct Detached(Option<Box<PooledConnection>>);
+
+impl Detached {
+    /// Takes `conn` out of the pool's hands until it is dropped.
+    pub fn new(conn: Box<PooledConnection>) -> Detached {
+        Detached(Some(conn))
+    }
+
+    /// Closes the connection held and holds `fresh` in its place. (`None` only after
+    /// `Drop`, which is the only one to empty it.)
+    fn replace(&mut self, fresh: AsyncPgConnection) -> Option<&mut AsyncPgConnection> {
+        let place: &mut AsyncPgConnection = self.0.as_mut()?;
+        drop(std::mem::replace(place, fresh));
+        Some(place)
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool::managed::Object::take(*conn));
+        }
+    }
 }
 
 /// One verification on one connection. The server's final "in progress", or an id it
@@ -311,36 +370,34 @@ async fn ask(
         return Ok(final_answer(&first));
     }
     // The old backend still runs the transaction: end it (found by id and start time, so
-    // never another transaction's backend), and wait for it to exit, for half the time
-    // left, so that the next answer is final.
-    let wait_ms = deadline
-        .saturating_duration_since(Instant::now())
-        .as_millis()
-        / 2;
-    let wait_ms = i64::try_from(wait_ms).unwrap_or(i64::MAX).max(1);
+    // never another transaction's backend), then ask until it has exited and the answer
+    // is final, or the bound passes. (No waiting inside one statement: the connection's
+    // own statement timeout could cut it short.)
     let ended = diesel::sql_query(
-        "SELECT coalesce(bool_and(pg_terminate_backend(pid, $1)), true) AS ended \
-         FROM pg_stat_activity WHERE backend_xid = xid($2::xid8) AND xact_start = $3::timestamptz",
+        // In the aggregate, not the WHERE clause: the server may test WHERE conditions in
+        // any order, and must only signal the rows that match.
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS ended \
+         FROM pg_stat_activity WHERE backend_xid = xid($1::xid8) AND xact_start::text = $2",
     )
-    .bind::<BigInt, _>(wait_ms)
     .bind::<Text, _>(id.xid.to_string())
     .bind::<Text, _>(&id.began)
     .get_result::<Ended>(conn)
     .await?;
     log::warn!(
-        "transaction {} was still in progress behind a lost connection; its backend was \
-         ended{}",
+        "transaction {} was still in progress behind a lost connection; {} backend(s) ended",
         id.xid,
-        if ended.ended {
-            ""
-        } else {
-            " (but had not exited in time)"
-        }
+        ended.ended
     );
-    Ok(match xact_status(conn, id).await? {
-        Asked::Answered(second) => final_answer(&second),
-        Asked::NotYetGiven => Resolution::Aborted,
-    })
+    loop {
+        match xact_status(conn, id).await? {
+            Asked::NotYetGiven => return Ok(Resolution::Aborted),
+            Asked::Answered(now) if now.status.as_deref() != Some("in progress") => {
+                return Ok(final_answer(&now));
+            }
+            Asked::Answered(_) if Instant::now() >= deadline => return Ok(Resolution::Unknown),
+            Asked::Answered(_) => tokio::time::sleep(RETRY_PAUSE).await,
+        }
+    }
 }
 
 /// The server's answer about a transaction id.
@@ -357,7 +414,8 @@ enum Asked {
 async fn xact_status(conn: &mut AsyncPgConnection, id: &TxIdentity) -> Result<Asked, DieselError> {
     let asked = diesel::sql_query(
         "SELECT pg_xact_status($1::xid8)::text AS status, \
-         pg_postmaster_start_time() = $2::timestamptz AS same_server",
+         pg_postmaster_start_time()::text || ' ' || \
+         coalesce(pg_stat_get_bgwriter_stat_reset_time()::text, '') = $2 AS same_server",
     )
     .bind::<Text, _>(id.xid.to_string())
     .bind::<Text, _>(&id.server_started)
@@ -385,8 +443,8 @@ struct XactStatus {
 
 #[derive(QueryableByName)]
 struct Ended {
-    #[diesel(sql_type = Bool)]
-    ended: bool,
+    #[diesel(sql_type = BigInt)]
+    ended: i64,
 }
 
 /// The outcome a status gives. On a server that restarted (or took over) since the id was

@@ -72,7 +72,7 @@ use diesel_async::pooled_connection::PoolableConnection;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
 use futures_util::FutureExt;
 
-use super::commit::{self, CommitError, Resolution, TxId};
+use super::commit::{self, CommitError, Detached, Resolution, TxId};
 use super::connect::Connector;
 use super::lease::{self, Lease};
 use super::pool::{DbPool, PooledConnection};
@@ -247,7 +247,8 @@ impl TxConn {
             slot,
             armed: true,
         };
-        let result = commit::commit(this.tx.connection(), &slot.xid, prepared).await;
+        let result =
+            commit::commit(this.tx.connection(), &slot.xid, prepared, &slot.commit_sent).await;
         this.armed = false;
         let this = &mut this.tx;
         slot.committing.set(false);
@@ -259,12 +260,27 @@ impl TxConn {
                 this.release();
                 Ok(())
             }
-            Err(CommitError::WasRollback) => {
-                log::error!(
-                    "the transaction was aborted by a failed statement; COMMIT rolled it back"
-                );
+            Err(CommitError::WasRollback(e)) => {
+                log::error!("the transaction id query failed ({e}); COMMIT rolled back");
                 this.release();
-                Err(Finish::Failed(swallowed_error()))
+                let aborted_earlier = matches!(&e, diesel::result::Error::DatabaseError(_, info)
+                    if diesel_async::pg::sql_state(info.as_ref())
+                        == Some(tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION));
+                Err(Finish::Failed(if aborted_earlier {
+                    swallowed_error()
+                } else {
+                    commit_error(e)
+                }))
+            }
+            Err(CommitError::NotCommitted(e)) => {
+                log::error!("COMMIT could not commit ({e}); nothing was written");
+                Err(Finish::Failed(match commit_error(e) {
+                    ApiError::Internal(_) => ApiError::DatabaseUnavailable(
+                        "the connection to the database was lost before the transaction committed"
+                            .to_owned(),
+                    ),
+                    e => e,
+                }))
             }
             Err(CommitError::AnswerLost(e)) => {
                 log::error!("COMMIT got no answer ({e}); asking the server what happened");
@@ -273,12 +289,7 @@ impl TxConn {
             }
             Err(CommitError::Failed(e)) => {
                 log::error!("COMMIT failed: {e}");
-                Err(Finish::Failed(match ApiError::from(e) {
-                    e @ (ApiError::TransactionConflict
-                    | ApiError::DatabaseUnavailable(_)
-                    | ApiError::Timeout) => e,
-                    _ => ApiError::internal("COMMIT failed"),
-                }))
+                Err(Finish::Failed(commit_error(e)))
             }
         }
     }
@@ -314,7 +325,7 @@ impl TxConn {
     fn park_in_doubt(&mut self, slot: &SlotInner) {
         if let Some(conn) = self.conn.take() {
             self.lease.broken();
-            *slot.in_doubt.borrow_mut() = Some(conn);
+            *slot.in_doubt.borrow_mut() = Some(Detached::new(conn));
         }
     }
 
@@ -410,10 +421,13 @@ struct SlotInner {
     /// Set while the COMMIT statement is under way: it is then bounded by the finish
     /// deadline, and a COMMIT cut off by it is resolved as a lost answer.
     committing: Cell<bool>,
+    /// Set once the COMMIT has been sent (`committing` is set before the transaction-id
+    /// query a connection's first COMMIT waits for): only a COMMIT sent can be in doubt.
+    commit_sent: Cell<bool>,
     /// The transaction's identity, learned during COMMIT.
     xid: RefCell<TxId>,
     /// The connection of a COMMIT whose answer was lost, kept for the verification.
-    in_doubt: RefCell<Option<Box<PooledConnection>>>,
+    in_doubt: RefCell<Option<Detached>>,
     /// The waker of the task waiting on the check-out, woken when its deadline passes: it
     /// need not be the request's own task (`conn()` under `spawn_local`, say).
     checkout_waker: RefCell<Option<Waker>>,
@@ -432,6 +446,7 @@ impl Slot {
             checkout_deadline: Cell::new(None),
             checkout_expired: Cell::new(false),
             committing: Cell::new(false),
+            commit_sent: Cell::new(false),
             xid: RefCell::new(TxId::Unknown),
             in_doubt: RefCell::new(None),
             checkout_waker: RefCell::new(None),
@@ -589,7 +604,8 @@ impl Slot {
             Resolution::Unknown => {
                 log::error!(
                     "COMMIT answer lost; whether {about} committed could not be learned within \
-                     {:?}: answering 503 commit_unknown",
+                     {:?} (or only from a server that restarted since): answering 503 \
+                     commit_unknown",
                     settings.checkout_timeout
                 );
                 settings.metrics.commit_unknown(xid != TxId::Unknown);
@@ -605,6 +621,17 @@ enum Finish {
     Failed(ApiError),
     /// The COMMIT's answer was lost: the outcome must be resolved before answering.
     AnswerLost,
+}
+
+/// What the client gets for an error that ended a COMMIT: the contract's 503s as they
+/// are, anything else a generic 500.
+fn commit_error(e: diesel::result::Error) -> ApiError {
+    match ApiError::from(e) {
+        e @ (ApiError::TransactionConflict
+        | ApiError::DatabaseUnavailable(_)
+        | ApiError::Timeout) => e,
+        _ => ApiError::internal("COMMIT failed"),
+    }
 }
 
 /// The error for a transaction that a failed statement aborted while the handler answered
@@ -986,8 +1013,8 @@ pub async fn finalize(
 }
 
 /// The answer after a statement outlived its deadline and the work future was dropped
-/// (which cancelled the statement on our side). If it was the COMMIT, its outcome is
-/// resolved on another connection, and the handler's response (`outcome`) is sent if it
+/// (which cancelled the statement on our side). If it was a COMMIT already sent, its
+/// outcome is resolved on another connection, and the handler's response (`outcome`) is sent if it
 /// committed; any other statement's connection cannot be trusted and is closed: 503
 /// `timeout`.
 async fn after_deadline(
@@ -995,7 +1022,10 @@ async fn after_deadline(
     outcome: Option<HandlerOutcome<impl MessageBody + 'static>>,
     http_req: HttpRequest,
 ) -> ServiceResponse<BoxBody> {
-    if !slot.0.committing.get() {
+    if !slot.0.commit_sent.get() {
+        // Not a COMMIT, or one not sent yet (cut off in the transaction-id query a
+        // connection's first COMMIT waits for): no outcome in doubt.
+        drop(slot.0.in_doubt.borrow_mut().take());
         slot.discard();
         return ServiceResponse::new(http_req, ApiError::Timeout.error_response());
     }

@@ -262,3 +262,120 @@ async fn a_lost_commit_across_a_server_crash_is_resolved_by_the_restarted_server
         .get(0);
     assert_eq!(stored, 0);
 }
+
+/// A crash restart by the same postmaster (one backend killed: the postmaster ends the
+/// others and recovers) loses what was not flushed, the handing out of the transaction's
+/// id among it; here the server then gives that id to another transaction, which commits.
+/// `pg_xact_status` now says "committed", about someone else: the verification must see
+/// that the server restarted since the id was given (its postmaster start time did not
+/// change, its statistics' reset time did), and answer 503 `commit_unknown`, never the
+/// handler's 201 for a write that was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_handed_out_again_after_a_crash_restart_is_never_taken_for_the_lost_commit() {
+    // The WAL writer waits 10 s, so that the transaction's records are still unflushed
+    // when the server crashes.
+    let cluster = PgCluster::start_with_settings("-c wal_writer_delay=10s").await;
+    let url = cluster.migrated_database("ledger").await;
+    let upstream = format!(
+        "127.0.0.1:{}",
+        url::Url::parse(&url).unwrap().port().unwrap()
+    );
+    let proxy = Proxy::start(upstream.parse().unwrap()).await;
+    let mut through = url::Url::parse(&url).unwrap();
+    through.set_port(Some(proxy.port())).unwrap();
+    let through = format!("{through}?sslmode=disable");
+    let app = spawn_app_on(
+        TestDb::not_created(),
+        &[
+            ("DATABASE_URL", through.as_str()),
+            ("DB_POOL_SIZE", "1"),
+            ("DB_MAX_OVERFLOW", "0"),
+            ("DB_POOL_TIMEOUT", "20"),
+            ("DB_STATEMENT_TIMEOUT", "1000"),
+            ("DB_HEALTH_TIMEOUT", "1"),
+        ],
+    )
+    .await;
+    app.create_account("warm-up", 1).await;
+    let admin = crate::helpers::connect(&url).await;
+    admin.batch_execute("CHECKPOINT").await.unwrap();
+    // The verification cannot reach the server until the id has been handed out again.
+    proxy.set_mode(Mode::Refuse);
+    proxy.on_next_commit(CommitFault::SwallowThenSilence);
+
+    let request = {
+        let request = app
+            .client
+            .post(app.url("/accounts"))
+            .json(&json!({ "name": "reused", "balance": 7 }));
+        tokio::spawn(request.send())
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.commit_fault_used()
+        })
+        .await,
+        "the COMMIT reached the proxy"
+    );
+    let row = admin
+        .query_one(
+            "SELECT pid, backend_xid::text::bigint FROM pg_stat_activity \
+             WHERE application_name = 'ledger' AND backend_xid IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (pid, xid): (i32, i64) = (row.get(0), row.get(1));
+    drop(admin);
+
+    // SAFETY: kill has no memory-safety preconditions; the pid is the cluster's backend.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // Burn ids on the recovered server until one transaction commits with ours.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let client = loop {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                break client;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the server did not come back: {e}"),
+        }
+    };
+    let mut reused = false;
+    for _ in 0..100_000 {
+        let given: i64 = client
+            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if given >= xid {
+            reused = given == xid;
+            break;
+        }
+    }
+    assert!(
+        reused,
+        "the recovered server handed transaction id {xid} out again"
+    );
+
+    proxy.set_mode(Mode::Pass);
+    let answer = Answer::from(
+        within(Duration::from_secs(30), "the answer", request)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await;
+    answer.assert_problem(503, "commit_unknown");
+    let stored: i64 = crate::helpers::connect(&url)
+        .await
+        .query_one("SELECT count(*) FROM accounts WHERE name = 'reused'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+}

@@ -46,15 +46,21 @@ struct Server {
 impl PgCluster {
     /// Initialises and starts a new cluster with TLS off.
     pub async fn start() -> PgCluster {
-        Self::start_with(None).await
+        Self::start_with(None, "").await
+    }
+
+    /// Initialises and starts a new cluster with TLS off and `settings` (`-c name=value`
+    /// options) added.
+    pub async fn start_with_settings(settings: &'static str) -> PgCluster {
+        Self::start_with(None, settings).await
     }
 
     /// Initialises and starts a new cluster with TLS on, serving this certificate.
     pub async fn start_with_tls(tls: ServerTls) -> PgCluster {
-        Self::start_with(Some(tls)).await
+        Self::start_with(Some(tls), "").await
     }
 
-    async fn start_with(tls: Option<ServerTls>) -> PgCluster {
+    async fn start_with(tls: Option<ServerTls>, settings: &'static str) -> PgCluster {
         tokio::task::spawn_blocking(move || {
             let bin = server_bin_dir();
             let port = free_port();
@@ -82,6 +88,9 @@ impl PgCluster {
                     );
                 }
                 None => options += " -c ssl=off",
+            }
+            if !settings.is_empty() {
+                options = format!("{options} {settings}");
             }
             cluster.0.options = options;
             cluster.0.run(
