@@ -114,8 +114,7 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
         })
         .collect();
     // The transaction's id query is pipelined with COMMIT (no round trip of its own).
-    let xid = "SELECT pg_current_xact_id_if_assigned()::text, now()::text, \
-               pg_postmaster_start_time()::text";
+    let is_id_query = |s: &str| s.starts_with("SELECT pg_current_xact_id_if_assigned()::text");
     assert_eq!(
         after_create.len(),
         4,
@@ -134,12 +133,12 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
         "{}",
         statements[1]
     );
-    assert_eq!(statements[2], xid);
+    assert!(is_id_query(&statements[2]), "{}", statements[2]);
     assert_eq!(statements[3], "COMMIT");
     for read in [&statements[4..8], &statements[8..12]] {
         assert_eq!(read[0], "BEGIN");
         assert!(read[1].starts_with("SELECT"), "{}", read[1]);
-        assert_eq!(read[2], xid);
+        assert!(is_id_query(&read[2]), "{}", read[2]);
         assert_eq!(read[3], "COMMIT");
     }
 }

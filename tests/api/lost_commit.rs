@@ -326,24 +326,27 @@ async fn an_id_handed_out_again_after_a_crash_restart_is_never_taken_for_the_los
         .await
         .unwrap();
     let (pid, xid): (i32, i64) = (row.get(0), row.get(1));
+    let reset_time = "SELECT pg_stat_get_bgwriter_stat_reset_time()::text";
+    let before: String = admin.query_one(reset_time, &[]).await.unwrap().get(0);
     drop(admin);
 
     // SAFETY: kill has no memory-safety preconditions; the pid is the cluster's backend.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     // Burn ids on the recovered server until one transaction commits with ours.
     let deadline = Instant::now() + Duration::from_secs(15);
+    // A connection to the server after its crash restart (one made before the postmaster
+    // reacted to the kill would be closed under us).
     let client = loop {
-        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(connection);
+        assert!(Instant::now() < deadline, "the server did not come back");
+        if let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            let after = client.query_one(reset_time, &[]).await;
+            if after.is_ok_and(|row| row.get::<_, String>(0) != before) {
                 break client;
             }
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the server did not come back: {e}"),
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mut reused = false;
     for _ in 0..100_000 {
