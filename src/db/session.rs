@@ -573,6 +573,13 @@ impl Slot {
         let settings = self.settings();
         let xid = self.0.xid.borrow().clone();
         let in_doubt = self.0.in_doubt.borrow_mut().take();
+        // A request dropped during the verification (a shutdown timeout) leaves the
+        // outcome unknown: counted so.
+        let mut dropped = UnknownIfDropped {
+            metrics: &settings.metrics,
+            id_known: xid != TxId::Unknown,
+            armed: true,
+        };
         let resolution = Box::pin(commit::resolve(
             in_doubt,
             &settings.connector,
@@ -582,6 +589,7 @@ impl Slot {
             settings.checkout_timeout,
         ))
         .await;
+        dropped.armed = false;
         let about = match &xid {
             TxId::Assigned(id) => format!("transaction {}", id.xid),
             TxId::Unassigned => "a transaction that wrote nothing".to_owned(),
@@ -611,6 +619,21 @@ impl Slot {
                 settings.metrics.commit_unknown(xid != TxId::Unknown);
                 Err(ApiError::CommitUnknown)
             }
+        }
+    }
+}
+
+/// Counts a COMMIT of unknown outcome when dropped armed.
+struct UnknownIfDropped<'a> {
+    metrics: &'a DbMetrics,
+    id_known: bool,
+    armed: bool,
+}
+
+impl Drop for UnknownIfDropped<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.commit_unknown(self.id_known);
         }
     }
 }
