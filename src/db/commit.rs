@@ -28,11 +28,13 @@
 //!   ROLLBACK. That catches a swallowed error that the statement watch cannot see (one
 //!   the server raised after its reader stopped reading a result, see `db::watch`).
 //! - **Resolving a lost answer** ([`resolve`]) is bounded by `DB_POOL_TIMEOUT`. It takes
-//!   the place in the pool of the connection whose answer was lost: that connection is
-//!   closed and a fresh one opened in its place, so the verification neither queues behind
-//!   other requests for a pooled connection (deadpool hands a freed place to the oldest
-//!   waiter) nor grows the connection budget (the readiness connection would not either,
-//!   but it belongs to the probes, whose answers must not queue behind a verification).
+//!   the place in the pool of the connection whose answer was lost: a fresh connection is
+//!   opened in its place (the lost one is closed once it is up), so the verification
+//!   neither queues behind other requests for a pooled connection (deadpool hands a freed
+//!   place to the oldest waiter) nor takes a place of its own (the readiness connection
+//!   would not either, but it belongs to the probes, whose answers must not queue behind a
+//!   verification). The server may count one connection more for that moment, and while
+//!   an old backend still alive behind a silent connection waits to be ended.
 //!   `pg_xact_status` answers `committed` or `aborted`, final; `in progress` while the old
 //!   backend lives on behind the dead or silent connection (still waiting for its commit
 //!   record's flush, say): the verification then ends that backend, found through
@@ -272,7 +274,7 @@ pub enum Resolution {
 /// Finds out whether the transaction `xid` committed, within `bound`; see the module
 /// docs. `in_doubt` is the pooled connection the COMMIT was sent on: its place in the pool
 /// serves the verification, on a fresh connection (so that the verification neither
-/// queues behind other requests for a pooled one nor grows the connection budget), and is
+/// queues behind other requests for a pooled one nor takes a place of its own), and is
 /// given up when it is over. Without one, the verification checks a connection out.
 pub async fn resolve(
     in_doubt: Option<Detached>,

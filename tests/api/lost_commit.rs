@@ -184,6 +184,101 @@ async fn a_transaction_still_in_progress_behind_a_silent_connection_is_ended_the
     );
 }
 
+/// The service on a private cluster it can crash, through a readable proxy, with one
+/// pooled connection, `DB_POOL_TIMEOUT=20` (the verification outlasts the restart) and a
+/// 2 s COMMIT deadline.
+struct CrashableService {
+    cluster: PgCluster,
+    /// The database's URL, straight to the cluster.
+    url: String,
+    proxy: Proxy,
+    app: TestApp,
+}
+
+impl CrashableService {
+    /// Starts the cluster with `settings`, the service on a migrated database, and makes a
+    /// first write on its connection durable.
+    async fn start(settings: &'static str) -> CrashableService {
+        let cluster = PgCluster::start_with_settings(settings).await;
+        let url = cluster.migrated_database("ledger").await;
+        let mut through = url::Url::parse(&url).unwrap();
+        let upstream = format!("127.0.0.1:{}", through.port().unwrap());
+        let proxy = Proxy::start(upstream.parse().unwrap()).await;
+        through.set_port(Some(proxy.port())).unwrap();
+        let through = format!("{through}?sslmode=disable");
+        let app = spawn_app_on(
+            TestDb::not_created(),
+            &[
+                ("DATABASE_URL", through.as_str()),
+                ("DB_POOL_SIZE", "1"),
+                ("DB_MAX_OVERFLOW", "0"),
+                ("DB_POOL_TIMEOUT", "20"),
+                ("DB_STATEMENT_TIMEOUT", "1000"),
+            ],
+        )
+        .await;
+        app.create_account("warm-up", 1).await;
+        // The private cluster runs with synchronous_commit off: make what came before the
+        // crash durable, so that only the request's transaction is in doubt.
+        crate::helpers::connect(&url)
+            .await
+            .batch_execute("CHECKPOINT")
+            .await
+            .unwrap();
+        CrashableService {
+            cluster,
+            url,
+            proxy,
+            app,
+        }
+    }
+
+    /// Sends `POST /accounts` for `name` in the background, its COMMIT held back by the
+    /// proxy (the server never sees it, and its backend waits in the transaction);
+    /// returns once the COMMIT is held.
+    async fn post_held_at_commit(
+        &self,
+        name: &str,
+    ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        self.proxy.on_next_commit(CommitFault::SwallowThenSilence);
+        let request = self
+            .app
+            .client
+            .post(self.app.url("/accounts"))
+            .json(&json!({ "name": name, "balance": 7 }));
+        let request = tokio::spawn(request.send());
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                self.proxy.commit_fault_used()
+            })
+            .await,
+            "the COMMIT reached the proxy"
+        );
+        request
+    }
+
+    /// Rows of `accounts` with this name, read straight from the cluster.
+    async fn accounts_named(&self, name: &str) -> i64 {
+        crate::helpers::connect(&self.url)
+            .await
+            .query_one("SELECT count(*) FROM accounts WHERE name = $1", &[&name])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// The answer to a request sent in the background.
+async fn answer_of(request: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>) -> Answer {
+    Answer::from(
+        within(Duration::from_secs(30), "the answer", request)
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .await
+}
+
 /// The server crashes and recovers while a COMMIT's answer is lost (the COMMIT never
 /// reached it): after recovery the transaction's id may be handed out again, so the
 /// verification must not take the restarted server's word about that id for the old
@@ -192,75 +287,20 @@ async fn a_transaction_still_in_progress_behind_a_silent_connection_is_ended_the
 /// `commit_unknown` that would wait out the pool timeout, and never a 2xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_commit_across_a_server_crash_is_resolved_by_the_restarted_server() {
-    let cluster = PgCluster::start().await;
-    let url = cluster.migrated_database("ledger").await;
-    let upstream = format!(
-        "127.0.0.1:{}",
-        url::Url::parse(&url).unwrap().port().unwrap()
-    );
-    let proxy = Proxy::start(upstream.parse().unwrap()).await;
-    let mut through = url::Url::parse(&url).unwrap();
-    through.set_port(Some(proxy.port())).unwrap();
-    let through = format!("{through}?sslmode=disable");
-    let app = spawn_app_on(
-        TestDb::not_created(),
-        &[
-            ("DATABASE_URL", through.as_str()),
-            ("DB_POOL_SIZE", "1"),
-            ("DB_MAX_OVERFLOW", "0"),
-            ("DB_POOL_TIMEOUT", "20"),
-            ("DB_STATEMENT_TIMEOUT", "1000"),
-        ],
-    )
-    .await;
-    app.create_account("warm-up", 1).await;
-    // The private cluster runs with synchronous_commit off: make what came before the
-    // crash durable, so that only the request's transaction is in doubt.
-    crate::helpers::connect(&url)
-        .await
-        .batch_execute("CHECKPOINT")
-        .await
-        .unwrap();
-    proxy.on_next_commit(CommitFault::SwallowThenSilence);
-
-    let request = {
-        let request = app
-            .client
-            .post(app.url("/accounts"))
-            .json(&json!({ "name": "crashed", "balance": 7 }));
-        tokio::spawn(request.send())
-    };
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            proxy.commit_fault_used()
-        })
-        .await,
-        "the COMMIT reached the proxy"
-    );
-    cluster.crash().await;
-    cluster.restart().await;
+    let on = CrashableService::start("").await;
+    let request = on.post_held_at_commit("crashed").await;
+    on.cluster.crash().await;
+    on.cluster.restart().await;
     let restarted = Instant::now();
 
-    let answer = Answer::from(
-        within(Duration::from_secs(30), "the answer", request)
-            .await
-            .unwrap()
-            .unwrap(),
-    )
-    .await;
+    let answer = answer_of(request).await;
     answer.assert_problem(503, "database_unavailable");
     assert!(
         restarted.elapsed() < Duration::from_secs(2) + SLACK,
         "resolved once the server was back, not at the pool timeout: {:?}",
         restarted.elapsed()
     );
-    let stored: i64 = crate::helpers::connect(&url)
-        .await
-        .query_one("SELECT count(*) FROM accounts WHERE name = 'crashed'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(stored, 0);
+    assert_eq!(on.accounts_named("crashed").await, 0);
 }
 
 /// A crash restart by the same postmaster (one backend killed: the postmaster ends the
@@ -274,49 +314,11 @@ async fn a_lost_commit_across_a_server_crash_is_resolved_by_the_restarted_server
 async fn an_id_handed_out_again_after_a_crash_restart_is_never_taken_for_the_lost_commit() {
     // The WAL writer waits 10 s, so that the transaction's records are still unflushed
     // when the server crashes.
-    let cluster = PgCluster::start_with_settings("-c wal_writer_delay=10s").await;
-    let url = cluster.migrated_database("ledger").await;
-    let upstream = format!(
-        "127.0.0.1:{}",
-        url::Url::parse(&url).unwrap().port().unwrap()
-    );
-    let proxy = Proxy::start(upstream.parse().unwrap()).await;
-    let mut through = url::Url::parse(&url).unwrap();
-    through.set_port(Some(proxy.port())).unwrap();
-    let through = format!("{through}?sslmode=disable");
-    let app = spawn_app_on(
-        TestDb::not_created(),
-        &[
-            ("DATABASE_URL", through.as_str()),
-            ("DB_POOL_SIZE", "1"),
-            ("DB_MAX_OVERFLOW", "0"),
-            ("DB_POOL_TIMEOUT", "20"),
-            ("DB_STATEMENT_TIMEOUT", "1000"),
-            ("DB_HEALTH_TIMEOUT", "1"),
-        ],
-    )
-    .await;
-    app.create_account("warm-up", 1).await;
-    let admin = crate::helpers::connect(&url).await;
-    admin.batch_execute("CHECKPOINT").await.unwrap();
+    let on = CrashableService::start("-c wal_writer_delay=10s").await;
     // The verification cannot reach the server until the id has been handed out again.
-    proxy.set_mode(Mode::Refuse);
-    proxy.on_next_commit(CommitFault::SwallowThenSilence);
-
-    let request = {
-        let request = app
-            .client
-            .post(app.url("/accounts"))
-            .json(&json!({ "name": "reused", "balance": 7 }));
-        tokio::spawn(request.send())
-    };
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            proxy.commit_fault_used()
-        })
-        .await,
-        "the COMMIT reached the proxy"
-    );
+    on.proxy.set_mode(Mode::Refuse);
+    let request = on.post_held_at_commit("reused").await;
+    let admin = crate::helpers::connect(&on.url).await;
     let row = admin
         .query_one(
             "SELECT pid, backend_xid::text::bigint FROM pg_stat_activity \
@@ -338,7 +340,8 @@ async fn an_id_handed_out_again_after_a_crash_restart_is_never_taken_for_the_los
     // reacted to the kill would be closed under us).
     let client = loop {
         assert!(Instant::now() < deadline, "the server did not come back");
-        if let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&on.url, tokio_postgres::NoTls).await
         {
             tokio::spawn(connection);
             let after = client.query_one(reset_time, &[]).await;
@@ -365,20 +368,9 @@ async fn an_id_handed_out_again_after_a_crash_restart_is_never_taken_for_the_los
         "the recovered server handed transaction id {xid} out again"
     );
 
-    proxy.set_mode(Mode::Pass);
-    let answer = Answer::from(
-        within(Duration::from_secs(30), "the answer", request)
-            .await
-            .unwrap()
-            .unwrap(),
-    )
-    .await;
-    answer.assert_problem(503, "commit_unknown");
-    let stored: i64 = crate::helpers::connect(&url)
+    on.proxy.set_mode(Mode::Pass);
+    answer_of(request)
         .await
-        .query_one("SELECT count(*) FROM accounts WHERE name = 'reused'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(stored, 0);
+        .assert_problem(503, "commit_unknown");
+    assert_eq!(on.accounts_named("reused").await, 0);
 }
