@@ -14,11 +14,12 @@ use actix_web::dev::{Server, ServerHandle, ServiceFactory, ServiceRequest, Servi
 use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
 
+use actix_diesel_session::{Database, DbPool};
+
 use crate::api::idempotency::IdempotencySettings;
 use crate::config::Config;
-use crate::db::pool::{self, DbPool};
-use crate::db::session::SessionSettings;
 use crate::db::{self, migrate};
+use crate::error::ApiError;
 use crate::health::{self, Health};
 use crate::metrics::{self, Metrics};
 use crate::{api, request_id};
@@ -30,7 +31,7 @@ const ACCESS_LOG_FORMAT: &str = r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#;
 pub struct Application {
     port: u16,
     server: Server,
-    pool: DbPool,
+    db: Database,
     health: web::Data<Health>,
     config: Config,
 }
@@ -40,17 +41,22 @@ impl Application {
     /// be reached, the service starts anyway and migrations are retried in the background.
     pub async fn build(config: Config) -> io::Result<Self> {
         let metrics = web::Data::new(Metrics::new(&config.db));
-        let pool = pool::build_pool(&config.db, metrics.db(), config.http_workers == 1)
-            .map_err(io::Error::other)?;
-        pool::spawn_reaper(&pool, &config.db, metrics.db());
-        db::idempotency::spawn_purger(&pool, config.idempotency_ttl);
-        let health = web::Data::new(
-            Health::new(&config.db, pool.clone()).with_postgres_status(metrics.postgres_check()),
-        );
-        prepare_schema(&config, &health).await;
+        // The session layer: pool, connector, reaper. Its errors are rendered as the
+        // ledger's problem+json, and its events counted in the ledger's metrics.
+        let db = Database::builder(
+            config.db.url.clone(),
+            config.db.session_config(config.http_workers == 1),
+        )
+        .observer(metrics.db().clone())
+        .render_errors(|e| actix_web::ResponseError::error_response(&ApiError::from(e)))
+        .build()
+        .map_err(io::Error::other)?;
+        db::idempotency::spawn_purger(db.pool(), config.idempotency_ttl);
+        let health = web::Data::new(Health::new(&db));
+        prepare_schema(&config, &db, &health).await;
 
         let state = AppState {
-            settings: web::Data::new(SessionSettings::new(pool.clone(), &config.db, metrics.db())),
+            db: web::Data::new(db.clone()),
             health: health.clone(),
             metrics,
             body_limit: config.http_body_limit,
@@ -69,7 +75,7 @@ impl Application {
         Ok(Application {
             port,
             server,
-            pool,
+            db,
             health,
             config,
         })
@@ -82,7 +88,7 @@ impl Application {
 
     /// The pool (tests read its status).
     pub fn pool(&self) -> &DbPool {
-        &self.pool
+        self.db.pool()
     }
 
     /// A handle that stops the server.
@@ -103,8 +109,8 @@ impl Application {
     /// Serves until stopped, then closes the pool and the readiness connection.
     pub async fn run_until_stopped(self) -> io::Result<()> {
         let result = self.server.await;
-        self.pool.close();
-        self.health.close().await;
+        self.db.close();
+        self.health.close();
         log::info!("stopped");
         result
     }
@@ -113,7 +119,8 @@ impl Application {
 /// What every worker's `App` shares.
 #[derive(Clone)]
 pub struct AppState {
-    pub settings: web::Data<SessionSettings>,
+    /// The session layer (pool and sessions).
+    pub db: web::Data<Database>,
     pub health: web::Data<Health>,
     pub metrics: web::Data<Metrics>,
     pub body_limit: usize,
@@ -134,8 +141,9 @@ pub fn app(
         InitError = (),
     >,
 > {
+    let session = state.db.middleware();
     App::new()
-        .app_data(state.settings)
+        .app_data(state.db)
         .app_data(state.health)
         .app_data(state.metrics)
         .app_data(web::Data::new(IdempotencySettings {
@@ -143,19 +151,19 @@ pub fn app(
         }))
         .configure(health::configure)
         .configure(metrics::configure)
-        .configure(|cfg| api::configure(cfg, state.body_limit))
-        .default_service(web::to(api::not_found))
-        // The session finalizer wraps each resource (see `api::resource`), inside these.
+        .configure(|cfg| api::configure(cfg, state.body_limit, &session))
+        .default_service(web::to(crate::http::not_found))
+        // The session middleware wraps each API resource (see `api::resource`), inside these.
         // The access log is outermost so that it sees the stamped X-Request-Id.
         .wrap(from_fn(request_id::assign))
-        // Times the whole request and makes its route known to the session (leak warnings).
+        // Times the whole request, by route template.
         .wrap(from_fn(metrics::http::track))
         .wrap(Logger::new(ACCESS_LOG_FORMAT))
 }
 
 /// Applies migrations before serving when the database answers quickly; otherwise keeps
 /// retrying in the background while the service starts (readiness fails until done).
-async fn prepare_schema(config: &Config, health: &web::Data<Health>) {
+async fn prepare_schema(config: &Config, db: &Database, health: &web::Data<Health>) {
     if !config.run_migrations {
         health.set_schema_ready();
         return;
@@ -166,9 +174,12 @@ async fn prepare_schema(config: &Config, health: &web::Data<Health>) {
     // migration connection beside it. A database that does not answer within the health
     // timeout must not hold up the start (liveness must answer).
     let first_try: Duration = config.db.health_timeout;
-    let (db, ready) = (config.db.clone(), health.clone());
+    let (connector, ready) = (
+        migrate::connector(db, config.db.pool_timeout),
+        health.clone(),
+    );
     let mut migrating = tokio::spawn(async move {
-        migrate::run_until_applied(&db).await;
+        migrate::run_until_applied(&connector).await;
         ready.set_schema_ready();
     });
     if tokio::time::timeout(first_try, &mut migrating)

@@ -31,7 +31,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::db::url::DatabaseUrl;
+use actix_diesel_session::{DatabaseUrl, SessionConfig};
 
 pub const DEFAULT_POOL_SIZE: usize = 5;
 pub const DEFAULT_MAX_OVERFLOW: usize = 10;
@@ -97,10 +97,32 @@ pub struct DbConfig {
     pub echo: bool,
 }
 
+/// The `application_name` of pooled connections.
+pub const APPLICATION_NAME: &str = "ledger";
+
 impl DbConfig {
     /// The hard cap on pooled connections: `pool_size + max_overflow`.
     pub fn max_connections(&self) -> usize {
         self.pool_size + self.max_overflow
+    }
+
+    /// The session layer's limits, from these settings. `single_worker`: the service runs
+    /// one Actix worker, which then drives its connections itself.
+    pub fn session_config(&self, single_worker: bool) -> SessionConfig {
+        let mut cfg = SessionConfig::default();
+        cfg.application_name = APPLICATION_NAME.to_owned();
+        cfg.pool_size = self.pool_size;
+        cfg.max_overflow = self.max_overflow;
+        cfg.idle_timeout = self.idle_timeout;
+        cfg.checkout_timeout = self.pool_timeout;
+        cfg.max_lifetime = self.max_lifetime;
+        cfg.probe_timeout = self.health_timeout;
+        cfg.statement_timeout = self.statement_timeout;
+        cfg.idle_in_transaction_timeout = self.idle_in_tx_timeout;
+        cfg.leak_warn = self.leak_warn;
+        cfg.echo = self.echo;
+        cfg.drive_on_callers_runtime = single_worker;
+        cfg
     }
 }
 
@@ -120,10 +142,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub host: IpAddr,
     pub port: u16,
-    /// Actix worker threads. Pooled connections are opened and driven on the application's
-    /// main runtime (on the worker itself when there is only one, see `db::connect`), so a
-    /// request pays two cross-thread wake-ups per round trip: where the database shares
-    /// the machine's few cores, fewer workers can serve more.
+    /// Actix worker threads. With more than one, pooled connections are opened and driven
+    /// on the runtime that built the application (the one `main` runs, beside the
+    /// workers), so a request pays two cross-thread wake-ups per round trip; with one,
+    /// on that worker itself (`SessionConfig::drive_on_callers_runtime`). Where the
+    /// database shares the machine's few cores, fewer workers can serve more.
     pub http_workers: usize,
 }
 

@@ -10,17 +10,15 @@ use std::fmt;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use diesel::result::DatabaseErrorKind;
 use serde::Serialize;
-use tokio_postgres::error::SqlState;
 
-use crate::db::pool::PoolError;
 use crate::request_id;
+use actix_diesel_session::SessionError;
 
 /// The content type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 /// Seconds a client should wait before retrying a 503.
-pub const RETRY_AFTER_SECS: u32 = 1;
+pub const RETRY_AFTER_SECS: u32 = actix_diesel_session::RETRY_AFTER_SECS;
 
 /// One field that broke a rule, for `validation_failed` bodies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -219,83 +217,25 @@ impl ResponseError for ApiError {
 }
 
 impl From<diesel::result::Error> for ApiError {
+    /// `NotFound` is the ledger's 404; every other error is classified by the session
+    /// layer (by its SQLSTATE, see `actix_diesel_session::SessionError`).
     fn from(error: diesel::result::Error) -> Self {
-        use diesel::result::Error as E;
         match error {
-            E::NotFound => ApiError::NotFound("not found".to_owned()),
-            E::DatabaseError(kind, ref info) => {
-                let class = match diesel_async::pg::sql_state(info.as_ref()) {
-                    Some(code) => classify_sql_state(&code),
-                    None => classify_kind(kind),
-                };
-                match class {
-                    Some(ApiError::DatabaseUnavailable(text)) => {
-                        // The cause matters to an operator; the client sees `text` only.
-                        log::warn!("database unavailable: {}", info.message());
-                        ApiError::DatabaseUnavailable(text)
-                    }
-                    Some(class) => class,
-                    None => ApiError::internal(&error),
-                }
-            }
-            // COMMIT failed and so did the ROLLBACK after it: the COMMIT's error is the
-            // reason (a lost connection fails both).
-            E::RollbackErrorOnCommit { commit_error, .. } => ApiError::from(*commit_error),
-            other => ApiError::internal(other),
+            diesel::result::Error::NotFound => ApiError::NotFound("not found".to_owned()),
+            other => ApiError::from(SessionError::from(other)),
         }
     }
 }
 
-/// The contract's class (section 1) of a server error, by its SQLSTATE alone: the message
-/// follows the server's `lc_messages` and is never read. `None`: anything else, `internal`.
-fn classify_sql_state(code: &SqlState) -> Option<ApiError> {
-    let unavailable = |text: &str| Some(ApiError::DatabaseUnavailable(text.to_owned()));
-    match *code {
-        // 40001, 40P01
-        SqlState::T_R_SERIALIZATION_FAILURE | SqlState::T_R_DEADLOCK_DETECTED => {
-            Some(ApiError::TransactionConflict)
-        }
-        // 57014 (statement_timeout, or a cancel request), 55P03 (lock_timeout, NOWAIT)
-        SqlState::QUERY_CANCELED | SqlState::LOCK_NOT_AVAILABLE => Some(ApiError::Timeout),
-        // 57P01..57P03: the server is going away, or is not up yet.
-        SqlState::ADMIN_SHUTDOWN | SqlState::CRASH_SHUTDOWN | SqlState::CANNOT_CONNECT_NOW => {
-            unavailable("the database connection failed")
-        }
-        // 25006: a failover to a standby (or a server set read-only), not the request's
-        // fault, and worth retrying once the primary is back.
-        SqlState::READ_ONLY_SQL_TRANSACTION => unavailable("the database is read-only right now"),
-        // Class 08, connection exception.
-        _ if code.code().starts_with("08") => unavailable("the database connection failed"),
-        _ => None,
-    }
-}
-
-/// The class of an error that carries no SQLSTATE: diesel-async reports a failure to
-/// reach the server (closed connection, I/O error) as `UnableToSendCommand` with a text.
-fn classify_kind(kind: DatabaseErrorKind) -> Option<ApiError> {
-    match kind {
-        DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection => Some(
-            ApiError::DatabaseUnavailable("the database connection failed".to_owned()),
-        ),
-        _ => None,
-    }
-}
-
-impl From<PoolError> for ApiError {
-    fn from(error: PoolError) -> Self {
-        use deadpool::managed::PoolError as P;
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
         match error {
-            P::Timeout(kind) => {
-                log::warn!("no database connection: pool timeout ({kind:?})");
-                ApiError::DatabaseUnavailable(
-                    "no database connection became available in time".to_owned(),
-                )
-            }
-            P::Backend(e) => {
-                log::warn!("cannot connect to the database: {e}");
-                ApiError::DatabaseUnavailable("the database cannot be reached".to_owned())
-            }
-            P::Closed => ApiError::DatabaseUnavailable("the service is shutting down".to_owned()),
+            SessionError::Unavailable(text) => ApiError::DatabaseUnavailable(text.into_owned()),
+            SessionError::Conflict => ApiError::TransactionConflict,
+            SessionError::Timeout => ApiError::Timeout,
+            SessionError::CommitUnknown => ApiError::CommitUnknown,
+            SessionError::Database(e) => ApiError::internal(e),
+            SessionError::Internal(cause) => ApiError::internal(cause),
             other => ApiError::internal(other),
         }
     }
@@ -307,52 +247,18 @@ mod tests {
 
     use super::*;
 
-    /// What diesel-async reports when the connection is gone: no SQLSTATE, a text only.
-    fn lost_connection() -> Error {
-        Error::DatabaseError(
+    #[test]
+    fn a_lost_connection_is_database_unavailable_and_not_found_is_404() {
+        let lost = Error::DatabaseError(
             DatabaseErrorKind::UnableToSendCommand,
             Box::new("connection closed".to_owned()),
-        )
-    }
-
-    #[test]
-    fn an_error_without_a_server_answer_is_classified_by_its_kind() {
-        assert_eq!(
-            ApiError::from(lost_connection()).code(),
-            "database_unavailable"
         );
-        let closed = Error::DatabaseError(
-            DatabaseErrorKind::ClosedConnection,
-            Box::new("deadlock detected".to_owned()),
-        );
-        assert_eq!(ApiError::from(closed).code(), "database_unavailable");
-        // The text is never read: an English deadlock message without a code stays internal.
+        assert_eq!(ApiError::from(lost).code(), "database_unavailable");
+        assert_eq!(ApiError::from(Error::NotFound).code(), "not_found");
         let unknown = Error::DatabaseError(
             DatabaseErrorKind::Unknown,
             Box::new("deadlock detected".to_owned()),
         );
         assert_eq!(ApiError::from(unknown).code(), "internal");
-    }
-
-    #[test]
-    fn a_commit_whose_rollback_also_failed_is_classified_by_the_commit_error() {
-        let error = Error::RollbackErrorOnCommit {
-            rollback_error: Box::new(Error::BrokenTransactionManager),
-            commit_error: Box::new(lost_connection()),
-        };
-        assert_eq!(ApiError::from(error).code(), "database_unavailable");
-    }
-
-    #[test]
-    fn every_connection_exception_is_database_unavailable() {
-        for code in ["08000", "08001", "08003", "08004", "08006", "08P01"] {
-            let class = classify_sql_state(&SqlState::from_code(code));
-            assert_eq!(
-                class.map(|e| e.code()),
-                Some("database_unavailable"),
-                "{code}"
-            );
-        }
-        assert!(classify_sql_state(&SqlState::from_code("0A000")).is_none());
     }
 }

@@ -1,7 +1,8 @@
 //! ledger: a small ledger service whose point is database connection and session
 //! management done right (Actix-web, diesel-async, deadpool, PostgreSQL).
 //!
-//! See `README.md` for the guarantees and `src/db/session.rs` for the commit rule.
+//! See `README.md` for the guarantees; the request sessions are the
+//! `actix_diesel_session` crate's (`crates/actix-diesel-session`).
 
 /// REST routes and the extractor configuration.
 pub mod api;
@@ -9,12 +10,14 @@ pub mod api;
 pub mod app;
 /// Typed configuration from the environment.
 pub mod config;
-/// Pool, sessions, migrations and queries.
+/// Migrations and queries.
 pub mod db;
 /// `ApiError` and its problem+json form.
 pub mod error;
 /// Liveness and readiness probes.
 pub mod health;
+/// Route building blocks: 405 with `Allow`, the 404 default service.
+pub mod http;
 /// Posting transfers: the bookkeeping rules.
 pub mod ledger;
 /// `GET /metrics` and the metrics behind it.

@@ -51,7 +51,7 @@ async fn serve(config: Config) -> Result<(), String> {
 }
 
 async fn migrate(config: Config) -> Result<(), String> {
-    let applied = db::migrate::run_pending(&config.db)
+    let applied = db::migrate::run_pending(&db::migrate::standalone_connector(&config.db))
         .await
         .map_err(|e| e.to_string())?;
     if applied.is_empty() {

@@ -7,22 +7,27 @@ use serde::Deserialize;
 use super::json::Json;
 use super::{find_by_id, page_limit, resource, Page};
 use crate::db::accounts::{self, Account};
-use crate::db::session::DbSession;
 use crate::error::{ApiError, FieldError};
+use actix_diesel_session::{DbSession, SessionMiddleware};
 
 /// Longest account name, in characters, after trimming.
 const MAX_NAME_CHARS: usize = 100;
 
 /// Registers the account routes.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
     cfg.service(resource(
         "/accounts",
         [
             (Method::GET, web::to(list)),
             (Method::POST, web::to(create)),
         ],
+        session,
     ))
-    .service(resource("/accounts/{id}", [(Method::GET, web::to(get))]));
+    .service(resource(
+        "/accounts/{id}",
+        [(Method::GET, web::to(get))],
+        session,
+    ));
 }
 
 /// `POST /accounts` body.

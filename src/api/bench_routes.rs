@@ -17,11 +17,10 @@ use diesel_async::AsyncConnection;
 use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
 use super::transfers::TransferRequest;
 use crate::db::accounts::{self, Account};
-use crate::db::pool::PooledConnection;
-use crate::db::session::SessionSettings;
 use crate::db::transfers::NewTransfer;
 use crate::error::ApiError;
 use crate::ledger;
+use actix_diesel_session::{Database, PooledConnection, SessionError, NO_CONNECTION_IN_TIME};
 
 /// Registers the baselines under `/_bench`, in one scope (see `api::configure`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -33,20 +32,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// A pooled connection, within `DB_POOL_TIMEOUT` (the pool's own wait timeout).
-async fn checkout(settings: &SessionSettings) -> Result<PooledConnection, ApiError> {
-    let pool = settings.pool();
+async fn checkout(db: &Database) -> Result<PooledConnection, ApiError> {
+    let pool = db.pool();
     let wait = pool.timeouts().wait.unwrap_or(Duration::MAX);
     match tokio::time::timeout(wait, pool.get()).await {
-        Ok(conn) => Ok(conn?),
+        Ok(conn) => Ok(conn.map_err(SessionError::from)?),
         Err(_) => Err(ApiError::DatabaseUnavailable(
-            "no database connection became available in time".to_owned(),
+            NO_CONNECTION_IN_TIME.to_owned(),
         )),
     }
 }
 
 /// `GET /_bench/accounts/{id}`: `GET /accounts/{id}` without the session layer.
 async fn get_account(
-    settings: web::Data<SessionSettings>,
+    db: web::Data<Database>,
     id: web::Path<i64>,
 ) -> Result<web::Json<Account>, ApiError> {
     let id = id.into_inner();
@@ -54,7 +53,7 @@ async fn get_account(
     if id <= 0 {
         return Err(missing());
     }
-    let mut conn = checkout(&settings).await?;
+    let mut conn = checkout(&db).await?;
     conn.transaction::<_, ApiError, _>(async |conn| Ok(accounts::find(conn, id).await?))
         .await?
         .map(web::Json)
@@ -71,7 +70,7 @@ enum Posted {
 /// `POST /_bench/transfers`: `POST /transfers` without the session layer (same checks, same
 /// idempotency handling, same posting, same answer).
 async fn create_transfer(
-    settings: web::Data<SessionSettings>,
+    db: web::Data<Database>,
     key: IdempotencyKey,
     idempotency_settings: web::Data<IdempotencySettings>,
     body: web::Json<TransferRequest>,
@@ -80,7 +79,7 @@ async fn create_transfer(
     let item = NewTransfer::from(request);
     ledger::check(&item)?;
     let idempotent = Idempotent::new("POST /transfers", key, &request, &idempotency_settings)?;
-    let mut conn = checkout(&settings).await?;
+    let mut conn = checkout(&db).await?;
     let posted = conn
         .transaction::<_, ApiError, _>(async |conn| {
             if let Claimed::Replay(stored) = idempotency::claim(idempotent.as_ref(), conn).await? {

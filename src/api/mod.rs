@@ -1,9 +1,9 @@
 //! The REST API: routes, extractor configuration and the shared bad-input story.
 //!
-//! Every resource is registered through [`resource`], which lists its methods once: a
-//! known path with a wrong method gets 405 `method_not_allowed` with an `Allow` header
-//! (Actix's route macros would fall through to 404). Unknown paths get 404 `not_found`
-//! from [`not_found`]. Request bodies go through [`json::Json`] (objects only,
+//! Every resource is registered through [`resource`], which lists its methods once (a
+//! known path with a wrong method gets 405 `method_not_allowed`, see
+//! [`crate::http::resource`]) and wraps it in the session middleware: each request's
+//! handler runs in one transaction, committed before its response. Request bodies go through [`json::Json`] (objects only,
 //! `application/json` only); it and the path and query extractors map their failures to
 //! the contract's codes (400, 413, 415), so bad input never reaches a handler, never checks
 //! out a connection and never writes.
@@ -12,14 +12,13 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::Method;
-use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest, Resource, Route};
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use serde::Serialize;
 
-use crate::db::session::{self, DbSession};
 use crate::error::ApiError;
+use actix_diesel_session::{DbSession, SessionMiddleware};
 
 /// `/accounts`.
 pub mod accounts;
@@ -36,8 +35,9 @@ pub mod test_routes;
 /// `/transfers`.
 pub mod transfers;
 
-/// Registers the API routes and the extractor configuration.
-pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
+/// Registers the API routes, each inside `session` (one transaction per request), and
+/// the extractor configuration.
+pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, session: &SessionMiddleware) {
     json::configure(cfg, body_limit);
     // `web::Json` is left to the benchmark baselines; the API's bodies use `json::Json`.
     cfg.app_data(json_config(body_limit))
@@ -48,21 +48,20 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
     // too. This way either side's request matches one pattern (after cheap prefix checks).
     #[cfg(feature = "bench")]
     bench_routes::configure(cfg);
-    accounts::configure(cfg);
-    transfers::configure(cfg);
+    accounts::configure(cfg, session);
+    transfers::configure(cfg, session);
     #[cfg(feature = "test-routes")]
-    test_routes::configure(cfg);
+    test_routes::configure(cfg, session);
 }
 
-/// A resource that answers `methods` and 405 (with `Allow`) to anything else, with the
-/// session finalizer around it.
-///
-/// The finalizer wraps each resource rather than the whole app because it must keep a
-/// handle on the request (to answer a panic with a 500), and Actix's router needs the
-/// request unshared until it has matched a resource.
+/// [`crate::http::resource`] inside the session middleware. The middleware wraps each
+/// resource rather than the whole app because it keeps a handle on the request (to answer a
+/// panic with a 500), and Actix's router needs the request unshared until it has matched a
+/// resource.
 pub fn resource<const N: usize>(
     path: &str,
     methods: [(Method, Route); N],
+    session: &SessionMiddleware,
 ) -> Resource<
     impl ServiceFactory<
         ServiceRequest,
@@ -72,22 +71,7 @@ pub fn resource<const N: usize>(
         InitError = (),
     >,
 > {
-    let allow: Vec<Method> = methods.iter().map(|(m, _)| m.clone()).collect();
-    let mut resource = web::resource(path);
-    for (method, route) in methods {
-        resource = resource.route(route.method(method));
-    }
-    resource
-        .default_service(web::to(move || {
-            let allow = allow.clone();
-            async move { Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }
-        }))
-        .wrap(from_fn(session::finalize))
-}
-
-/// The app's default service: 404 `not_found` for any path no route knows.
-pub async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!("no route for {}", req.path())))
+    crate::http::resource(path, methods).wrap(session.clone())
 }
 
 fn json_config(limit: usize) -> web::JsonConfig {

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use super::resource;
 use crate::db::accounts;
-use crate::db::session::DbSession;
 use crate::error::ApiError;
+use actix_diesel_session::{DbSession, SessionMiddleware};
 
 #[derive(Deserialize)]
 struct Params {
@@ -33,75 +33,103 @@ struct Params {
 }
 
 /// Registers the test routes under `/_test`.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
     let post = |route: fn() -> actix_web::Route| [(Method::POST, route())];
     cfg.service(resource(
         "/_test/write-then-4xx",
         post(|| web::to(write_then_4xx)),
+        session,
     ))
     .service(resource(
         "/_test/write-then-err",
         post(|| web::to(write_then_err)),
+        session,
     ))
     .service(resource(
         "/_test/write-then-panic",
         post(|| web::to(write_then_panic)),
+        session,
     ))
     .service(resource(
         "/_test/commit-fails",
         post(|| web::to(commit_fails)),
+        session,
     ))
     .service(resource(
         "/_test/swallowed-error",
         post(|| web::to(swallowed_error)),
+        session,
     ))
     .service(resource(
         "/_test/write-then-sleep",
         post(|| web::to(write_then_sleep)),
+        session,
     ))
     .service(resource(
         "/_test/write-in-local-task",
         post(|| web::to(write_in_local_task)),
+        session,
     ))
-    .service(resource("/_test/savepoint", post(|| web::to(savepoint))))
+    .service(resource(
+        "/_test/savepoint",
+        post(|| web::to(savepoint)),
+        session,
+    ))
     .service(resource(
         "/_test/savepoint-db-error",
         post(|| web::to(savepoint_db_error)),
+        session,
     ))
     .service(resource(
         "/_test/escaping-guard",
         post(|| web::to(escaping_guard)),
+        session,
     ))
-    .service(resource("/_test/pg-sleep", post(|| web::to(pg_sleep))))
-    .service(resource("/_test/slow-rows", post(|| web::to(slow_rows))))
+    .service(resource(
+        "/_test/pg-sleep",
+        post(|| web::to(pg_sleep)),
+        session,
+    ))
+    .service(resource(
+        "/_test/slow-rows",
+        post(|| web::to(slow_rows)),
+        session,
+    ))
     .service(resource(
         "/_test/nested-panic",
         post(|| web::to(nested_panic)),
+        session,
     ))
     .service(resource(
         "/_test/nested-timeout",
         post(|| web::to(nested_timeout)),
+        session,
     ))
     .service(resource(
         "/_test/abandoned-statement",
         post(|| web::to(abandoned_statement)),
+        session,
     ))
     .service(resource(
         "/_test/impatient-then-write",
         post(|| web::to(impatient_then_write)),
+        session,
     ))
     .service(resource(
         "/_test/write-then-pg-sleep",
         post(|| web::to(write_then_pg_sleep)),
+        session,
     ))
-    .service(resource("/_test/raise", post(|| web::to(raise))))
+    .service(resource("/_test/raise", post(|| web::to(raise)), session))
     .service(resource(
         "/_test/lock-account",
         post(|| web::to(lock_account)),
+        session,
     ))
     .service(resource(
         "/_test/no-session",
         [(Method::GET, web::to(no_session))],
+        session,
     ));
 }
 

@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
 use super::json::Json;
 use super::{find_by_id, page_limit, resource, Page};
-use crate::db::session::DbSession;
 use crate::db::transfers::{self, NewTransfer, Transfer};
 use crate::error::ApiError;
 use crate::ledger;
+use actix_diesel_session::{DbSession, SessionMiddleware};
 
 /// Most items in one batch (contract section 4).
 pub const MAX_BATCH_ITEMS: usize = 100;
@@ -24,19 +24,25 @@ const BATCH_ENDPOINT: &str = "POST /transfers/batch";
 
 /// Registers the transfer routes. `/transfers/batch` comes before `/transfers/{id}`, which
 /// would otherwise match it.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
     cfg.service(resource(
         "/transfers",
         [
             (Method::GET, web::to(list)),
             (Method::POST, web::to(create)),
         ],
+        session,
     ))
     .service(resource(
         "/transfers/batch",
         [(Method::POST, web::to(create_batch))],
+        session,
     ))
-    .service(resource("/transfers/{id}", [(Method::GET, web::to(get))]));
+    .service(resource(
+        "/transfers/{id}",
+        [(Method::GET, web::to(get))],
+        session,
+    ));
 }
 
 /// A transfer request: the body of `POST /transfers` and an item of a batch.

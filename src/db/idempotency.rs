@@ -26,8 +26,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{Bool, Double, Int2, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::pool::{spawn_periodic, DbPool};
 use crate::schema::idempotency_keys;
+use actix_diesel_session::{spawn_periodic, DbPool};
 
 /// `response_status` of a claimed key whose response is not recorded yet. Only the
 /// claiming transaction can see such a row; it never commits in this state.

@@ -15,8 +15,12 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::AsyncPgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::connect::Connector;
+use actix_diesel_session::{Connector, Database};
+
 use crate::config::DbConfig;
+
+/// The `application_name` of the migration connection.
+pub const APPLICATION_NAME: &str = "ledger-migrate";
 
 /// The migrations under `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -35,10 +39,21 @@ pub enum MigrateError {
     Migration(String),
 }
 
+/// The migrations' connector: the pool's server and TLS set-up, `application_name =
+/// 'ledger-migrate'`, no statement timeout (a migration may legitimately run long), each
+/// attempt bounded by `connect_timeout`.
+pub fn connector(db: &Database, connect_timeout: Duration) -> Connector {
+    db.connector()
+        .with_settings(APPLICATION_NAME, None, None, connect_timeout)
+}
+
+/// The same for `ledger migrate`, which builds no pool: a connector of its own.
+pub fn standalone_connector(cfg: &DbConfig) -> Connector {
+    Connector::new(&cfg.url, APPLICATION_NAME, None, None, cfg.pool_timeout)
+}
+
 /// Applies every pending migration under the advisory lock; returns the versions applied.
-pub async fn run_pending(cfg: &DbConfig) -> Result<Vec<String>, MigrateError> {
-    // No statement timeout: a migration may legitimately run long.
-    let connector = Connector::new(&cfg.url, "ledger-migrate", None, None, cfg.pool_timeout);
+pub async fn run_pending(connector: &Connector) -> Result<Vec<String>, MigrateError> {
     // The attempt as a whole (start-up exchange included) is bounded by the connector: a
     // peer that accepts and then never answers cannot hold this attempt, and with it every
     // background retry, forever.
@@ -68,10 +83,10 @@ pub async fn run_pending(cfg: &DbConfig) -> Result<Vec<String>, MigrateError> {
 /// starts without its database and catches up when the database appears. A migration
 /// that fails on a reachable database is retried too (and logged as an error each time),
 /// since readiness stays failed until migrations are in.
-pub async fn run_until_applied(cfg: &DbConfig) {
+pub async fn run_until_applied(connector: &Connector) {
     let mut pause = RETRY_FIRST;
     loop {
-        match run_pending(cfg).await {
+        match run_pending(connector).await {
             Ok(applied) => {
                 if applied.is_empty() {
                     log::info!("database schema is up to date");

@@ -6,19 +6,17 @@
 //! first event and `increase()` sees the first one.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use diesel::ConnectionError;
-use diesel_async::AsyncPgConnection;
+use actix_diesel_session::{CloseReason, Outcome, Reason, SessionObserver, TimeoutKind};
+use actix_web::HttpRequest;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::db::lease::Lease;
-use crate::db::pool::{DbPool, PoolError, PooledConnection};
-use crate::db::session::Reason;
+use crate::metrics::http::{self, UNMATCHED};
 use crate::metrics::registered;
 
 /// Bucket bounds (seconds) for waiting on the pool: sub-millisecond hand-outs up to the
@@ -36,83 +34,18 @@ const CREATE_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// Which pool deadline passed (`db_pool_timeouts_total{kind}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimeoutKind {
-    /// Waiting for a free slot, or the session's outer check-out deadline.
-    Wait,
-    /// Opening a new connection.
-    Create,
-    /// Checking an idle connection before reuse.
-    Recycle,
-}
-
-/// Why the pool lost a connection (`db_pool_connections_closed_total{reason}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Past `DB_POOL_RECYCLE`: retired by the reaper or at check-out.
-    Lifetime,
-    /// An overflow connection idle for `DB_POOL_IDLE_TIMEOUT`, closed by the reaper.
-    Idle,
-    /// Detached by the session: COMMIT or ROLLBACK failed, or the request was abandoned
-    /// where no rollback could run.
-    Broken,
-    /// The ping before reuse failed or timed out.
-    RecycleFailed,
-}
-
-impl TimeoutKind {
-    const ALL: [TimeoutKind; 3] = [TimeoutKind::Wait, TimeoutKind::Create, TimeoutKind::Recycle];
-
-    fn labels(self) -> KindLabel {
-        let kind = match self {
-            TimeoutKind::Wait => "wait",
-            TimeoutKind::Create => "create",
-            TimeoutKind::Recycle => "recycle",
-        };
-        KindLabel { kind }
-    }
-}
-
-impl CloseReason {
-    const ALL: [CloseReason; 4] = [
-        CloseReason::Lifetime,
-        CloseReason::Idle,
-        CloseReason::Broken,
-        CloseReason::RecycleFailed,
-    ];
-
-    fn labels(self) -> ReasonLabel {
-        let reason = match self {
-            CloseReason::Lifetime => "lifetime",
-            CloseReason::Idle => "idle",
-            CloseReason::Broken => "broken",
-            CloseReason::RecycleFailed => "recycle_failed",
-        };
-        ReasonLabel { reason }
-    }
-}
-
 /// Every reason a transaction can be rolled back for.
-const ROLLBACK_REASONS: [Reason; 7] = [
-    Reason::Status,
-    Reason::Error,
-    Reason::Panic,
-    Reason::Cancelled,
-    Reason::CommitFailed,
-    Reason::Timeout,
-    Reason::CommitVerified,
-];
+const ROLLBACK_REASONS: [Reason; 7] = Reason::ALL;
 
-fn reason_label(reason: Reason) -> &'static str {
-    match reason {
-        Reason::Status => "status",
-        Reason::Error => "error",
-        Reason::Panic => "panic",
-        Reason::Cancelled => "cancelled",
-        Reason::CommitFailed => "commit_failed",
-        Reason::Timeout => "timeout",
-        Reason::CommitVerified => "commit_verified",
+fn kind_label(kind: TimeoutKind) -> KindLabel {
+    KindLabel {
+        kind: kind.as_str(),
+    }
+}
+
+fn reason_label(reason: CloseReason) -> ReasonLabel {
+    ReasonLabel {
+        reason: reason.as_str(),
     }
 }
 
@@ -137,7 +70,7 @@ impl TransactionLabels {
     fn commit(reason: Reason) -> Self {
         TransactionLabels {
             outcome: "commit",
-            reason: reason_label(reason),
+            reason: reason.as_str(),
         }
     }
 
@@ -154,7 +87,7 @@ impl TransactionLabels {
     fn rollback(reason: Reason) -> Self {
         TransactionLabels {
             outcome: "rollback",
-            reason: reason_label(reason),
+            reason: reason.as_str(),
         }
     }
 }
@@ -187,12 +120,11 @@ struct Inner {
     xid_unknown: Counter,
     rollbacks: [Counter; ROLLBACK_REASONS.len()],
     leak_warnings: Family<HolderLabels, Counter>,
-    leak_warn: Option<Duration>,
 }
 
 impl DbMetrics {
-    /// Creates the metrics and registers them. `leak_warn` is `DB_LEAK_WARN_SECS`.
-    pub fn register(registry: &mut Registry, leak_warn: Option<Duration>) -> DbMetrics {
+    /// Creates the metrics and registers them.
+    pub fn register(registry: &mut Registry) -> DbMetrics {
         let transactions: Family<TransactionLabels, Counter> = registered(
             registry,
             "db_transactions",
@@ -264,102 +196,70 @@ impl DbMetrics {
                 "Connections held longer than DB_LEAK_WARN_SECS, by the route that held them",
                 Family::default(),
             ),
-            leak_warn,
         };
         for kind in TimeoutKind::ALL {
-            drop(inner.timeouts.get_or_create(&kind.labels()));
+            drop(inner.timeouts.get_or_create(&kind_label(kind)));
         }
         for reason in CloseReason::ALL {
-            drop(inner.closed.get_or_create(&reason.labels()));
+            drop(inner.closed.get_or_create(&reason_label(reason)));
         }
         DbMetrics(Arc::new(inner))
     }
+}
 
-    /// Checks a connection out of `pool`, timing the wait and counting deadlines.
-    pub async fn acquire(&self, pool: &DbPool) -> Result<PooledConnection, PoolError> {
-        let started = Instant::now();
-        let result = pool.get().await;
-        match &result {
-            Ok(_) => self.0.acquire.observe(started.elapsed().as_secs_f64()),
-            Err(deadpool::managed::PoolError::Timeout(kind)) => self.timeout(match kind {
-                deadpool::managed::TimeoutType::Wait => TimeoutKind::Wait,
-                deadpool::managed::TimeoutType::Create => TimeoutKind::Create,
-                deadpool::managed::TimeoutType::Recycle => TimeoutKind::Recycle,
-            }),
-            Err(_) => {}
-        }
-        result
+/// The session layer's events as Prometheus metrics. The leak warning adds the route
+/// template and method of the request that holds the connection.
+impl SessionObserver for DbMetrics {
+    fn checkout_waited(&self, waited: Duration) {
+        self.0.acquire.observe(waited.as_secs_f64());
     }
 
-    /// Counts a pool deadline that passed.
-    pub fn timeout(&self, kind: TimeoutKind) {
-        self.0.timeouts.get_or_create(&kind.labels()).inc();
+    fn checkout_timed_out(&self, kind: TimeoutKind) {
+        self.0.timeouts.get_or_create(&kind_label(kind)).inc();
     }
 
-    /// Opens a pooled connection through `connect`, timing it and counting successes.
-    pub async fn create(
-        &self,
-        connect: impl std::future::Future<Output = Result<AsyncPgConnection, ConnectionError>>,
-    ) -> Result<AsyncPgConnection, ConnectionError> {
-        let started = Instant::now();
-        let result = connect.await;
-        if result.is_ok() {
-            self.0.create.observe(started.elapsed().as_secs_f64());
-            self.0.created.inc();
-        }
-        result
+    fn connection_opened(&self, took: Duration) {
+        self.0.create.observe(took.as_secs_f64());
+        self.0.created.inc();
     }
 
-    /// Counts `n` pooled connections closed for `reason`.
-    pub fn closed(&self, reason: CloseReason, n: u64) {
-        self.0.closed.get_or_create(&reason.labels()).inc_by(n);
+    fn connection_closed(&self, reason: CloseReason, count: u64) {
+        self.0
+            .closed
+            .get_or_create(&reason_label(reason))
+            .inc_by(count);
     }
 
-    /// Counts a transaction committed: by the status (`Reason::Status`), or found
-    /// committed after its COMMIT's answer was lost (`Reason::CommitVerified`).
-    pub fn committed(&self, reason: Reason) {
-        if reason == Reason::CommitVerified {
-            self.0.commits_verified.inc();
-        } else {
-            self.0.commits.inc();
-        }
-    }
-
-    /// Counts a COMMIT whose answer was lost and whose outcome could not be learned;
-    /// `id_known`: whether the transaction's id was (so the server could not be asked).
-    pub fn commit_unknown(&self, id_known: bool) {
-        if id_known {
-            self.0.unknown.inc();
-        } else {
-            self.0.xid_unknown.inc();
-        }
-    }
-
-    /// Counts a transaction rolled back (or abandoned to the server, which rolls it back).
-    pub fn rolled_back(&self, reason: Reason) {
-        let index = ROLLBACK_REASONS.iter().position(|r| *r == reason);
-        if let Some(counter) = index.and_then(|i| self.0.rollbacks.get(i)) {
-            counter.inc();
-        }
-    }
-
-    /// Starts a check-out: see [`Lease`].
-    pub fn lease(&self) -> Lease {
-        Lease::start(self.clone())
-    }
-
-    /// `DB_LEAK_WARN_SECS`: how long a request may hold a connection before a warning.
-    pub fn leak_warn(&self) -> Option<Duration> {
-        self.0.leak_warn
-    }
-
-    /// Records how long a connection was held.
-    pub(crate) fn connection_used(&self, held: Duration) {
+    fn connection_released(&self, held: Duration) {
         self.0.connection_use.observe(held.as_secs_f64());
     }
 
-    /// Counts a leak warning for the holder.
-    pub(crate) fn leak_warning(&self, holder: &HolderLabels) {
-        self.0.leak_warnings.get_or_create(holder).inc();
+    fn held_too_long(&self, request: &HttpRequest, _held: Duration) {
+        let route = request
+            .match_pattern()
+            .unwrap_or_else(|| UNMATCHED.to_owned());
+        self.0
+            .leak_warnings
+            .get_or_create(&HolderLabels {
+                route,
+                method: http::method_label(request.method()),
+            })
+            .inc();
+    }
+
+    fn transaction_ended(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Committed(Reason::CommitVerified) => self.0.commits_verified.inc(),
+            Outcome::Committed(_) => self.0.commits.inc(),
+            Outcome::RolledBack(reason) => {
+                let index = ROLLBACK_REASONS.iter().position(|r| *r == reason);
+                match index.and_then(|i| self.0.rollbacks.get(i)) {
+                    Some(counter) => counter.inc(),
+                    None => 0,
+                }
+            }
+            Outcome::Unknown { id_known: true } => self.0.unknown.inc(),
+            Outcome::Unknown { id_known: false } => self.0.xid_unknown.inc(),
+        };
     }
 }

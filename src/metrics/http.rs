@@ -24,22 +24,11 @@ use super::Metrics;
 pub const UNMATCHED: &str = "unmatched";
 /// The method label of requests whose method is not a standard one.
 pub const OTHER_METHOD: &str = "_OTHER";
-/// The method label when no request is known (work outside a request).
-pub const UNKNOWN_METHOD: &str = "unknown";
 
 /// OpenTelemetry's recommended bounds for HTTP server durations, in seconds.
 const BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
-
-tokio::task_local! {
-    static CURRENT: (&'static str, String);
-}
-
-/// The method and route template of the request whose future is running now, if any.
-pub fn current_request() -> Option<(&'static str, String)> {
-    CURRENT.try_with(Clone::clone).ok()
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
@@ -67,7 +56,8 @@ impl HttpMetrics {
     }
 }
 
-fn method_label(method: &Method) -> &'static str {
+/// The method label: the method's name, or [`OTHER_METHOD`] for a non-standard one.
+pub fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::HEAD => "HEAD",
@@ -82,8 +72,7 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Middleware (app-wide): times every request and makes its method and route template
-/// known to the code it runs ([`current_request`]).
+/// Middleware (app-wide): times every request, by route template.
 pub async fn track(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -96,7 +85,7 @@ pub async fn track(
     // map, which gives the same answer the router will.
     let route = req.match_pattern().unwrap_or_else(|| UNMATCHED.to_owned());
     let method = method_label(req.method());
-    let result = CURRENT.scope((method, route.clone()), next.call(req)).await;
+    let result = next.call(req).await;
     let status = match &result {
         Ok(res) => res.status(),
         Err(e) => e.as_response_error().status_code(),

@@ -23,6 +23,7 @@
 //! | `health_check_status` | gauge | `check` = `postgres` (1 pass, 0 fail; absent before the first check) |
 //! | `app_draining` | gauge | |
 
+use actix_diesel_session::Database;
 use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
 use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
@@ -33,7 +34,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::config::DbConfig;
-use crate::db::session::SessionSettings;
 use crate::error::ApiError;
 use crate::health::Health;
 
@@ -108,7 +108,7 @@ impl Metrics {
         );
         connections_max.set(gauge_value(cfg.max_connections()));
         connections_min.set(gauge_value(cfg.pool_size));
-        let db = DbMetrics::register(&mut registry, cfg.leak_warn);
+        let db = DbMetrics::register(&mut registry);
         let http = http::HttpMetrics::register(&mut registry);
         Metrics {
             registry,
@@ -126,17 +126,9 @@ impl Metrics {
         &self.db
     }
 
-    /// The handle the readiness check reports its PostgreSQL outcome through.
-    pub fn postgres_check(&self) -> CheckStatus {
-        CheckStatus {
-            family: self.checks.clone(),
-            check: "postgres",
-        }
-    }
-
     /// The exposition text, with the gauges read from `pool` and `health` now.
-    pub fn render(&self, settings: &SessionSettings, health: &Health) -> Result<String, ApiError> {
-        let status = settings.pool().status();
+    pub fn render(&self, db: &Database, health: &Health) -> Result<String, ApiError> {
+        let status = db.pool().status();
         self.connections
             .get_or_create(&StateLabel { state: "idle" })
             .set(gauge_value(status.available));
@@ -145,6 +137,11 @@ impl Metrics {
             .set(gauge_value(status.size.saturating_sub(status.available)));
         self.pending.set(gauge_value(status.waiting));
         self.draining.set(i64::from(health.is_draining()));
+        if let Some(passed) = health.postgres_passed() {
+            self.checks
+                .get_or_create(&CheckLabel { check: "postgres" })
+                .set(i64::from(passed));
+        }
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry)
             .map_err(|_| ApiError::internal("encoding the metrics failed"))?;
@@ -163,37 +160,13 @@ fn gauge_value(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Where a health check reports its outcome (`health_check_status{check}`).
-#[derive(Clone, Debug)]
-pub struct CheckStatus {
-    family: Family<CheckLabel, Gauge>,
-    check: &'static str,
-}
-
-impl CheckStatus {
-    /// A handle registered nowhere (for a `Health` built without an application).
-    pub fn unregistered(check: &'static str) -> CheckStatus {
-        CheckStatus {
-            family: Family::default(),
-            check,
-        }
-    }
-
-    /// Records the latest outcome.
-    pub fn set(&self, pass: bool) {
-        self.family
-            .get_or_create(&CheckLabel { check: self.check })
-            .set(i64::from(pass));
-    }
-}
-
 /// `GET /metrics`. Takes no `DbSession`: it never checks out a connection.
 async fn scrape(
     metrics: web::Data<Metrics>,
-    settings: web::Data<SessionSettings>,
+    db: web::Data<Database>,
     health: web::Data<Health>,
 ) -> Result<HttpResponse, ApiError> {
-    let text = metrics.render(&settings, &health)?;
+    let text = metrics.render(&db, &health)?;
     Ok(HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, prometheus_text::CONTENT_TYPE))
         .insert_header(CacheControl(vec![CacheDirective::NoStore]))
@@ -202,7 +175,7 @@ async fn scrape(
 
 /// Registers `GET /metrics`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(crate::api::resource(
+    cfg.service(crate::http::resource(
         "/metrics",
         [(Method::GET, web::to(scrape))],
     ));

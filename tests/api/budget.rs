@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use ledger::db::connect::Connector;
-use ledger::db::url::DatabaseUrl;
+use actix_diesel_session::Connector;
+use actix_diesel_session::DatabaseUrl;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 

@@ -60,7 +60,7 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| l.contains("ledger::sql"))
+            .filter(|l| l.contains("actix_diesel_session::sql"))
             .cloned()
             .collect()
     };
@@ -108,8 +108,8 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
     let statements: Vec<String> = sql_lines()
         .iter()
         .map(|l| {
-            // `<ts> INFO ledger::sql rid=<id>: <statement>`
-            let after_target = l.split_once("ledger::sql").unwrap().1;
+            // `<ts> INFO actix_diesel_session::sql rid=<id>: <statement>`
+            let after_target = l.split_once("actix_diesel_session::sql").unwrap().1;
             after_target.split_once(": ").unwrap().1.trim().to_owned()
         })
         .collect();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use ledger::db::pool::DbPool;
+use actix_diesel_session::DbPool;
 use ledger::{Application, Config};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -129,7 +129,7 @@ async fn build_template(name: &str) {
             admin.batch_execute(&sql).await.expect("create template");
         }
         let config = config_for(&building, &HashMap::new());
-        ledger::db::migrate::run_pending(&config.db)
+        ledger::db::migrate::run_pending(&ledger::db::migrate::standalone_connector(&config.db))
             .await
             .expect("migrations apply to the template");
         for sql in [
@@ -377,7 +377,7 @@ pub async fn spawn_app_on(db: TestDb, overrides: &[(&str, &str)]) -> TestApp {
         .collect();
     let mut config = config_for(&db.name, &overrides);
     if let Some(url) = overrides.get("DATABASE_URL") {
-        config.db.url = ledger::db::url::DatabaseUrl::parse(url).expect("override URL");
+        config.db.url = actix_diesel_session::DatabaseUrl::parse(url).expect("override URL");
     }
     let app = Application::build(config)
         .await

@@ -228,14 +228,17 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
     let db = TestDb::migrated().await;
     let config = crate::helpers::config_for(&db.name, &Default::default());
     let metrics = actix_web::web::Data::new(ledger::metrics::Metrics::new(&config.db));
-    let pool = ledger::db::pool::build_pool(&config.db, metrics.db(), false).expect("pool");
-    let health = actix_web::web::Data::new(ledger::health::Health::new(&config.db, pool.clone()));
+    let sessions = actix_diesel_session::Database::builder(
+        config.db.url.clone(),
+        config.db.session_config(false),
+    )
+    .observer(metrics.db().clone())
+    .build()
+    .expect("pool");
+    let pool = sessions.pool().clone();
+    let health = actix_web::web::Data::new(ledger::health::Health::new(&sessions));
     let state = ledger::app::AppState {
-        settings: actix_web::web::Data::new(ledger::db::session::SessionSettings::new(
-            pool.clone(),
-            &config.db,
-            metrics.db(),
-        )),
+        db: actix_web::web::Data::new(sessions),
         health,
         metrics,
         body_limit: config.http_body_limit,

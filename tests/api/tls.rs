@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
+use actix_diesel_session::Connector;
+use actix_diesel_session::DatabaseUrl;
 use diesel::sql_types::Bool;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use ledger::db::connect::Connector;
-use ledger::db::url::DatabaseUrl;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 use crate::helpers::{spawn_app_on, TestApp, TestDb};

@@ -143,7 +143,7 @@ impl PgCluster {
             .expect("create database");
         let url = self.url(name);
         let config = crate::helpers::config_for(name, &[("DATABASE_URL", url.clone())].into());
-        ledger::db::migrate::run_pending(&config.db)
+        ledger::db::migrate::run_pending(&ledger::db::migrate::standalone_connector(&config.db))
             .await
             .expect("migrations apply");
         url

@@ -3,7 +3,9 @@
 //! Session settings travel in the start-up packet (`application_name`, and
 //! `statement_timeout` / `idle_in_transaction_session_timeout` through `options`), so a new
 //! connection costs no extra `SET` round trips. TLS follows the URL's `sslmode` (see
-//! [`super::tls`]). The pool, the readiness probe and the migrations all come through here.
+//! [`crate::tls`]), set up once per URL: connectors for other purposes (the readiness
+//! check, an application's migrations) are made from the pool's with
+//! [`Connector::with_settings`], sharing it.
 //!
 //! An attempt is bounded as a whole: one deadline covers TCP, TLS, start-up,
 //! authentication and diesel-async's own first statements (the driver's `connect_timeout`
@@ -18,8 +20,8 @@ use std::time::Duration;
 use diesel::ConnectionError;
 use diesel_async::AsyncPgConnection;
 
-use super::tls::{self, Tls};
-use super::url::DatabaseUrl;
+use crate::tls::{self, Tls};
+use crate::url::DatabaseUrl;
 
 /// TCP keepalive settings for real network failures (a peer that vanished without a FIN).
 /// They cannot catch a peer that acknowledges but never answers: that is what the
@@ -34,7 +36,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Makes connections with fixed session settings.
 ///
 /// Every connection is opened, and its socket driven, on the Tokio runtime that created
-/// the `Connector` (the application's main runtime), not on whichever Actix worker first
+/// the `Connector` (normally the runtime that builds the application, the one `main`
+/// runs on; see [`crate::SessionConfig::drive_on_callers_runtime`]), not on whichever Actix worker first
 /// needed it: diesel-async spawns the task that drives a connection's socket on the
 /// current runtime, and a worker's runtime stops with the worker. During a graceful
 /// shutdown an idle worker stops first, so connections it had opened would die under the
@@ -65,9 +68,50 @@ impl<T> Drop for AbortOnDrop<T> {
 impl Connector {
     /// A connector whose connections identify as `application_name` and carry the given
     /// server-side timeouts (`None` leaves the server's default). `connect_timeout` bounds
-    /// each attempt from the TCP connect to the connection being ready for use.
+    /// each attempt from the TCP connect to the connection being ready for use. Sets up
+    /// TLS as the URL's `sslmode` says (reading the CA file or the system's roots).
     pub fn new(
         url: &DatabaseUrl,
+        application_name: &str,
+        statement_timeout: Option<Duration>,
+        idle_in_tx_timeout: Option<Duration>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Connector::configure(
+            url.clone(),
+            Tls::for_url(url),
+            application_name,
+            statement_timeout,
+            idle_in_tx_timeout,
+            connect_timeout,
+        )
+    }
+
+    /// A connector to the same server with the same TLS set-up (not made again) and other
+    /// session settings; it drives its connections where this one does.
+    pub fn with_settings(
+        &self,
+        application_name: &str,
+        statement_timeout: Option<Duration>,
+        idle_in_tx_timeout: Option<Duration>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Connector {
+            io: self.io.clone(),
+            ..Connector::configure(
+                self.url.clone(),
+                self.tls.clone(),
+                application_name,
+                statement_timeout,
+                idle_in_tx_timeout,
+                connect_timeout,
+            )
+        }
+    }
+
+    fn configure(
+        url: DatabaseUrl,
+        tls: Tls,
         application_name: &str,
         statement_timeout: Option<Duration>,
         idle_in_tx_timeout: Option<Duration>,
@@ -94,7 +138,6 @@ impl Connector {
             ms(idle_in_tx_timeout)
         ));
         config.options(options.join(" "));
-        let tls = Tls::for_url(url);
         // The driver's own negotiation does the `prefer` fallback and refuses a server
         // without TLS for `require`; certificate checks are the TLS connector's.
         config.ssl_mode(match &tls {
@@ -105,7 +148,7 @@ impl Connector {
             Tls::Disabled | Tls::Broken(_) => tokio_postgres::config::SslMode::Disable,
         });
         Connector {
-            url: url.clone(),
+            url,
             config,
             tls,
             io: tokio::runtime::Handle::try_current().ok(),
@@ -114,7 +157,7 @@ impl Connector {
     }
 
     /// Drives each connection on the runtime of whoever opens it instead, for a service
-    /// with a single Actix worker: that worker then runs both the requests and their
+    /// with a single Actix worker (see [`crate::SessionConfig::drive_on_callers_runtime`]): that worker then runs both the requests and their
     /// connections' sockets, and a round trip costs no wake-up of another thread (two per
     /// round trip otherwise, about a fifth of the service's CPU per request). The hazard
     /// the application's runtime guards against, an idle worker stopping first under a

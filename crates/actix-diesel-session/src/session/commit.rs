@@ -26,8 +26,8 @@
 //! - The id query also tells an aborted transaction apart: in a transaction where a
 //!   statement failed, it fails too (25P02), and the COMMIT that follows is really a
 //!   ROLLBACK. That catches a swallowed error that the statement watch cannot see (one
-//!   the server raised after its reader stopped reading a result, see `db::watch`).
-//! - **Resolving a lost answer** ([`resolve`]) is bounded by `DB_POOL_TIMEOUT`. It takes
+//!   the server raised after its reader stopped reading a result, see `session::watch`).
+//! - **Resolving a lost answer** ([`resolve`]) is bounded by the check-out timeout. It takes
 //!   the place in the pool of the connection whose answer was lost: a fresh connection is
 //!   opened in its place (the lost one is closed once it is up), so the verification
 //!   neither queues behind other requests for a pooled connection (deadpool hands a freed
@@ -68,9 +68,8 @@ use diesel_async::{
 };
 use tokio_postgres::error::{Severity, SqlState};
 
-use super::connect::Connector;
-use super::pool::{DbPool, PooledConnection};
-use crate::metrics::db::DbMetrics;
+use crate::connect::Connector;
+use crate::pool::{DbPool, PooledConnection};
 
 /// The transaction's identity, asked for with its COMMIT: its id, when it began, and which
 /// run of the server gave it the id: when the postmaster started, and when the shared
@@ -280,7 +279,6 @@ pub async fn resolve(
     in_doubt: Option<Detached>,
     connector: &Connector,
     pool: &DbPool,
-    metrics: &DbMetrics,
     xid: &TxId,
     bound: Duration,
 ) -> Resolution {
@@ -303,7 +301,7 @@ pub async fn resolve(
                         ask(conn, id, deadline).await.map_err(|e| e.to_string())
                     }
                     None => {
-                        let mut pooled = metrics.acquire(pool).await.map_err(|e| e.to_string())?;
+                        let mut pooled = pool.get().await.map_err(|e| e.to_string())?;
                         ask(&mut pooled, id, deadline)
                             .await
                             .map_err(|e| e.to_string())

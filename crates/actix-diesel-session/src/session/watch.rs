@@ -13,11 +13,11 @@
 //!   see `vendor/diesel-async/PATCH.md`), so an error raised while its rows stream is seen
 //!   too. One that its reader stopped reading early is finished when the reader drops it;
 //!   an error the server would have raised after that is still caught before COMMIT by the
-//!   transaction-id query, which fails in an aborted transaction (`db::commit`).
+//!   transaction-id query, which fails in an aborted transaction (`session::commit`).
 //! - **In-flight statement**: when the statement now running was sent, so the session can
 //!   bound it, rows included, with a client-side deadline (a peer that stopped answering
 //!   never trips the server's `statement_timeout`).
-//! - **SQL echo** (`DB_ECHO`): the statement text only. diesel's display of a query appends
+//! - **SQL echo** ([`crate::SessionConfig::echo`]): the statement text only. diesel's display of a query appends
 //!   its bind values (` -- binds: [...]`), which may be personal data, so they are cut off;
 //!   connection events carry the URL with the password and are never logged.
 
@@ -41,7 +41,7 @@ struct Seen {
     in_flight: u32,
     /// When the oldest of the unanswered statements was sent; `None` when there are none.
     in_flight_since: Option<Instant>,
-    /// The connection has prepared the session's transaction-id query (see `db::commit`);
+    /// The connection has prepared the session's transaction-id query (see `session::commit`);
     /// kept across check-outs, like the prepared statement itself.
     xid_prepared: bool,
 }
@@ -65,7 +65,7 @@ impl WatchHandle {
         self.lock().in_flight_since
     }
 
-    /// Whether the connection has the transaction-id query prepared (`db::commit`).
+    /// Whether the connection has the transaction-id query prepared (`session::commit`).
     pub fn xid_prepared(&self) -> bool {
         self.lock().xid_prepared
     }
@@ -148,7 +148,7 @@ impl Instrumentation for StatementWatch {
                     let sql = text
                         .split_once(BINDS_MARKER)
                         .map_or(text.as_str(), |(sql, _)| sql);
-                    log::info!(target: "ledger::sql", "{sql}");
+                    log::info!(target: "actix_diesel_session::sql", "{sql}");
                 }
             }
             InstrumentationEvent::FinishQuery { error, .. } => {

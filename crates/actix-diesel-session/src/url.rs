@@ -1,17 +1,22 @@
-//! `DATABASE_URL`, parsed once and kept behind a type that never shows its password.
+//! The database URL, parsed once and kept behind a type that never shows its password.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-/// libpq's `sslmode` values (contract section 8). The default is `prefer`, as in libpq.
+/// libpq's `sslmode` values. The default is `prefer`, as in libpq.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SslMode {
+    /// Plain text only.
     Disable,
+    /// TLS when the server offers it, without certificate checks (also `allow`).
     #[default]
     Prefer,
+    /// TLS or nothing, without certificate checks (with `sslrootcert`, as `verify-ca`).
     Require,
+    /// TLS with a certificate chain to a trusted root; any host name.
     VerifyCa,
+    /// TLS with a trusted certificate for the host name connected to.
     VerifyFull,
 }
 

@@ -1,0 +1,193 @@
+//! Request-scoped PostgreSQL transactions for Actix-web, on diesel-async and deadpool.
+//!
+//! A handler takes a [`DbSession`]; its first [`DbSession::conn`] checks a connection out
+//! and begins a transaction. The [`SessionMiddleware`] around the route commits it before
+//! the response leaves when the status is below 400, and rolls it back otherwise: on an
+//! error, a panic, or a request dropped half-way. A response is never sent for a write
+//! that did not commit, and a COMMIT whose answer was lost is resolved by asking the
+//! server, never guessed. Every limit is explicit ([`SessionConfig`]), every event can be
+//! observed ([`SessionObserver`]), and errors render the application's way
+//! ([`DatabaseBuilder::render_errors`]).
+//!
+//! ```no_run
+//! use actix_diesel_session::{Database, DatabaseUrl, DbSession, SessionConfig, SessionError};
+//! use actix_web::{web, App, HttpServer};
+//! use diesel_async::RunQueryDsl;
+//!
+//! async fn record(db: DbSession) -> Result<&'static str, SessionError> {
+//!     diesel::sql_query("INSERT INTO events DEFAULT VALUES")
+//!         .execute(&mut *db.conn().await?)
+//!         .await?;
+//!     Ok("recorded")
+//! }
+//!
+//! #[actix_web::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let url = DatabaseUrl::parse("postgres://app@localhost/app").map_err(std::io::Error::other)?;
+//!     let db = Database::builder(url, SessionConfig::default())
+//!         .build()
+//!         .map_err(std::io::Error::other)?;
+//!     let app_db = db.clone();
+//!     HttpServer::new(move || {
+//!         App::new().service(
+//!             web::resource("/events")
+//!                 .route(web::post().to(record))
+//!                 .wrap(app_db.middleware()),
+//!         )
+//!     })
+//!     .bind(("127.0.0.1", 8080))?
+//!     .run()
+//!     .await?;
+//!     db.close();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! See the README for the whole rule, the time bounds, and what the crate needs of
+//! diesel-async.
+
+#![deny(missing_docs)]
+
+mod config;
+mod connect;
+mod error;
+mod observe;
+mod pool;
+mod probe;
+mod session;
+mod tls;
+mod url;
+
+use std::sync::Arc;
+
+use actix_web::HttpResponse;
+
+pub use crate::config::{SessionConfig, DEADLINE_MARGIN, FINISH_DEADLINE_FALLBACK};
+pub use crate::connect::Connector;
+pub use crate::error::{SessionError, LOST_BEFORE_COMMIT, NO_CONNECTION_IN_TIME, RETRY_AFTER_SECS};
+pub use crate::observe::{CloseReason, NoObserver, Outcome, Reason, SessionObserver, TimeoutKind};
+pub use crate::pool::{ping, spawn_periodic, DbPool, PoolError, PooledConnection, REAP_INTERVAL};
+pub use crate::probe::{Check, Readiness};
+pub use crate::session::{
+    DbSession, ErrorRenderer, SessionConn, SessionMiddleware, SessionService,
+};
+pub use crate::url::{DatabaseUrl, SslMode};
+
+use crate::session::Settings;
+
+/// A database for request sessions: the pool, the connector it opens connections with,
+/// and the settings every session shares. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Database {
+    settings: Arc<Settings>,
+    config: Arc<SessionConfig>,
+}
+
+/// Builds a [`Database`]; see [`Database::builder`].
+pub struct DatabaseBuilder {
+    url: DatabaseUrl,
+    config: SessionConfig,
+    observer: Arc<dyn SessionObserver>,
+    render: ErrorRenderer,
+}
+
+impl Database {
+    /// Starts building a database for `url` with the limits of `config`.
+    pub fn builder(url: DatabaseUrl, config: SessionConfig) -> DatabaseBuilder {
+        DatabaseBuilder {
+            url,
+            config,
+            observer: Arc::new(NoObserver),
+            render: Arc::new(|e: SessionError| actix_web::ResponseError::error_response(&e)),
+        }
+    }
+
+    /// The middleware that runs each request's session; wrap it around the scopes or
+    /// resources whose handlers take a [`DbSession`].
+    pub fn middleware(&self) -> SessionMiddleware {
+        SessionMiddleware::new(self.settings.clone())
+    }
+
+    /// The pool (for its status, or for work outside requests).
+    pub fn pool(&self) -> &DbPool {
+        &self.settings.pool
+    }
+
+    /// The connector the pool opens connections with. Make connectors for other purposes
+    /// from it with [`Connector::with_settings`]: they share its TLS set-up.
+    pub fn connector(&self) -> &Connector {
+        &self.settings.connector
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// A readiness check on a dedicated connection named `application_name`, bounded by
+    /// the probe timeout (see [`Readiness`]).
+    pub fn readiness(&self, application_name: &str) -> Readiness {
+        let cfg = &self.config;
+        let connector = self.settings.connector.with_settings(
+            application_name,
+            Some(cfg.probe_timeout),
+            cfg.idle_in_transaction_timeout,
+            cfg.probe_timeout,
+        );
+        Readiness::new(connector, cfg.probe_timeout, cfg.max_lifetime)
+    }
+
+    /// Closes the pool: idle connections close now, connections in use when they come
+    /// back; check-outs fail from now on.
+    pub fn close(&self) {
+        self.settings.pool.close();
+    }
+}
+
+impl DatabaseBuilder {
+    /// Reports the session layer's events to `observer` (metrics, logs).
+    pub fn observer(mut self, observer: impl SessionObserver) -> Self {
+        self.observer = Arc::new(observer);
+        self
+    }
+
+    /// Renders the errors the middleware answers with itself (a failed or unknown COMMIT,
+    /// a deadline, a panic) the application's way; the default is
+    /// [`SessionError`]'s own plain-text rendering. Errors that handlers return are
+    /// rendered by the handlers' own error type.
+    pub fn render_errors(
+        mut self,
+        render: impl Fn(SessionError) -> HttpResponse + Send + Sync + 'static,
+    ) -> Self {
+        self.render = Arc::new(render);
+        self
+    }
+
+    /// Builds the pool (without connecting) and, inside a Tokio runtime, starts its
+    /// reaper there (see [`SessionConfig::idle_timeout`]). Connections are opened and
+    /// driven on the runtime current here, unless
+    /// [`SessionConfig::drive_on_callers_runtime`] is set.
+    pub fn build(self) -> Result<Database, SessionError> {
+        let cfg = self.config;
+        let mut connector = Connector::new(
+            &self.url,
+            &cfg.application_name,
+            cfg.statement_timeout,
+            cfg.idle_in_transaction_timeout,
+            cfg.checkout_timeout,
+        );
+        if cfg.drive_on_callers_runtime {
+            connector = connector.on_callers_runtime();
+        }
+        let pool = pool::build(&cfg, connector.clone(), self.observer.clone())
+            .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            pool::spawn_reaper(&pool, &cfg, self.observer.clone());
+        }
+        let settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
+        Ok(Database {
+            settings: Arc::new(settings),
+            config: Arc::new(cfg),
+        })
+    }
+}

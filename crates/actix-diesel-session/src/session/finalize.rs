@@ -1,0 +1,248 @@
+//! [`SessionMiddleware`]: what happens to a request, in order.
+//!
+//! 1. A [`Slot`] for the request's session goes into the request's extensions, where
+//!    [`super::DbSession`] finds it. Nothing is checked out yet.
+//! 2. The handler runs, inside the request's deadlines (`deadline::run_with_deadlines`);
+//!    its panic is caught.
+//! 3. A response below 400 that carries no error commits, still inside the deadlines;
+//!    anything else (a status of 400 or more, an error, a panic) rolls back.
+//! 4. The response goes out only once the transaction has ended: the handler's when it
+//!    committed (or nothing was checked out), the error's otherwise.
+//!
+//! A statement past its deadline ends the work at once: its connection is closed (or, for
+//! a COMMIT sent, the outcome is resolved first); a request future dropped half-way rolls
+//! back in a spawned task (`CancelGuard`).
+
+use std::future::{ready, Ready};
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::{HttpMessage, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use futures_util::FutureExt;
+
+use super::deadline::run_with_deadlines;
+use super::settings::Settings;
+use super::slot::{CancelGuard, Slot};
+use super::tx::Finish;
+use crate::error::SessionError;
+use crate::observe::Reason;
+
+/// The finalizing middleware: one transaction per request, committed before the response
+/// when the status is below 400, rolled back otherwise (see the crate docs for the whole
+/// rule). Made by [`crate::Database::middleware`]; wrap it around the scopes or resources
+/// whose handlers take a [`super::DbSession`]:
+///
+/// ```no_run
+/// # use actix_diesel_session::Database;
+/// # use actix_web::{web, App, HttpResponse};
+/// # fn app(db: Database) {
+/// App::new().service(
+///     web::resource("/accounts")
+///         .route(web::post().to(|| async { HttpResponse::Created().finish() }))
+///         .wrap(db.middleware()),
+/// );
+/// # }
+/// ```
+///
+/// Wrap it innermost, on a scope or resource rather than on the `App`: it keeps a handle
+/// on the request (to answer a panic with a 500), and Actix's router needs the request
+/// unshared until it has matched a resource. Wrapped twice around the same route, the
+/// inner one steps aside.
+#[derive(Clone)]
+pub struct SessionMiddleware {
+    settings: Arc<Settings>,
+}
+
+impl SessionMiddleware {
+    pub(crate) fn new(settings: Arc<Settings>) -> Self {
+        SessionMiddleware { settings }
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for SessionMiddleware
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = actix_web::Error;
+    type Transform = SessionService<S>;
+    type InitError = ();
+    type Future = Ready<Result<SessionService<S>, ()>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(SessionService {
+            service: Rc::new(service),
+            settings: self.settings.clone(),
+        }))
+    }
+}
+
+/// The service [`SessionMiddleware`] wraps around a route.
+pub struct SessionService<S> {
+    service: Rc<S>,
+    settings: Arc<Settings>,
+}
+
+impl<S, B> Service<ServiceRequest> for SessionService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<ServiceResponse<BoxBody>, actix_web::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let service = self.service.clone();
+        if req.extensions().contains::<Slot>() {
+            // An outer session middleware already runs this request's session.
+            return Box::pin(async move {
+                service
+                    .call(req)
+                    .await
+                    .map(ServiceResponse::map_into_boxed_body)
+            });
+        }
+        Box::pin(finalize(req, service, self.settings.clone()))
+    }
+}
+
+/// Runs one request under its session; see the module docs.
+async fn finalize<S, B>(
+    req: ServiceRequest,
+    service: Rc<S>,
+    settings: Arc<Settings>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody + 'static,
+{
+    let slot = Slot::new(settings);
+    req.extensions_mut().insert(slot.clone());
+    let http_req = req.request().clone();
+
+    let mut cancel = CancelGuard(Some(slot.clone()));
+    // The handler and, when it succeeded, its COMMIT run under the same deadlines. The
+    // handler's outcome is kept outside the work, so that it survives a COMMIT cut off by
+    // its deadline (the lost COMMIT may turn out to have committed). The work is dropped
+    // at the end of this block, before anything below looks at the slot: dropping it
+    // parks the connection the handler held back in the slot, where `discard` finds it.
+    let mut outcome = None;
+    let committed = {
+        let work = std::pin::pin!(async {
+            let result = AssertUnwindSafe(service.call(req)).catch_unwind().await;
+            let commit = matches!(&result, Ok(Ok(res)) if succeeded(res));
+            outcome = Some(result);
+            if commit {
+                Some(slot.finish(true, Reason::Status).await)
+            } else {
+                None
+            }
+        });
+        run_with_deadlines(
+            work,
+            &slot.deadlines,
+            &slot.commit,
+            &slot.settings,
+            &http_req,
+        )
+        .await
+    };
+    cancel.0 = None;
+
+    let (committed, outcome) = match (committed, outcome) {
+        (Some(committed), Some(outcome)) => (committed, outcome),
+        // A statement outlived its deadline.
+        (_, outcome) => return Ok(after_deadline(&slot, outcome, http_req).await),
+    };
+    let render = |e: SessionError| (slot.settings.render)(e);
+
+    match outcome {
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            log::error!("handler panicked: {message}");
+            // A rollback failure has nothing to add to a 500.
+            let _ = slot.finish(false, Reason::Panic).await;
+            let response = render(SessionError::internal("handler panicked"));
+            Ok(ServiceResponse::new(http_req, response))
+        }
+        Ok(Err(err)) => {
+            let _ = slot.finish(false, Reason::Error).await;
+            Err(err)
+        }
+        Ok(Ok(res)) => {
+            let finished = match committed {
+                Some(result) => result,
+                None => {
+                    let reason = if res.response().error().is_some() {
+                        Reason::Error
+                    } else {
+                        Reason::Status
+                    };
+                    slot.finish(false, reason).await
+                }
+            };
+            let finished = match finished {
+                Err(Finish::AnswerLost) => slot.resolve_lost_commit().await,
+                Err(Finish::Failed(e)) => Err(e),
+                Ok(()) => Ok(()),
+            };
+            match finished {
+                Ok(()) => Ok(res.map_into_boxed_body()),
+                Err(e) => Ok(res.into_response(render(e))),
+            }
+        }
+    }
+}
+
+/// Whether the handler's answer commits: a status below 400 that is not an error.
+fn succeeded(res: &ServiceResponse<impl MessageBody>) -> bool {
+    res.status().as_u16() < 400 && res.response().error().is_none()
+}
+
+/// The answer after a statement outlived its deadline and the work future was dropped
+/// (which cancelled the statement on our side). If it was a COMMIT already sent, its
+/// outcome is resolved on another connection, and the handler's response (`outcome`) is
+/// sent if it committed; any other statement's connection cannot be trusted and is
+/// closed: [`SessionError::Timeout`].
+async fn after_deadline(
+    slot: &Slot,
+    outcome: Option<HandlerOutcome<impl MessageBody + 'static>>,
+    http_req: HttpRequest,
+) -> ServiceResponse<BoxBody> {
+    let render = |e: SessionError| (slot.settings.render)(e);
+    if !slot.commit.sent.get() {
+        // Not a COMMIT, or one not sent yet (cut off in the transaction-id query a
+        // connection's first COMMIT waits for): no outcome in doubt.
+        drop(slot.commit.in_doubt.borrow_mut().take());
+        slot.discard();
+        return ServiceResponse::new(http_req, render(SessionError::Timeout));
+    }
+    log::error!(
+        "COMMIT got no answer within {:?}",
+        slot.settings.finish_deadline
+    );
+    match (slot.resolve_lost_commit().await, outcome) {
+        // Only a successful response is ever committed.
+        (Ok(()), Some(Ok(Ok(res)))) => res.map_into_boxed_body(),
+        (Ok(()), _) => {
+            ServiceResponse::new(http_req, render(SessionError::internal("lost response")))
+        }
+        (Err(e), _) => ServiceResponse::new(http_req, render(e)),
+    }
+}
+
+/// What the inner service gave: a response, an error, or a panic.
+type HandlerOutcome<B> =
+    Result<Result<ServiceResponse<B>, actix_web::Error>, Box<dyn std::any::Any + Send>>;

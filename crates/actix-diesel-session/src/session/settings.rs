@@ -1,0 +1,56 @@
+//! What every session of one [`crate::Database`] shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::HttpResponse;
+
+use crate::config::SessionConfig;
+use crate::connect::Connector;
+use crate::error::SessionError;
+use crate::observe::SessionObserver;
+use crate::pool::DbPool;
+
+/// How the middleware turns a [`SessionError`] into the response it sends instead of the
+/// handler's (see [`crate::DatabaseBuilder::render_errors`]).
+pub type ErrorRenderer = Arc<dyn Fn(SessionError) -> HttpResponse + Send + Sync>;
+
+/// The sessions' shared settings, derived once from the [`SessionConfig`].
+pub(crate) struct Settings {
+    pub(crate) pool: DbPool,
+    /// Opens the connection that resolves a lost COMMIT answer, and sends cancel requests
+    /// for statements the session gives up on.
+    pub(crate) connector: Connector,
+    pub(crate) observer: Arc<dyn SessionObserver>,
+    pub(crate) render: ErrorRenderer,
+    /// Bound on check-out plus BEGIN, and on resolving a lost COMMIT answer.
+    pub(crate) checkout_timeout: Duration,
+    /// See [`SessionConfig::statement_deadline`].
+    pub(crate) statement_deadline: Option<Duration>,
+    /// See [`SessionConfig::finish_deadline`].
+    pub(crate) finish_deadline: Duration,
+    pub(crate) leak_warn: Option<Duration>,
+    pub(crate) echo: bool,
+}
+
+impl Settings {
+    pub(crate) fn new(
+        cfg: &SessionConfig,
+        pool: DbPool,
+        connector: Connector,
+        observer: Arc<dyn SessionObserver>,
+        render: ErrorRenderer,
+    ) -> Self {
+        Settings {
+            pool,
+            connector,
+            observer,
+            render,
+            checkout_timeout: cfg.checkout_timeout,
+            statement_deadline: cfg.statement_deadline(),
+            finish_deadline: cfg.finish_deadline(),
+            leak_warn: cfg.leak_warn,
+            echo: cfg.echo,
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The request's session state: where its connection is, and how the session ends.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::commit::{self, Resolution, TxId};
+use super::deadline::Deadlines;
+use super::settings::Settings;
+use super::tx::{abandon, CommitState, Finish, TxConn};
+use crate::error::{SessionError, LOST_BEFORE_COMMIT};
+use crate::observe::{Outcome, Reason};
+
+/// Where the request's session stands.
+pub(crate) enum State {
+    /// No connection yet (and maybe never: sessions are lazy).
+    Idle,
+    /// Check-out and BEGIN are under way, or the handler holds the connection.
+    Busy,
+    /// A transaction is open and the connection is parked between uses.
+    Open(TxConn),
+    /// The middleware has finished the session; nothing may use it again.
+    Finalized,
+}
+
+/// The per-request slot that the middleware creates and the extractor finds.
+#[derive(Clone)]
+pub(crate) struct Slot(Rc<SlotInner>);
+
+pub(crate) struct SlotInner {
+    state: RefCell<State>,
+    pub(crate) deadlines: Deadlines,
+    pub(crate) commit: CommitState,
+    pub(crate) settings: Arc<Settings>,
+}
+
+impl std::ops::Deref for Slot {
+    type Target = SlotInner;
+
+    fn deref(&self) -> &SlotInner {
+        &self.0
+    }
+}
+
+impl Slot {
+    pub(crate) fn new(settings: Arc<Settings>) -> Self {
+        Slot(Rc::new(SlotInner {
+            state: RefCell::new(State::Idle),
+            deadlines: Deadlines::default(),
+            commit: CommitState::default(),
+            settings,
+        }))
+    }
+
+    pub(crate) fn replace(&self, state: State) -> State {
+        std::mem::replace(&mut *self.state.borrow_mut(), state)
+    }
+
+    /// Puts `Open(tx)` back if the session is still `Busy` (the handler's guard was
+    /// dropped); otherwise gives the transaction back, which the request no longer owns.
+    pub(crate) fn park(&self, tx: TxConn) -> Option<TxConn> {
+        let mut state = self.state.borrow_mut();
+        match &*state {
+            State::Busy => {
+                *state = State::Open(tx);
+                None
+            }
+            _ => Some(tx),
+        }
+    }
+
+    /// Back to `Idle` if a check-out left the session `Busy` (it was dropped mid-way).
+    pub(crate) fn back_to_idle(&self) {
+        let mut state = self.state.borrow_mut();
+        if matches!(*state, State::Busy) {
+            *state = State::Idle;
+        }
+    }
+
+    /// Checks the session's connection out and begins its transaction, within the
+    /// check-out timeout.
+    pub(crate) async fn open(&self) -> Result<TxConn, SessionError> {
+        let settings = &self.settings;
+        let tx = self
+            .deadlines
+            .checkout(settings.checkout_timeout, settings, TxConn::begin(settings))
+            .await?;
+        *self.deadlines.watch.borrow_mut() = Some(tx.watch.clone());
+        self.deadlines.held_since.set(Some(tx.checked_out));
+        Ok(tx)
+    }
+
+    fn ended(&self, outcome: Outcome) {
+        self.settings.observer.transaction_ended(outcome);
+    }
+
+    /// Ends the session without talking to the server: the connection (if the session has
+    /// one parked) is closed, which makes the server roll back. For a connection whose
+    /// peer stopped answering, where a ROLLBACK would only wait too. (Dropping the
+    /// `TxConn` sends a cancel request for a statement still running.)
+    pub(crate) fn discard(&self) {
+        match self.replace(State::Finalized) {
+            State::Open(tx) => {
+                self.ended(Outcome::RolledBack(Reason::Timeout));
+                drop(tx);
+            }
+            // Cut off inside `finish`: the ROLLBACK of an aborted transaction that the
+            // session was about to COMMIT (a COMMIT cut off is resolved instead).
+            State::Finalized => self.ended(Outcome::RolledBack(Reason::Timeout)),
+            State::Idle | State::Busy => {}
+        }
+    }
+
+    /// Ends the session: commits when `commit` is true and a transaction is open, else
+    /// rolls back. Says what must replace the response, if anything.
+    pub(crate) async fn finish(&self, commit: bool, reason: Reason) -> Result<(), Finish> {
+        match self.replace(State::Finalized) {
+            State::Idle | State::Finalized => Ok(()),
+            State::Busy => {
+                // The guard escaped the handler. It rolls back when it is dropped.
+                log::error!("a DbSession connection outlived its handler; answering 500");
+                Err(Finish::Failed(SessionError::internal(
+                    "DbSession connection outlived its handler",
+                )))
+            }
+            State::Open(tx) => {
+                // Both futures are boxed: they hold diesel's large ones, which would
+                // otherwise make every request's middleware future larger, and that future
+                // is moved around on every request (see BENCHMARKS.md).
+                let timeout = self.settings.finish_deadline;
+                if commit {
+                    let result = Box::pin(tx.commit(timeout, &self.commit)).await;
+                    match &result {
+                        Ok(()) => self.ended(Outcome::Committed(Reason::Status)),
+                        // Counted once resolved.
+                        Err(Finish::AnswerLost) => {}
+                        Err(Finish::Failed(_)) => {
+                            self.ended(Outcome::RolledBack(Reason::CommitFailed))
+                        }
+                    }
+                    result
+                } else {
+                    log::debug!("rolling back the request's transaction ({reason:?})");
+                    Box::pin(tx.rollback(timeout)).await;
+                    self.ended(Outcome::RolledBack(reason));
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Finds out, on another connection, whether the transaction whose COMMIT answer was
+    /// lost committed (see `session::commit`), within the check-out timeout. `Ok` when the
+    /// handler's response may be sent.
+    pub(crate) async fn resolve_lost_commit(&self) -> Result<(), SessionError> {
+        let settings = &self.settings;
+        let xid = self.commit.xid.borrow().clone();
+        let in_doubt = self.commit.in_doubt.borrow_mut().take();
+        // A request dropped during the verification (a shutdown timeout) leaves the
+        // outcome unknown: counted so.
+        let mut dropped = UnknownIfDropped {
+            slot: self,
+            id_known: xid != TxId::Unknown,
+            armed: true,
+        };
+        let resolution = Box::pin(commit::resolve(
+            in_doubt,
+            &settings.connector,
+            &settings.pool,
+            &xid,
+            settings.checkout_timeout,
+        ))
+        .await;
+        dropped.armed = false;
+        let about = match &xid {
+            TxId::Assigned(id) => format!("transaction {}", id.xid),
+            TxId::Unassigned => "a transaction that wrote nothing".to_owned(),
+            TxId::Unknown => "a transaction whose id was lost too".to_owned(),
+        };
+        match resolution {
+            Resolution::Committed => {
+                log::warn!("COMMIT answer lost; {about} committed: sending the handler's response");
+                self.ended(Outcome::Committed(Reason::CommitVerified));
+                Ok(())
+            }
+            Resolution::Aborted => {
+                log::warn!("COMMIT answer lost; {about} did not commit: answering 503");
+                self.ended(Outcome::RolledBack(Reason::CommitVerified));
+                Err(SessionError::unavailable(LOST_BEFORE_COMMIT))
+            }
+            Resolution::Unknown => {
+                log::error!(
+                    "COMMIT answer lost; whether {about} committed could not be learned within \
+                     {:?} (or only from a server that restarted since): answering 503 \
+                     commit_unknown",
+                    settings.checkout_timeout
+                );
+                self.ended(Outcome::Unknown {
+                    id_known: xid != TxId::Unknown,
+                });
+                Err(SessionError::CommitUnknown)
+            }
+        }
+    }
+}
+
+/// Counts a COMMIT of unknown outcome when dropped armed.
+struct UnknownIfDropped<'a> {
+    slot: &'a Slot,
+    id_known: bool,
+    armed: bool,
+}
+
+impl Drop for UnknownIfDropped<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.slot.ended(Outcome::Unknown {
+                id_known: self.id_known,
+            });
+        }
+    }
+}
+
+/// Rolls back when the request future is dropped before the middleware finished.
+pub(crate) struct CancelGuard(pub(crate) Option<Slot>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            if let State::Open(tx) = slot.replace(State::Finalized) {
+                log::warn!("request cancelled inside a transaction; rolling back");
+                slot.ended(Outcome::RolledBack(Reason::Cancelled));
+                abandon(tx, slot.settings.finish_deadline);
+            }
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Route building blocks shared by the API, the probes and `/metrics`.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
+use actix_web::{web, HttpRequest, Resource, Route};
+
+use crate::error::ApiError;
+
+/// A resource that answers `methods` and 405 `method_not_allowed` (with `Allow`) to
+/// anything else: Actix's route macros would fall through to 404.
+pub fn resource<const N: usize>(
+    path: &str,
+    methods: [(Method, Route); N],
+) -> Resource<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let allow: Vec<Method> = methods.iter().map(|(m, _)| m.clone()).collect();
+    let mut resource = web::resource(path);
+    for (method, route) in methods {
+        resource = resource.route(route.method(method));
+    }
+    resource.default_service(web::to(move || {
+        let allow = allow.clone();
+        async move { Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }
+    }))
+}
+
+/// The app's default service: 404 `not_found` for any path no route knows.
+pub async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no route for {}", req.path())))
+}
