@@ -13,7 +13,6 @@
 //! and a repeat must carry the same JSON value (whitespace and field order do not matter,
 //! see [`fingerprint`]), else it gets 409 `idempotency_conflict`.
 
-use std::fmt::Write as _;
 use std::future::{ready, Ready};
 use std::time::Duration;
 
@@ -81,20 +80,28 @@ fn parse_key(value: &HeaderValue) -> Result<String, ApiError> {
 /// SHA-256 (hex) of the canonical JSON form of the parsed request body: object keys
 /// sorted, no whitespace. Two bodies get the same fingerprint exactly when they are the
 /// same JSON value.
+///
+/// Fingerprints are stored with their keys (for the keys' lifetime), so this form must not
+/// change for any body the service accepts; the unit tests pin it.
 pub fn fingerprint(body: &impl Serialize) -> Result<String, ApiError> {
     let value = serde_json::to_value(body).map_err(ApiError::internal)?;
     let mut canonical = String::new();
     write_canonical(&value, &mut canonical);
-    let digest = Sha256::digest(canonical.as_bytes());
-    let mut hex = String::with_capacity(2 * digest.len());
-    for byte in digest.iter() {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    Ok(hex)
+    Ok(hex::encode(Sha256::digest(canonical.as_bytes())))
 }
 
 /// Writes `value` with object keys in sorted order, whatever map type serde_json was
 /// built with (its `preserve_order` feature keeps insertion order).
+///
+/// Hand-written on purpose rather than an RFC 8785 (JCS) serializer: JCS writes every
+/// number as an IEEE-754 double, so integers past 2^53 lose digits (9007199254740993 is
+/// written as 9007199254740992, `i64::MAX` as 9223372036854776000). The bodies hold `i64`
+/// amounts and account ids, and two transfers that differ only in such an amount must not
+/// share a fingerprint, or a repeat with another amount would be replayed instead of
+/// refused with 409. For integers up to 2^53 in magnitude and for strings, this form is
+/// byte for byte JCS, except that keys sort by code point rather than by UTF-16 code unit
+/// (the two orders part only for keys holding characters from U+E000 up; the bodies' keys
+/// are ASCII field names).
 fn write_canonical(value: &Value, out: &mut String) {
     match value {
         Value::Object(map) => {
@@ -275,6 +282,38 @@ mod tests {
         assert_eq!(fingerprint(&a).unwrap(), fingerprint(&b).unwrap());
         assert_ne!(fingerprint(&a).unwrap(), fingerprint(&c).unwrap());
         assert_eq!(fingerprint(&a).unwrap().len(), 64);
+    }
+
+    /// Fingerprints are stored: these are the values the service has always computed.
+    #[test]
+    fn fingerprint_is_unchanged_for_stored_bodies() {
+        use crate::api::transfers::TransferRequest;
+        let single = TransferRequest {
+            from_account_id: 17,
+            to_account_id: 42,
+            amount: 12345,
+        };
+        assert_eq!(
+            fingerprint(&single).unwrap(),
+            "9cca55482b31cbafe2227b8c3670b3540e962197cc41b021ced9023f6b8acc05"
+        );
+        let batch = serde_json::json!({ "transfers": [
+            TransferRequest { from_account_id: 1, to_account_id: 2, amount: 500 },
+            TransferRequest { from_account_id: 2, to_account_id: 3, amount: 9_007_199_254_740_993 },
+        ] });
+        assert_eq!(
+            fingerprint(&batch).unwrap(),
+            "ddae7372eb638cef7c0446b6a88861654ae411e661aca12680122218e7ef7a40"
+        );
+    }
+
+    #[test]
+    fn fingerprint_keeps_every_digit_of_an_i64() {
+        let body = |amount: i64| serde_json::json!({ "amount": amount });
+        let near = fingerprint(&body(9_007_199_254_740_993)).unwrap();
+        assert_ne!(near, fingerprint(&body(9_007_199_254_740_992)).unwrap());
+        let max = fingerprint(&body(i64::MAX)).unwrap();
+        assert_ne!(max, fingerprint(&body(i64::MAX - 1)).unwrap());
     }
 
     #[test]
