@@ -20,7 +20,13 @@ KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
 # serves the suite, k8s-check and the benchmark smoke run).
 TEST_FEATURES := test-routes,bench
 
-.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs k8s-check bench bench-smoke
+.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs k8s-check bench bench-smoke package-check
+
+# The session layer's crate, and how its package is checked: `cargo package` builds the
+# packaged crate on its own, where the workspace's `[patch]` does not apply, so the
+# patched diesel-async it needs (vendor/diesel-async/PATCH.md) is given on the command line.
+SESSION_CRATE := actix-diesel-session
+PATCHED_DIESEL_ASYNC := --config 'patch.crates-io.diesel-async.path="$(CURDIR)/vendor/diesel-async"'
 
 ## run: serve in release mode on $PORT (8080), after setting up the database and migrating
 run: check-tools
@@ -31,14 +37,24 @@ run: check-tools
 	DATABASE_URL=$$url $(CARGO) run --release --bin ledger
 
 ## test: lint-free build and the whole suite against real PostgreSQL (k8s-check included):
-## the parallel tests, then the load and flood tests (`serial::`) one at a time, so that
-## they neither disturb nor are disturbed by the parallel tests' timing; then a smoke run
-## of the benchmark harness on the binary the suite built (its own private cluster, ~30 s)
+## the session crate's own tests and the ledger's parallel tests, then the load and flood
+## tests (`serial::`) one at a time, so that they neither disturb nor are disturbed by the
+## parallel tests' timing; the crate's example service against a throwaway database; its
+## package and docs check; then a smoke run of the benchmark harness on the binary the
+## suite built (its own private cluster, ~30 s)
 test: check-tools k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
-	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s:: --skip serial:: && \
-	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --test-threads 1 serial::
+	DATABASE_URL=$$admin $(CARGO) test --workspace --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s:: --skip serial:: && \
+	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --test-threads 1 serial:: && \
+	if [ -x scripts/example-check.sh ]; then DATABASE_URL=$$admin scripts/example-check.sh; fi
+	@$(MAKE) --no-print-directory package-check
 	@scripts/bench.sh --smoke --bin target/debug/ledger
+
+## package-check: the session crate packages and builds on its own from its packaged
+## files, and its docs build without a warning
+package-check:
+	$(CARGO) package -p $(SESSION_CRATE) --allow-dirty $(PATCHED_DIESEL_ASYNC)
+	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --no-deps -p $(SESSION_CRATE)
 
 ## bench: the benchmark (release build, its own PostgreSQL cluster, ~6 minutes of runs);
 ## writes BENCHMARKS.md and docs/bench-concurrency.svg
@@ -76,7 +92,7 @@ migrate: check-tools
 ## lint: formatting check and clippy with warnings as errors
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --features $(TEST_FEATURES) -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features $(TEST_FEATURES) -- -D warnings
 
 ## fmt: format the code
 fmt:

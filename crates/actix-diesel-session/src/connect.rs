@@ -191,7 +191,7 @@ impl Connector {
         })?
     }
 
-    /// Asks the server, in the background and within [`CANCEL_TIMEOUT`], to cancel what
+    /// Asks the server, in the background and within `CANCEL_TIMEOUT` (5 s), to cancel what
     /// the connection of `token` is running: closing a socket does not stop a statement
     /// the server is executing, nor free its locks, until the server next writes to it.
     pub fn cancel(&self, token: tokio_postgres::CancelToken) {

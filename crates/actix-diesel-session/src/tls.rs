@@ -1,4 +1,4 @@
-//! TLS to PostgreSQL with libpq's `sslmode` meanings (contract section 8), on rustls.
+//! TLS to PostgreSQL with libpq's `sslmode` meanings, on rustls.
 //!
 //! | `sslmode` | TLS | certificate chain | host name |
 //! |---|---|---|---|
@@ -14,9 +14,10 @@
 //! here too), and `prefer` does not retry in plain text when a TLS handshake the server
 //! agreed to fails (without certificate checks, only a broken server gets there).
 //!
-//! The TLS settings are built once per [`super::connect::Connector`]; a CA file that
-//! cannot be read is reported on every connection attempt (readiness shows it), since the
-//! service must start without its database (contract section 5).
+//! The TLS settings are built once per URL, by [`crate::Connector::new`], and shared by the
+//! connectors made from it; a CA file that cannot be read is reported on every connection
+//! attempt (a readiness check shows it) rather than at start-up, since a service should
+//! start without its database.
 
 use std::fmt;
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! COMMIT with the transaction's id learned on the way, and what to do when its answer is
-//! lost (contract section 2, "Every answer tells the truth about the commit").
+//! lost.
 //!
 //! When the connection breaks, or the server goes silent, while a COMMIT is under way, the
 //! client cannot tell from that connection whether the transaction committed. PostgreSQL
