@@ -287,19 +287,16 @@ mod tests {
     /// Fingerprints are stored: these are the values the service has always computed.
     #[test]
     fn fingerprint_is_unchanged_for_stored_bodies() {
-        use crate::api::transfers::TransferRequest;
-        let single = TransferRequest {
-            from_account_id: 17,
-            to_account_id: 42,
-            amount: 12345,
-        };
+        // A transfer request's body, as `TransferRequest` serialises it.
+        let transfer = |from: i64, to: i64, amount: i64| serde_json::json!({ "from_account_id": from, "to_account_id": to, "amount": amount });
+        let single = transfer(17, 42, 12345);
         assert_eq!(
             fingerprint(&single).unwrap(),
             "9cca55482b31cbafe2227b8c3670b3540e962197cc41b021ced9023f6b8acc05"
         );
         let batch = serde_json::json!({ "transfers": [
-            TransferRequest { from_account_id: 1, to_account_id: 2, amount: 500 },
-            TransferRequest { from_account_id: 2, to_account_id: 3, amount: 9_007_199_254_740_993 },
+            transfer(1, 2, 500),
+            transfer(2, 3, 9_007_199_254_740_993),
         ] });
         assert_eq!(
             fingerprint(&batch).unwrap(),

@@ -12,7 +12,7 @@
 //! handler and its COMMIT. It is a hand-made poll rather than `tokio::select!` over a
 //! `Sleep` because it runs around every request: the timer registers only once the work
 //! has to wait, and afterwards it is looked at (an atomic load) instead of polled at every
-//! wake-up (BENCHMARKS.md has the instruction counts that decided it).
+//! wake-up (BENCHMARKS.md, "The session layer's own cost", has the instruction counts).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -68,9 +68,9 @@ impl Deadlines {
     ) -> Result<T, SessionError> {
         self.checkout_due.set(Some(later(Instant::now(), timeout)));
         let _done = CheckoutOver(self);
-        // Not boxed, although it makes every handler's future 2 KB larger: measured with
-        // callgrind, the box (an allocation and a copy of the future) cost more than the
-        // larger future's moves. (The COMMIT future is the opposite case, see `finish`.)
+        // Not boxed, although it makes every handler's future larger: the box (an
+        // allocation and a copy per check-out) costs more than the larger future's moves
+        // (BENCHMARKS.md, "The session layer's own cost").
         let mut checkout = std::pin::pin!(checkout);
         std::future::poll_fn(|cx| match checkout.as_mut().poll(cx) {
             Poll::Pending if self.checkout_expired.get() => {

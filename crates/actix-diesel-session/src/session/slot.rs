@@ -126,7 +126,8 @@ impl Slot {
             State::Open(tx) => {
                 // Both futures are boxed: they hold diesel's large ones, which would
                 // otherwise make every request's middleware future larger, and that future
-                // is moved around on every request (see BENCHMARKS.md).
+                // is moved around on every request (BENCHMARKS.md, "The session layer's
+                // own cost").
                 let timeout = self.settings.finish_deadline;
                 if commit {
                     let result = Box::pin(tx.commit(timeout, &self.commit)).await;
