@@ -2,7 +2,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, SLOW_COMMIT};
+use crate::support::{spawn_app, SLOW_COMMIT};
 
 #[tokio::test]
 async fn created_account_is_committed_before_the_client_sees_201() {

@@ -3,8 +3,8 @@
 use serde_json::json;
 use tokio_postgres::Client;
 
-use crate::helpers::{spawn_app, spawn_app_with, Answer, TestApp};
 use crate::metrics::Scrape;
+use crate::support::{spawn_app, spawn_app_with, Answer, TestApp};
 
 /// Pool check-outs so far (one per session that asked for a connection).
 const CHECKOUTS: &str = "db_pool_acquire_duration_seconds_count";
@@ -782,7 +782,7 @@ async fn unknown_routes_get_404_and_wrong_methods_405_with_allow() {
     let app = spawn_app().await;
     app.get("/nope").await.assert_problem(404, "not_found");
 
-    let answer = crate::helpers::Answer::from(
+    let answer = crate::support::Answer::from(
         app.client
             .delete(app.url("/accounts"))
             .send()
@@ -808,7 +808,7 @@ async fn every_response_carries_a_request_id_and_a_sane_one_is_kept() {
     let answer = app.get("/health/live").await;
     assert!(answer.header("x-request-id").is_some_and(|v| v.len() >= 16));
 
-    let kept = crate::helpers::Answer::from(
+    let kept = crate::support::Answer::from(
         app.client
             .get(app.url("/nope"))
             .header("x-request-id", "abc-123")
@@ -820,7 +820,7 @@ async fn every_response_carries_a_request_id_and_a_sane_one_is_kept() {
     assert_eq!(kept.header("x-request-id"), Some("abc-123"));
     assert_eq!(kept.body["request_id"], "abc-123");
 
-    let replaced = crate::helpers::Answer::from(
+    let replaced = crate::support::Answer::from(
         app.client
             .get(app.url("/nope"))
             .header("x-request-id", "bad id\twith tabs")

@@ -10,8 +10,7 @@ use actix_diesel_session::DatabaseUrl;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::helpers::{eventually, spawn_app_on, TestDb};
-use crate::support::within;
+use crate::support::{eventually, spawn_app_on, within, TestDb};
 
 /// The migrations' advisory lock key (`src/db/migrate.rs`): "ledger" in ASCII.
 const MIGRATION_LOCK_KEY: i64 = 0x6c65_6467_6572;

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{eventually, TestDb};
-use crate::support::free_port;
+use crate::support::{eventually, free_port, TestDb};
 
 /// Echo logs statement text only (no bind values, never the URL or its password), and a
 /// request costs exactly BEGIN, its own statements, the transaction-id query pipelined

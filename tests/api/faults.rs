@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app_on, Answer, TestApp, TestDb, SLACK};
 use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
 use crate::support::proxy::{Mode, Proxy};
 use crate::support::traffic::{summary, Outcome, Traffic};
-use crate::support::{proxy_to, spawn_behind_proxy, within};
+use crate::support::{
+    eventually, proxy_to, spawn_app_on, spawn_behind_proxy, within, Answer, TestApp, TestDb, SLACK,
+};
 
 /// A 503 that does not wait for a connection that cannot come must be this quick: at once,
 /// give or take the suite's slack (the pool timeout in these tests is 5 s, well beyond it).

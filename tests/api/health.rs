@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ledger::Application;
 
-use crate::helpers::{
+use crate::support::{
     config_for, init_logging, spawn_app, spawn_app_on, spawn_app_with, Answer, TestDb,
 };
 

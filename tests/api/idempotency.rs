@@ -8,7 +8,7 @@ use reqwest::header::HeaderValue;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, Answer, TestApp};
+use crate::support::{eventually, spawn_app, spawn_app_with, Answer, TestApp};
 
 fn body(from: i64, to: i64, amount: i64) -> String {
     json!({ "from_account_id": from, "to_account_id": to, "amount": amount }).to_string()

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app_with, Answer, TestApp};
+use crate::support::{spawn_app_with, Answer, TestApp};
 
 /// xorshift64*: a tiny deterministic generator, so a failing sequence can be replayed
 /// from its seed.

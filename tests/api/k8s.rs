@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_yaml::Value;
 
-use crate::helpers::spawn_app;
+use crate::support::spawn_app;
 
 fn read(relative: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app_on, Answer, TestApp, TestDb, SLACK};
 use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
 use crate::support::pgwire::CommitFault;
 use crate::support::proxy::{Mode, Proxy};
-use crate::support::{spawn_behind_readable_proxy, within};
+use crate::support::{
+    eventually, spawn_app_on, spawn_behind_readable_proxy, within, Answer, TestApp, TestDb, SLACK,
+};
 
 /// The service through a proxy that can read its traffic (no TLS), with one pooled
 /// connection and a 1 s pool timeout, and `DB_STATEMENT_TIMEOUT` of 1 s (so COMMIT's
@@ -220,7 +221,7 @@ impl CrashableService {
         app.create_account("warm-up", 1).await;
         // The private cluster runs with synchronous_commit off: make what came before the
         // crash durable, so that only the request's transaction is in doubt.
-        crate::helpers::connect(&url)
+        crate::support::connect(&url)
             .await
             .batch_execute("CHECKPOINT")
             .await
@@ -259,7 +260,7 @@ impl CrashableService {
 
     /// Rows of `accounts` with this name, read straight from the cluster.
     async fn accounts_named(&self, name: &str) -> i64 {
-        crate::helpers::connect(&self.url)
+        crate::support::connect(&self.url)
             .await
             .query_one("SELECT count(*) FROM accounts WHERE name = $1", &[&name])
             .await
@@ -318,7 +319,7 @@ async fn an_id_handed_out_again_after_a_crash_restart_is_never_taken_for_the_los
     // The verification cannot reach the server until the id has been handed out again.
     on.proxy.set_mode(Mode::Refuse);
     let request = on.post_held_at_commit("reused").await;
-    let admin = crate::helpers::connect(&on.url).await;
+    let admin = crate::support::connect(&on.url).await;
     let row = admin
         .query_one(
             "SELECT pid, backend_xid::text::bigint FROM pg_stat_activity \

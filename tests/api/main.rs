@@ -10,7 +10,6 @@ mod config;
 mod echo;
 mod faults;
 mod health;
-mod helpers;
 mod idempotency;
 mod invariants;
 mod k8s;

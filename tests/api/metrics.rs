@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp, SLACK};
+use crate::support::{eventually, spawn_app, spawn_app_with, TestApp, SLACK};
 
 /// One scrape, parsed: series (name plus label set, as printed) to value.
 pub struct Scrape(HashMap<String, f64>);

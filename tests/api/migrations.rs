@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::{eventually, spawn_app_on, TestDb};
+use crate::support::{eventually, spawn_app_on, TestDb};
 
 #[tokio::test]
 async fn start_up_applies_migrations_to_an_empty_database() {

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app_with};
+use crate::support::{eventually, spawn_app_with};
 
 #[tokio::test]
 async fn an_exhausted_pool_answers_503_after_the_timeout_and_readiness_still_answers() {
@@ -31,7 +31,7 @@ async fn an_exhausted_pool_answers_503_after_the_timeout_and_readiness_still_ans
     answer.assert_problem(503, "database_unavailable");
     assert_eq!(
         answer.header("retry-after"),
-        Some(crate::helpers::RETRY_AFTER)
+        Some(crate::support::RETRY_AFTER)
     );
     assert!(
         waited >= Duration::from_millis(450) && waited < Duration::from_millis(2000),

@@ -5,8 +5,8 @@ use std::time::Duration;
 use actix_web::test as actix_test;
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp, TestDb, SLACK};
 use crate::metrics::Scrape;
+use crate::support::{eventually, spawn_app, spawn_app_with, TestApp, TestDb, SLACK};
 
 /// One pooled connection and no overflow: a replaced connection shows as a new backend.
 const POOL_OF_ONE: [(&str, &str); 2] = [("DB_POOL_SIZE", "1"), ("DB_MAX_OVERFLOW", "0")];
@@ -224,9 +224,9 @@ async fn a_route_without_a_session_checks_out_no_connection() {
 /// restart does) rolls back, and no session stays idle in transaction.
 #[actix_rt::test]
 async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
-    crate::helpers::init_logging();
+    crate::support::init_logging();
     let db = TestDb::migrated().await;
-    let config = crate::helpers::config_for(&db.name, &Default::default());
+    let config = crate::support::config_for(&db.name, &Default::default());
     let metrics = actix_web::web::Data::new(ledger::metrics::Metrics::new(&config.db));
     let sessions = actix_diesel_session::Database::builder(
         config.db.url.clone(),

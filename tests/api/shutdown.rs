@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{eventually, Answer, TestDb, SLACK};
 use crate::support::binary::Binary;
+use crate::support::{eventually, Answer, TestDb, SLACK};
 
 /// actix checks every second whether its workers' connections are done, and the process
 /// needs a moment to close the pool and exit: the bound beyond drain + in-flight time.
@@ -264,7 +264,7 @@ async fn a_request_outliving_the_shutdown_timeout_is_dropped_and_rolled_back() {
 /// warming that connection up on another TCP connection (which, with two workers, Actix
 /// hands to the other worker).
 async fn a_request_across_a_graceful_stop_commits(workers: &str) {
-    crate::helpers::init_logging();
+    crate::support::init_logging();
     let db = TestDb::migrated().await;
     let overrides = std::collections::HashMap::from([
         ("DB_POOL_SIZE", "1".to_owned()),
@@ -272,7 +272,7 @@ async fn a_request_across_a_graceful_stop_commits(workers: &str) {
         ("SHUTDOWN_TIMEOUT_SECS", "10".to_owned()),
         ("HTTP_WORKERS", workers.to_owned()),
     ]);
-    let app = ledger::Application::build(crate::helpers::config_for(&db.name, &overrides))
+    let app = ledger::Application::build(crate::support::config_for(&db.name, &overrides))
         .await
         .unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());

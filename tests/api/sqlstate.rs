@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::support::spawn_app;
 
 /// Each SQLSTATE, raised under the message 'zz', gets the contract's status and code; every
 /// 503 carries `Retry-After`, the 500 does not, and no body repeats the server's message.

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp, TestDb, SLACK};
 use crate::metrics::Scrape;
 use crate::support::pgwire::CommitFault;
 use crate::support::proxy::Mode;
-use crate::support::{spawn_behind_readable_proxy, within};
+use crate::support::{
+    eventually, spawn_app, spawn_app_with, spawn_behind_readable_proxy, within, TestApp, TestDb,
+    SLACK,
+};
 
 /// Pool of one, overflow 0, `DB_POOL_TIMEOUT=1`, no statement timeout: a transfer waits
 /// 3 s for a row lock held outside the service and then commits (201), while a second

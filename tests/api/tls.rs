@@ -8,8 +8,8 @@ use diesel::sql_types::Bool;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
-use crate::helpers::{spawn_app_on, TestApp, TestDb};
 use crate::support::pg_cluster::{PgCluster, ServerTls};
+use crate::support::{spawn_app_on, TestApp, TestDb};
 
 /// Sent in every URL; trust authentication ignores it, and it must never show.
 const PASSWORD: &str = "tls-hunter2-secret";

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, spawn_app_with, Answer, TestApp, SLOW_COMMIT};
+use crate::support::{spawn_app, spawn_app_with, Answer, TestApp, SLOW_COMMIT};
 
 /// Asserts the problem and that the ledger did not change.
 async fn assert_rejected(
@@ -13,7 +13,7 @@ async fn assert_rejected(
     answer: &Answer,
     status: u16,
     code: &str,
-    before: &crate::helpers::LedgerState,
+    before: &crate::support::LedgerState,
 ) {
     answer.assert_problem(status, code);
     assert_eq!(

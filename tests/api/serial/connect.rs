@@ -9,10 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::helpers::{admin_url, connect, TestDb};
 use crate::support::binary::Binary;
 use crate::support::proxy::Mode;
-use crate::support::{proxy_to, within};
+use crate::support::{admin_url, connect, proxy_to, within, TestDb};
 
 const POOL_SIZE: usize = 2;
 const MAX_OVERFLOW: usize = 2;

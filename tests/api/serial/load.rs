@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::helpers::{eventually, spawn_app_with, RETRY_AFTER, SLACK};
 use crate::support::traffic::{summary, Traffic};
+use crate::support::{eventually, spawn_app_with, RETRY_AFTER, SLACK};
 
 /// `DB_POOL_TIMEOUT` of the burst.
 const POOL_TIMEOUT: Duration = Duration::from_secs(1);

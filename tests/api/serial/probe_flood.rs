@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::helpers::{eventually, TestDb};
 use crate::support::binary::Binary;
-use crate::support::proxy_to;
+use crate::support::{eventually, proxy_to, TestDb};
 
 const PROBERS: usize = 300;
 const FLOOD_FOR: Duration = Duration::from_secs(5);

@@ -8,8 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::helpers::eventually;
-use crate::support::free_port;
+use super::{eventually, free_port};
 
 /// The running binary; killed when dropped.
 pub struct Binary {

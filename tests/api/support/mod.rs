@@ -1,16 +1,22 @@
-//! Test support beyond a database per test: the real binary as a process, a misbehaving
-//! TCP proxy, private PostgreSQL clusters (to stop the server, or to configure TLS),
-//! steady traffic.
+//! Test support: a database of each test's own and the service spawned on it (`db`, `app`),
+//! and beyond that the real binary as a process, a misbehaving TCP proxy, private
+//! PostgreSQL clusters (to stop the server, or to configure TLS), steady traffic.
 
+pub mod app;
 pub mod binary;
+pub mod db;
 pub mod pg_cluster;
 pub mod pgwire;
 pub mod proxy;
 pub mod traffic;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use crate::helpers::{admin_url, spawn_app_on, TestApp, TestDb};
+pub use app::{
+    config_for, init_logging, spawn_app, spawn_app_on, spawn_app_with, Answer, TestApp, RETRY_AFTER,
+};
+pub use db::{admin_url, connect, migrate, url_for, LedgerState, TestDb, SLOW_COMMIT};
 use proxy::Proxy;
 
 /// The shared test server's address (from `DATABASE_URL`).
@@ -73,4 +79,33 @@ pub async fn within<T>(
     tokio::time::timeout(limit, future)
         .await
         .unwrap_or_else(|_| panic!("{what}: nothing within {limit:?}"))
+}
+
+/// The slack every timing bound of the suite gets on top of the time it bounds: "within
+/// the 1 s pool timeout" is asserted as `< 1 s + SLACK`, "at once" as `< SLACK`.
+///
+/// CI runs 8 test threads on 2 cores, so each test's server, client and PostgreSQL backends
+/// compete with seven other tests (and with whatever else the machine runs) for a quarter
+/// of a core: a task that is ready can wait whole scheduler slices, several times in one
+/// request. One value for every bound, generous rather than tuned, so that a bound fails only
+/// when something waited for a timeout it should not have met: each test keeps what it
+/// bounds at least `SLACK` away from the timeout or hang a regression would run into.
+pub const SLACK: Duration = Duration::from_secs(2);
+
+/// Polls `check` every 50 ms until it holds or `within` passes; returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 
 use tokio_postgres::Client;
 
-use super::free_port;
+use super::{connect, free_port, migrate};
 
 /// `mktemp -d` template of a cluster's directory.
 const DIR_TEMPLATE: &str = "/tmp/ledger-test-pg.XXXXXX";
@@ -131,7 +131,7 @@ impl PgCluster {
 
     /// A plain client on database `db` (in plain text, also when TLS is on).
     pub async fn client(&self, db: &str) -> Client {
-        crate::helpers::connect(&self.url(db)).await
+        connect(&self.url(db)).await
     }
 
     /// Creates database `name` and applies the service's migrations; returns its URL.
@@ -142,10 +142,7 @@ impl PgCluster {
             .await
             .expect("create database");
         let url = self.url(name);
-        let config = crate::helpers::config_for(name, &[("DATABASE_URL", url.clone())].into());
-        ledger::db::migrate::run_pending(&ledger::db::migrate::standalone_connector(&config.db))
-            .await
-            .expect("migrations apply");
+        migrate(name, &url).await;
         url
     }
 
