@@ -117,7 +117,7 @@ impl Connector {
         idle_in_tx_timeout: Option<Duration>,
         connect_timeout: Duration,
     ) -> Self {
-        let mut config = url.pg_config().clone();
+        let mut config = url.pg_config();
         config
             .application_name(application_name)
             .connect_timeout(connect_timeout)
