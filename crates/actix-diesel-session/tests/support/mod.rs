@@ -1,0 +1,695 @@
+//! Test support: a database per test, cloned from a template with the tests' tiny schema,
+//! and a minimal application of the tests' own, served over real HTTP.
+//!
+//! `DATABASE_URL` names a server and a database the tests may use to create others. The
+//! template `ads_tpl_<hash of SCHEMA>` is built once, under an advisory lock so that test
+//! binaries running in parallel do not race; each test then gets
+//! `CREATE DATABASE ... TEMPLATE`, dropped again (`WITH (FORCE)`) when its [`TestDb`] drops.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_diesel_session::{
+    Database, DatabaseUrl, Outcome, Reason, SessionConfig, SessionError, SessionObserver,
+    TimeoutKind,
+};
+use actix_web::dev::{HttpServiceFactory, ServerHandle, Service};
+use actix_web::{web, App, FromRequest, Handler, HttpResponse, HttpServer, Responder};
+
+use handlers::*;
+use tokio::sync::{Notify, OnceCell};
+use tokio_postgres::{Client, NoTls};
+
+/// Marks every database these tests create.
+const TEST_DB_PREFIX: &str = "ads_test_";
+
+/// The schema every test database starts with:
+/// - `items`, what the handlers write;
+/// - `checked`, whose foreign key is checked at COMMIT only, so that a handler can write a
+///   row that makes the COMMIT fail;
+/// - `commit_delay`, whose deferred constraint trigger sleeps at COMMIT for the row's
+///   `ms`, so that a COMMIT takes long enough for a response sent before it to be caught.
+const SCHEMA: &str = "
+    CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
+    CREATE TABLE checked (
+        id bigserial PRIMARY KEY,
+        item_id bigint NOT NULL REFERENCES items (id) DEFERRABLE INITIALLY DEFERRED
+    );
+    CREATE TABLE commit_delay (ms integer NOT NULL);
+    CREATE FUNCTION sleep_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_sleep(NEW.ms / 1000.0);
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER sleep_at_commit AFTER INSERT ON commit_delay
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sleep_at_commit();
+";
+
+/// Serialises template builds across test processes.
+const TEMPLATE_LOCK: i64 = 0x0061_6473_5f74_706c; // "ads_tpl"
+
+/// The slack a timing bound gets on top of the time it bounds (the suite runs with 8 test
+/// threads, each with its server, client and PostgreSQL backends).
+pub const SLACK: Duration = Duration::from_secs(2);
+
+/// The server-admin URL from the environment.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `admin_url` with another database name.
+pub fn url_for(db: &str) -> String {
+    let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
+    url.set_path(db);
+    url.to_string()
+}
+
+/// A plain client connection (no pool, no session) to `url`, driven on the current runtime.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+
+/// The template database, built on first use.
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            SCHEMA.hash(&mut hasher);
+            let name = format!("ads_tpl_{:016x}", hasher.finish());
+            // On a thread and runtime of its own: each test has its own runtime, which may
+            // end before another test needs the template.
+            let built = name.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(build_template(&built));
+            })
+            .join()
+            .expect("template build");
+            name
+        })
+        .await
+}
+
+async fn build_template(name: &str) {
+    let admin = connect(&admin_url()).await;
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .expect("advisory lock");
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .expect("pg_database");
+    if exists.is_none() {
+        // Built under another name and renamed when complete: a template is never seen
+        // half made, even after a run killed half-way.
+        let building = format!("{name}_building");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            admin.batch_execute(&sql).await.expect("create template");
+        }
+        {
+            let (client, connection) = tokio_postgres::connect(&url_for(&building), NoTls)
+                .await
+                .expect("connect to the template");
+            let driver = tokio::spawn(connection);
+            client.batch_execute(SCHEMA).await.expect("template schema");
+            drop(client);
+            // Disconnected before the rename, which refuses a database in use.
+            let _ = driver.await;
+        }
+        for sql in [
+            format!("ALTER DATABASE {building} RENAME TO {name}"),
+            format!("ALTER DATABASE {name} IS_TEMPLATE true"),
+        ] {
+            admin.batch_execute(&sql).await.expect("finish template");
+        }
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .expect("advisory unlock");
+}
+
+/// A name no other test (in this process or another) uses.
+fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{TEST_DB_PREFIX}{}_{}_{nanos:09}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A database of one test's own, dropped when this value drops.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh database with [`SCHEMA`].
+    pub async fn new() -> TestDb {
+        let template = template().await;
+        let name = unique_name();
+        connect(&admin_url())
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: url_for(&name),
+            name,
+        }
+    }
+
+    /// A client connected to this database, outside the application.
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Rows of `items` named `name`, as another connection sees them now.
+    pub async fn items_named(&self, name: &str) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM items WHERE name = $1", &[&name])
+            .await
+            .expect("count items")
+            .get(0)
+    }
+
+    /// One `bigint` from `sql`, run outside the application.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
+    }
+
+    /// The `state` of every server session on this database named `application_name`.
+    pub async fn session_states(&self, application_name: &str) -> Vec<String> {
+        self.client()
+            .await
+            .query(
+                "SELECT coalesce(state, '') FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = $2 ORDER BY pid",
+                &[&self.name, &application_name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop may run outside any runtime, or in one that is shutting down.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Polls `check` every 25 ms until it holds or `within` passes; returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Logs through the test harness's capture; `RUST_LOG` sets the level (default `warn`).
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .is_test(true)
+        .try_init();
+}
+
+/// An observer that counts the session layer's events.
+#[derive(Default)]
+pub struct Tally {
+    committed: [AtomicUsize; Reason::ALL.len()],
+    rolled_back: [AtomicUsize; Reason::ALL.len()],
+    unknown: AtomicUsize,
+    checkout_timeouts: AtomicUsize,
+}
+
+fn index(reason: Reason) -> usize {
+    Reason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .expect("Reason::ALL lists every reason")
+}
+
+impl Tally {
+    /// How often a transaction ended with `outcome`.
+    pub fn ended(&self, outcome: Outcome) -> usize {
+        match outcome {
+            Outcome::Committed(r) => self.committed[index(r)].load(Ordering::SeqCst),
+            Outcome::RolledBack(r) => self.rolled_back[index(r)].load(Ordering::SeqCst),
+            Outcome::Unknown { .. } => self.unknown.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Every outcome seen so far with its count, e.g. `{"rolled_back/panic": 1}`.
+    pub fn outcomes(&self) -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for reason in Reason::ALL {
+            for (kind, counters) in [
+                ("committed", &self.committed),
+                ("rolled_back", &self.rolled_back),
+            ] {
+                let n = counters[index(reason)].load(Ordering::SeqCst);
+                if n > 0 {
+                    seen.insert(format!("{kind}/{}", reason.as_str()), n);
+                }
+            }
+        }
+        let unknown = self.unknown.load(Ordering::SeqCst);
+        if unknown > 0 {
+            seen.insert("unknown".to_owned(), unknown);
+        }
+        seen
+    }
+
+    /// Check-outs that gave up on their deadline.
+    pub fn checkout_timeouts(&self) -> usize {
+        self.checkout_timeouts.load(Ordering::SeqCst)
+    }
+}
+
+/// `[(name, count), ...]` as [`Tally::outcomes`] gives it, for assertions.
+pub fn outcomes(expected: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    expected
+        .iter()
+        .map(|(name, n)| ((*name).to_owned(), *n))
+        .collect()
+}
+
+struct Observer(Arc<Tally>);
+
+impl SessionObserver for Observer {
+    fn transaction_ended(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Committed(r) => &self.0.committed[index(r)],
+            Outcome::RolledBack(r) => &self.0.rolled_back[index(r)],
+            Outcome::Unknown { .. } => &self.0.unknown,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn checkout_timed_out(&self, _kind: TimeoutKind) {
+        self.0.checkout_timeouts.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The content type of the custom rendering ([`render_problem`]).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An application's own rendering of the session layer's errors.
+pub fn render_problem(error: SessionError) -> HttpResponse {
+    let code = match &error {
+        SessionError::Unavailable(_) => "unavailable",
+        SessionError::Conflict => "conflict",
+        SessionError::Timeout => "timeout",
+        SessionError::CommitUnknown => "commit_unknown",
+        SessionError::Internal(_) => "internal",
+        _ => "database",
+    };
+    HttpResponse::build(actix_web::ResponseError::status_code(&error))
+        .content_type(PROBLEM_JSON)
+        .body(format!(r#"{{"code":"{code}"}}"#))
+}
+
+/// How to set up a [`TestApp`].
+pub struct Options {
+    /// Applied to the tests' default configuration (a pool of 2 + 2, 5 s check-outs).
+    pub config: fn(&mut SessionConfig),
+    /// Whether the application renders the middleware's errors itself ([`render_problem`]).
+    pub render: bool,
+    /// The server's graceful shutdown timeout, in seconds.
+    pub shutdown_timeout: u64,
+    /// Also serve `POST /scoped/{name}` (as `/items/{name}`) from a scope wrapped in the
+    /// session middleware, instead of a resource.
+    pub scope: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            config: |_| {},
+            render: false,
+            shutdown_timeout: 1,
+            scope: false,
+        }
+    }
+}
+
+/// A resource whose one route, a POST, runs inside the session middleware. (The middleware goes on
+/// each resource: see `a_session_middleware_on_a_scope_serves_its_routes`.)
+fn post<F, Args>(path: &str, handler: F, db: &Database) -> impl HttpServiceFactory
+where
+    F: Handler<Args>,
+    Args: FromRequest + 'static,
+    F::Output: Responder + 'static,
+{
+    web::resource(path)
+        .route(web::post().to(handler))
+        .wrap(db.middleware())
+}
+
+/// The tests' application on its own database, served on a free port.
+pub struct TestApp {
+    pub address: String,
+    pub database: Database,
+    pub tally: Arc<Tally>,
+    pub application_name: String,
+    pub client: reqwest::Client,
+    server: ServerHandle,
+    cut_off: Arc<Notify>,
+    // Last: dropped after the server and the pool are closed.
+    pub db: TestDb,
+}
+
+impl TestApp {
+    /// The application with the default options.
+    pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> TestApp {
+        init_logging();
+        let db = TestDb::new().await;
+        let application_name = format!("ads-{}", &db.name[TEST_DB_PREFIX.len()..]);
+        let mut config = SessionConfig::default();
+        config.application_name = application_name.clone();
+        config.pool_size = 2;
+        config.max_overflow = 2;
+        config.checkout_timeout = Duration::from_secs(5);
+        (options.config)(&mut config);
+        let tally = Arc::new(Tally::default());
+        let url = DatabaseUrl::parse(&db.url).expect("test database URL");
+        let mut builder = Database::builder(url, config).observer(Observer(tally.clone()));
+        if options.render {
+            builder = builder.render_errors(render_problem);
+        }
+        let database = builder.build().expect("database");
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let address = format!(
+            "http://{}",
+            listener.local_addr().expect("the listener's address")
+        );
+        let app_db = database.clone();
+        let scope = options.scope;
+        let cut_off = Arc::new(Notify::new());
+        let app_cut_off = cut_off.clone();
+        let server = HttpServer::new(move || {
+            let (db, cut_off) = (&app_db, app_cut_off.clone());
+            App::new()
+                .service(post("/items/{name}", insert, db))
+                .service(post("/items/{name}/then-409", insert_then_409, db))
+                .service(post("/items/{name}/then-error", insert_then_error, db))
+                .service(post("/items/{name}/then-panic", insert_then_panic, db))
+                .service(post("/items/{name}/then-swallow", insert_then_swallow, db))
+                .service(post("/items/{name}/then-sleep/{ms}", insert_then_sleep, db))
+                .service(post(
+                    "/items/{name}/slow-commit/{ms}",
+                    insert_with_slow_commit,
+                    db,
+                ))
+                .service(post(
+                    "/items/{name}/failing-commit",
+                    insert_with_failing_commit,
+                    db,
+                ))
+                .service(
+                    // Outside the session middleware, something that drops the request's
+                    // future when the test says so ([`TestApp::post_and_cut_off`]), as a
+                    // request timeout or a shutdown would.
+                    web::resource("/cut-off/{name}/then-sleep/{ms}")
+                        .route(web::post().to(insert_then_sleep))
+                        .wrap(db.middleware())
+                        .wrap_fn(move |req, service| {
+                            let (call, cut_off) = (service.call(req), cut_off.clone());
+                            async move {
+                                tokio::select! {
+                                    result = call => result,
+                                    () = cut_off.notified() => Err(
+                                        actix_web::error::ErrorGatewayTimeout("request cut off"),
+                                    ),
+                                }
+                            }
+                        }),
+                )
+                .configure(|cfg| {
+                    if scope {
+                        cfg.service(
+                            web::scope("/scoped")
+                                .wrap(db.middleware())
+                                .route("/{name}", web::post().to(insert)),
+                        );
+                    }
+                })
+        })
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(options.shutdown_timeout)
+        .listen(listener)
+        .expect("listen")
+        .run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        TestApp {
+            address,
+            database,
+            tally,
+            application_name,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("client"),
+            server: handle,
+            cut_off,
+            db,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// POSTs to `path` (no body) and returns the response; panics if none came.
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// POSTs to `path`, a `/cut-off/...` route, and once its handler holds an open
+    /// transaction, drops the request's future; returns the response (504).
+    pub async fn post_and_cut_off(&self, path: &str) -> reqwest::Response {
+        let request = tokio::spawn(self.client.post(self.url(path)).send());
+        self.wait_for_open_transaction().await;
+        self.cut_off.notify_one();
+        request
+            .await
+            .expect("the request task")
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// The states of the pool's server sessions now.
+    pub async fn session_states(&self) -> Vec<String> {
+        self.db.session_states(&self.application_name).await
+    }
+
+    /// Waits (bounded) until one of the pool's sessions is idle inside a transaction: a
+    /// handler wrote and holds its transaction open.
+    pub async fn wait_for_open_transaction(&self) {
+        assert!(
+            eventually(SLACK, || async {
+                self.session_states()
+                    .await
+                    .iter()
+                    .any(|s| s == "idle in transaction")
+            })
+            .await,
+            "a handler holds an open transaction: {:?}",
+            self.session_states().await
+        );
+    }
+
+    /// The pool holds no connection inside a transaction: every one of its server
+    /// sessions is `idle` now (none `idle in transaction`, aborted or not, none `active`),
+    /// and a following request on the same pool writes and commits.
+    pub async fn assert_pool_clean_and_serving(&self, next: &str) {
+        let states = self.session_states().await;
+        assert!(
+            states.iter().all(|s| s == "idle"),
+            "every pooled connection is idle, none in a transaction: {states:?}"
+        );
+        let response = self.post(&format!("/items/{next}")).await;
+        assert_eq!(response.status(), 201, "a following request works");
+        assert_eq!(
+            self.db.items_named(next).await,
+            1,
+            "and its write committed"
+        );
+    }
+
+    /// Stops the server (in-flight requests get the shutdown timeout) and waits for it.
+    pub async fn stop_server(&self) {
+        self.server.stop(true).await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Sent at once; the server stops on its own threads.
+        drop(self.server.stop(false));
+        self.database.close();
+    }
+}
+
+/// The application's handlers (in a module of their own: `RunQueryDsl`'s `load` would
+/// shadow the atomics' above).
+mod handlers {
+    use std::time::Duration;
+
+    use actix_diesel_session::{DbSession, SessionError};
+    use actix_web::{web, HttpResponse};
+    use diesel::sql_types::{Integer, Text};
+    use diesel_async::RunQueryDsl;
+
+    /// What a test handler answers with.
+    type Answer = Result<HttpResponse, SessionError>;
+
+    async fn write(db: &DbSession, name: &str) -> Result<(), SessionError> {
+        let mut conn = db.conn().await?;
+        diesel::sql_query("INSERT INTO items (name) VALUES ($1)")
+            .bind::<Text, _>(name)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn insert(db: DbSession, name: web::Path<String>) -> Answer {
+        write(&db, &name).await?;
+        Ok(HttpResponse::Created().body(name.into_inner()))
+    }
+
+    pub async fn insert_then_409(db: DbSession, name: web::Path<String>) -> Answer {
+        write(&db, &name).await?;
+        Ok(HttpResponse::Conflict().body("already there"))
+    }
+
+    pub async fn insert_then_error(db: DbSession, name: web::Path<String>) -> Answer {
+        write(&db, &name).await?;
+        // An error that did not come from the database: the transaction is healthy, and only
+        // the session's rule keeps it from committing.
+        Err(SessionError::Conflict)
+    }
+
+    pub async fn insert_then_panic(db: DbSession, name: web::Path<String>) -> Answer {
+        // The guard is held while the handler panics.
+        let mut conn = db.conn().await?;
+        diesel::sql_query("INSERT INTO items (name) VALUES ($1)")
+            .bind::<Text, _>(name.as_str())
+            .execute(&mut *conn)
+            .await?;
+        panic!("test handler panics after its write");
+    }
+
+    pub async fn insert_then_swallow(db: DbSession, name: web::Path<String>) -> Answer {
+        write(&db, &name).await?;
+        // The same name again fails on the server (unique violation), which aborts the
+        // transaction; the handler ignores the error and answers success anyway.
+        let again = write(&db, &name).await;
+        assert!(again.is_err(), "the second insert fails");
+        Ok(HttpResponse::Created().finish())
+    }
+
+    pub async fn insert_then_sleep(db: DbSession, path: web::Path<(String, u64)>) -> Answer {
+        let (name, ms) = path.into_inner();
+        // The guard is held across the sleep: the handler holds its transaction open.
+        let mut conn = db.conn().await?;
+        diesel::sql_query("INSERT INTO items (name) VALUES ($1)")
+            .bind::<Text, _>(name.as_str())
+            .execute(&mut *conn)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        drop(conn);
+        Ok(HttpResponse::Created().body(name))
+    }
+
+    pub async fn insert_with_slow_commit(db: DbSession, path: web::Path<(String, i32)>) -> Answer {
+        let (name, ms) = path.into_inner();
+        write(&db, &name).await?;
+        diesel::sql_query("INSERT INTO commit_delay (ms) VALUES ($1)")
+            .bind::<Integer, _>(ms)
+            .execute(&mut *db.conn().await?)
+            .await?;
+        Ok(HttpResponse::Created().body(name))
+    }
+
+    pub async fn insert_with_failing_commit(db: DbSession, name: web::Path<String>) -> Answer {
+        write(&db, &name).await?;
+        // A reference to no item: accepted now, refused at COMMIT.
+        diesel::sql_query("INSERT INTO checked (item_id) VALUES (-1)")
+            .execute(&mut *db.conn().await?)
+            .await?;
+        Ok(HttpResponse::Created().body(name.into_inner()))
+    }
+}
