@@ -50,8 +50,8 @@ pub enum SessionError {
          the write may or may not have been applied"
     )]
     CommitUnknown,
-    /// Any other database error (a constraint, a bug in a query): the application decides
-    /// what it means. 500 by default.
+    /// Any other database error (a constraint, a bug in a query, a deferred constraint
+    /// violated at COMMIT): the application decides what it means. 500 by default.
     #[error(transparent)]
     Database(diesel::result::Error),
     /// A programming error or an inconsistency the session refused to commit (a statement

@@ -85,7 +85,9 @@ pub enum Reason {
     Error,
     /// The handler panicked.
     Panic,
-    /// The request future was dropped before it finished (client gone, shutdown timeout).
+    /// The request future was dropped before it finished: a shutdown timeout, a worker
+    /// stopping, an outer timeout. (A client that disconnects does not drop it: Actix-web
+    /// 4 runs the handler to its end, and its transaction ends by the status.)
     Cancelled,
     /// COMMIT failed, or could not be attempted because the transaction was aborted.
     CommitFailed,

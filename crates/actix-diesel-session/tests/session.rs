@@ -351,7 +351,9 @@ async fn the_observer_sees_how_each_transaction_ended() {
 }
 
 /// The responses the middleware makes itself (a panic's 500, a failed COMMIT's 500) are
-/// the application's; errors its handlers return keep their own rendering.
+/// the application's, and a COMMIT refused by the server (a deferred constraint) reaches
+/// it as the database error, for it to map; errors its handlers return keep their own
+/// rendering.
 #[actix_web::test]
 async fn render_errors_renders_the_responses_the_middleware_makes_itself() {
     let app = TestApp::spawn_with(Options {
@@ -359,11 +361,18 @@ async fn render_errors_renders_the_responses_the_middleware_makes_itself() {
         ..Options::default()
     })
     .await;
-    for path in ["/items/a/then-panic", "/items/b/failing-commit"] {
+    for (path, code) in [
+        ("/items/a/then-panic", "internal"),
+        ("/items/b/failing-commit", "database"),
+    ] {
         let response = app.post(path).await;
         assert_eq!(response.status(), 500, "{path}");
         assert_eq!(header(&response, CONTENT_TYPE), PROBLEM_JSON, "{path}");
-        assert_eq!(response.text().await.unwrap(), r#"{"code":"internal"}"#);
+        assert_eq!(
+            response.text().await.unwrap(),
+            format!(r#"{{"code":"{code}"}}"#),
+            "{path}"
+        );
     }
     let returned = app.post("/items/c/then-error").await;
     assert_eq!(returned.status(), 503);
@@ -444,14 +453,10 @@ async fn an_exhausted_pool_answers_503_within_the_checkout_timeout() {
     app.assert_pool_clean_and_serving("after").await;
 }
 
-/// The crate's docs say to wrap the middleware "on a scope or resource". On a scope it
-/// cannot work as written: the middleware keeps a clone of the request before calling the
-/// scope, whose router then needs the request unshared to record the matched resource
-/// (`HttpRequest::match_info_mut` unwraps `Rc::get_mut`), so the worker panics on every
-/// request, outside the middleware's `catch_unwind` (the panic happens in `call`, before
-/// the future it guards exists), and the client gets no response at all.
+/// The middleware may wrap a scope: it keeps no clone of the request while the scope's
+/// router, which needs the request unshared to record the matched resource
+/// (`HttpRequest::match_info_mut` unwraps `Rc::get_mut`), routes it.
 #[actix_web::test]
-#[ignore = "fails: the session middleware on a web::scope panics in actix-web's scope router"]
 async fn a_session_middleware_on_a_scope_serves_its_routes() {
     let app = TestApp::spawn_with(Options {
         scope: true,
@@ -461,4 +466,10 @@ async fn a_session_middleware_on_a_scope_serves_its_routes() {
     let response = app.post("/scoped/in-scope").await;
     assert_eq!(response.status(), 201);
     assert_eq!(app.db.items_named("in-scope").await, 1);
+
+    // Inside a scope too, a panic is answered (with the request the session learned when
+    // the handler extracted it) and rolled back.
+    let response = app.post("/scoped/scope-panic/then-panic").await;
+    assert_eq!(response.status(), 500);
+    assert_eq!(app.db.items_named("scope-panic").await, 0);
 }

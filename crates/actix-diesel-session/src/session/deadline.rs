@@ -127,7 +127,7 @@ pub(crate) async fn run_with_deadlines<F: Future>(
     deadlines: &Deadlines,
     commit: &CommitState,
     settings: &Settings,
-    request: &HttpRequest,
+    request: &RefCell<Option<HttpRequest>>,
 ) -> Option<F::Output> {
     // The bound on the statement in flight, if it has one.
     let deadline = || {
@@ -214,7 +214,9 @@ pub(crate) async fn run_with_deadlines<F: Future>(
         }
         if let (Some(after), Some(held_since)) = (leak_after, deadlines.held_since.get()) {
             if now.saturating_duration_since(held_since) >= after {
-                warn_leak(settings, request, after);
+                if let Some(request) = request.borrow().as_ref() {
+                    warn_leak(settings, request, after);
+                }
                 leak_after = None;
             }
         }

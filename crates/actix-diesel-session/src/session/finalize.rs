@@ -20,13 +20,13 @@ use std::sync::Arc;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
-use actix_web::{HttpMessage, HttpRequest};
+use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 
 use super::deadline::run_with_deadlines;
 use super::settings::Settings;
-use super::slot::{CancelGuard, Slot};
+use super::slot::{CancelGuard, ForgetRequest, Slot};
 use super::tx::Finish;
 use crate::error::SessionError;
 use crate::observe::Reason;
@@ -126,7 +126,9 @@ where
 {
     let slot = Slot::new(settings);
     req.extensions_mut().insert(slot.clone());
-    let http_req = req.request().clone();
+    // No clone of the request is kept here: around a scope, the scope's router needs it
+    // unshared. The slot learns it when a handler extracts its session.
+    let _forget = ForgetRequest(slot.clone());
 
     let mut cancel = CancelGuard(Some(slot.clone()));
     // The handler and, when it succeeded, its COMMIT run under the same deadlines. The
@@ -151,7 +153,7 @@ where
             &slot.deadlines,
             &slot.commit,
             &slot.settings,
-            &http_req,
+            &slot.request,
         )
         .await
     };
@@ -160,7 +162,7 @@ where
     let (committed, outcome) = match (committed, outcome) {
         (Some(committed), Some(outcome)) => (committed, outcome),
         // A statement outlived its deadline.
-        (_, outcome) => return Ok(after_deadline(&slot, outcome, http_req).await),
+        (_, outcome) => return after_deadline(&slot, outcome).await,
     };
     let render = |e: SessionError| (slot.settings.render)(e);
 
@@ -174,8 +176,13 @@ where
             log::error!("handler panicked: {message}");
             // A rollback failure has nothing to add to a 500.
             let _ = slot.finish(false, Reason::Panic).await;
+            let Some(request) = slot.request.borrow_mut().take() else {
+                // The handler never took its session, so there was nothing to roll back:
+                // the panic goes on as it would without this middleware.
+                std::panic::resume_unwind(panic)
+            };
             let response = render(SessionError::internal("handler panicked"));
-            Ok(ServiceResponse::new(http_req, response))
+            Ok(ServiceResponse::new(request, response))
         }
         Ok(Err(err)) => {
             let _ = slot.finish(false, Reason::Error).await;
@@ -219,27 +226,32 @@ fn succeeded(res: &ServiceResponse<impl MessageBody>) -> bool {
 async fn after_deadline(
     slot: &Slot,
     outcome: Option<HandlerOutcome<impl MessageBody + 'static>>,
-    http_req: HttpRequest,
-) -> ServiceResponse<BoxBody> {
-    let render = |e: SessionError| (slot.settings.render)(e);
-    if !slot.commit.sent.get() {
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let error = if !slot.commit.sent.get() {
         // Not a COMMIT, or one not sent yet (cut off in the transaction-id query a
         // connection's first COMMIT waits for): no outcome in doubt.
         drop(slot.commit.in_doubt.borrow_mut().take());
         slot.discard();
-        return ServiceResponse::new(http_req, render(SessionError::Timeout));
-    }
-    log::error!(
-        "COMMIT got no answer within {:?}",
-        slot.settings.finish_deadline
-    );
-    match (slot.resolve_lost_commit().await, outcome) {
-        // Only a successful response is ever committed.
-        (Ok(()), Some(Ok(Ok(res)))) => res.map_into_boxed_body(),
-        (Ok(()), _) => {
-            ServiceResponse::new(http_req, render(SessionError::internal("lost response")))
+        SessionError::Timeout
+    } else {
+        log::error!(
+            "COMMIT got no answer within {:?}",
+            slot.settings.finish_deadline
+        );
+        match (slot.resolve_lost_commit().await, outcome) {
+            // Only a successful response is ever committed.
+            (Ok(()), Some(Ok(Ok(res)))) => return Ok(res.map_into_boxed_body()),
+            (Ok(()), _) => SessionError::internal("lost response"),
+            (Err(e), _) => e,
         }
-        (Err(e), _) => ServiceResponse::new(http_req, render(e)),
+    };
+    let response = (slot.settings.render)(error);
+    // A statement ran, so a handler took the session and the slot knows the request.
+    match slot.request.borrow_mut().take() {
+        Some(request) => Ok(ServiceResponse::new(request, response)),
+        None => {
+            Err(actix_web::error::InternalError::from_response("session ended", response).into())
+        }
     }
 }
 

@@ -105,7 +105,10 @@ impl FromRequest for DbSession {
             req.extensions()
                 .get::<Slot>()
                 .cloned()
-                .map(|slot| DbSession { slot })
+                .map(|slot| {
+                    slot.remember(req);
+                    DbSession { slot }
+                })
                 .ok_or_else(|| {
                     SessionError::internal("DbSession used without the session middleware")
                 }),

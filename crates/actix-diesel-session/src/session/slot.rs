@@ -4,6 +4,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use actix_web::HttpRequest;
+
 use super::commit::{self, Resolution, TxId};
 use super::deadline::Deadlines;
 use super::settings::Settings;
@@ -29,6 +31,12 @@ pub(crate) struct Slot(Rc<SlotInner>);
 
 pub(crate) struct SlotInner {
     state: RefCell<State>,
+    /// The request, once a handler has extracted its session (after routing: the
+    /// middleware may wrap a scope, whose router needs the request unshared until it has
+    /// matched). Names the request in the leak warning and carries the responses the
+    /// middleware makes itself. Taken out when the middleware is done, since the slot
+    /// lives in the request's extensions (see [`ForgetRequest`]).
+    pub(crate) request: RefCell<Option<HttpRequest>>,
     pub(crate) deadlines: Deadlines,
     pub(crate) commit: CommitState,
     pub(crate) settings: Arc<Settings>,
@@ -46,10 +54,19 @@ impl Slot {
     pub(crate) fn new(settings: Arc<Settings>) -> Self {
         Slot(Rc::new(SlotInner {
             state: RefCell::new(State::Idle),
+            request: RefCell::new(None),
             deadlines: Deadlines::default(),
             commit: CommitState::default(),
             settings,
         }))
+    }
+
+    /// Keeps a handle on `request` (the first extraction's) for the rest of the request.
+    pub(crate) fn remember(&self, request: &HttpRequest) {
+        let mut slot = self.request.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(request.clone());
+        }
     }
 
     pub(crate) fn replace(&self, state: State) -> State {
@@ -219,6 +236,17 @@ impl Drop for UnknownIfDropped<'_> {
                 id_known: self.id_known,
             });
         }
+    }
+}
+
+/// Drops the slot's handle on the request when the middleware is done (or dropped): the
+/// slot lives in the request's extensions, so the handle would keep the request alive,
+/// and out of Actix's request pool, for good.
+pub(crate) struct ForgetRequest(pub(crate) Slot);
+
+impl Drop for ForgetRequest {
+    fn drop(&mut self) {
+        self.0.request.borrow_mut().take();
     }
 }
 

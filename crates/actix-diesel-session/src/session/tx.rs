@@ -173,13 +173,15 @@ impl TxConn {
                 Err(Finish::Failed(if aborted_earlier {
                     swallowed_error()
                 } else {
-                    commit_error(e)
+                    SessionError::from(e)
                 }))
             }
             Err(CommitError::NotCommitted(e)) => {
                 log::error!("COMMIT could not commit ({e}); nothing was written");
-                Err(Finish::Failed(match commit_error(e) {
-                    SessionError::Internal(_) => SessionError::unavailable(LOST_BEFORE_COMMIT),
+                Err(Finish::Failed(match SessionError::from(e) {
+                    SessionError::Database(_) | SessionError::Internal(_) => {
+                        SessionError::unavailable(LOST_BEFORE_COMMIT)
+                    }
                     e => e,
                 }))
             }
@@ -190,7 +192,10 @@ impl TxConn {
             }
             Err(CommitError::Failed(e)) => {
                 log::error!("COMMIT failed: {e}");
-                Err(Finish::Failed(commit_error(e)))
+                // The server answered: the transaction is over (rolled back), and the
+                // connection is as good as after a ROLLBACK.
+                this.release();
+                Err(Finish::Failed(SessionError::from(e)))
             }
         }
     }
@@ -295,15 +300,6 @@ pub(crate) fn abandon(tx: TxConn, timeout: Duration) {
             handle.spawn(tx.rollback(timeout));
         }
         Err(_) => drop(tx),
-    }
-}
-
-/// What the client gets for an error that ended a COMMIT: the 503 classes as they are,
-/// anything else a generic 500.
-fn commit_error(e: diesel::result::Error) -> SessionError {
-    match SessionError::from(e) {
-        e @ (SessionError::Conflict | SessionError::Unavailable(_) | SessionError::Timeout) => e,
-        _ => SessionError::internal("COMMIT failed"),
     }
 }
 

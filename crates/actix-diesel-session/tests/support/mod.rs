@@ -497,7 +497,8 @@ impl TestApp {
                         cfg.service(
                             web::scope("/scoped")
                                 .wrap(db.middleware())
-                                .route("/{name}", web::post().to(insert)),
+                                .route("/{name}", web::post().to(insert))
+                                .route("/{name}/then-panic", web::post().to(insert_then_panic)),
                         );
                     }
                 })
