@@ -54,10 +54,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, session: &Sess
     test_routes::configure(cfg, session);
 }
 
-/// [`crate::http::resource`] inside the session middleware. The middleware wraps each
-/// resource rather than the whole app because it keeps a handle on the request (to answer a
-/// panic with a 500), and Actix's router needs the request unshared until it has matched a
-/// resource.
+/// [`crate::http::resource`] inside the session middleware. The middleware wraps each API
+/// resource rather than the whole app so that the probes and `/metrics` carry no session
+/// at all.
 pub fn resource<const N: usize>(
     path: &str,
     methods: [(Method, Route); N],

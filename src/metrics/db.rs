@@ -260,6 +260,9 @@ impl SessionObserver for DbMetrics {
             }
             Outcome::Unknown { id_known: true } => self.0.unknown.inc(),
             Outcome::Unknown { id_known: false } => self.0.xid_unknown.inc(),
+            // An outcome a later version of the session layer adds: not counted until
+            // the metrics know its label.
+            _ => 0,
         };
     }
 }

@@ -66,7 +66,9 @@ pub use crate::config::{SessionConfig, DEADLINE_MARGIN, FINISH_DEADLINE_FALLBACK
 pub use crate::connect::Connector;
 pub use crate::error::{SessionError, LOST_BEFORE_COMMIT, NO_CONNECTION_IN_TIME, RETRY_AFTER_SECS};
 pub use crate::observe::{CloseReason, NoObserver, Outcome, Reason, SessionObserver, TimeoutKind};
-pub use crate::pool::{ping, spawn_periodic, DbPool, PoolError, PooledConnection, REAP_INTERVAL};
+pub use crate::pool::{
+    ping, spawn_periodic, DbPool, PingError, PoolError, PooledConnection, REAP_INTERVAL,
+};
 pub use crate::probe::{Check, Readiness};
 pub use crate::session::{
     DbSession, ErrorRenderer, SessionConn, SessionMiddleware, SessionService,
@@ -163,11 +165,16 @@ impl DatabaseBuilder {
         self
     }
 
-    /// Builds the pool (without connecting) and, inside a Tokio runtime, starts its
-    /// reaper there (see [`SessionConfig::idle_timeout`]). Connections are opened and
-    /// driven on the runtime current here, unless
-    /// [`SessionConfig::drive_on_callers_runtime`] is set.
+    /// Builds the pool (without connecting) and starts its reaper (see
+    /// [`SessionConfig::idle_timeout`]) on the current Tokio runtime, which also opens and
+    /// drives the connections unless [`SessionConfig::drive_on_callers_runtime`] is set.
+    /// Fails outside a Tokio runtime (call it from `#[actix_web::main]`, say).
     pub fn build(self) -> Result<Database, SessionError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(SessionError::internal(
+                "Database::build needs a Tokio runtime: the one that runs the pool's reaper and drives its connections",
+            ));
+        }
         let cfg = self.config;
         let mut connector = Connector::new(
             &self.url,
@@ -181,9 +188,7 @@ impl DatabaseBuilder {
         }
         let pool = pool::build(&cfg, connector.clone(), self.observer.clone())
             .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
-        if tokio::runtime::Handle::try_current().is_ok() {
-            pool::spawn_reaper(&pool, &cfg, self.observer.clone());
-        }
+        pool::spawn_reaper(&pool, &cfg, self.observer.clone());
         let settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
         Ok(Database {
             settings: Arc::new(settings),

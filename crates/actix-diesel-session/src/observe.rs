@@ -60,6 +60,7 @@ impl SessionObserver for NoObserver {}
 
 /// How a request's transaction ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// It committed.
     Committed(Reason),
@@ -76,6 +77,7 @@ pub enum Outcome {
 
 /// What decided a transaction's outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reason {
     /// The response status decided: below 400 commits, anything else rolls back.
     Status,
@@ -126,6 +128,7 @@ impl Reason {
 
 /// Which check-out deadline passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TimeoutKind {
     /// Waiting for a free place in the pool, or the session's outer check-out deadline.
     Wait,
@@ -152,12 +155,13 @@ impl TimeoutKind {
 
 /// Why the session layer closed a pooled connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// Past its maximum lifetime: retired by the reaper or at check-out.
     Lifetime,
     /// A connection beyond the pool's base size, idle for the idle timeout.
     Idle,
-    /// Detached by the session: COMMIT or ROLLBACK failed, the COMMIT's answer was lost, a
+    /// Detached by the session: ROLLBACK failed, the COMMIT's answer was lost, a
     /// statement outlived its deadline, or the request was abandoned where no rollback
     /// could run.
     Broken,

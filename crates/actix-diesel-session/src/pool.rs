@@ -112,7 +112,16 @@ pub(crate) fn build(
                         return Ok(());
                     }
                     ping(conn, ping_timeout).await.map_err(|e| {
-                        log::info!("discarding a pooled connection: {e}");
+                        // A silent server is worth a warning; a closed connection is
+                        // routine (the server restarted, an idle timeout).
+                        match e {
+                            PingError::TimedOut(_) => {
+                                log::warn!("discarding a pooled connection: {e}")
+                            }
+                            PingError::Failed(_) => {
+                                log::info!("discarding a pooled connection: {e}")
+                            }
+                        }
                         observer.connection_closed(CloseReason::RecycleFailed, 1);
                         HookError::message("ping failed")
                     })
@@ -124,15 +133,25 @@ pub(crate) fn build(
 }
 
 /// One `SELECT 1` round trip within `timeout`: the check before reusing a long-idle
-/// connection, and the readiness check. The error says what went wrong (the driver's
-/// text, which names no secret). (deadpool runs hooks without its recycle timeout, so the
-/// ping carries its own.)
-pub async fn ping(conn: &mut AsyncPgConnection, timeout: Duration) -> Result<(), String> {
+/// connection, and the readiness check. (deadpool runs hooks without its recycle timeout,
+/// so the ping carries its own.)
+pub async fn ping(conn: &mut AsyncPgConnection, timeout: Duration) -> Result<(), PingError> {
     match tokio::time::timeout(timeout, diesel::sql_query("SELECT 1").execute(conn)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("ping failed: {e}")),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(e)) => Err(PingError::Failed(e.to_string())),
+        Err(_) => Err(PingError::TimedOut(timeout)),
     }
+}
+
+/// Why a [`ping`] failed. The text names no secret.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PingError {
+    /// The server answered with an error, or the connection is closed: the driver's text.
+    #[error("ping failed: {0}")]
+    Failed(String),
+    /// No answer within this bound.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Starts the reaper on the current Tokio runtime. It holds only a weak reference and
@@ -180,7 +199,7 @@ pub fn spawn_periodic<F, Fut>(
 
 /// Closes idle connections beyond `base` that sat idle for `idle_timeout`, and idle
 /// connections older than `max_lifetime`. Returns how many it closed.
-pub fn reap(
+pub(crate) fn reap(
     pool: &DbPool,
     base: usize,
     idle_timeout: Duration,
@@ -202,8 +221,11 @@ pub fn reap(
         }
         true
     });
-    observer.connection_closed(CloseReason::Lifetime, expired);
-    observer.connection_closed(CloseReason::Idle, idle);
+    for (reason, count) in [(CloseReason::Lifetime, expired), (CloseReason::Idle, idle)] {
+        if count > 0 {
+            observer.connection_closed(reason, count);
+        }
+    }
     let closed = removed.removed.len();
     if closed > 0 {
         log::debug!("closed {closed} idle pooled connection(s)");

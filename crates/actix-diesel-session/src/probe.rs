@@ -156,7 +156,9 @@ impl Link {
             .establish()
             .await
             .map_err(|e| e.to_string())?;
-        ping(&mut conn, self.timeout).await?;
+        ping(&mut conn, self.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         self.put_back(conn, opened);
         Ok(())
     }

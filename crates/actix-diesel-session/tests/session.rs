@@ -473,3 +473,33 @@ async fn a_session_middleware_on_a_scope_serves_its_routes() {
     assert_eq!(response.status(), 500);
     assert_eq!(app.db.items_named("scope-panic").await, 0);
 }
+
+/// A panic in a handler that never took its session is still answered with a 500 (there
+/// was nothing to roll back), not with a dropped connection.
+#[actix_web::test]
+async fn a_panic_in_a_handler_without_a_session_is_answered_500() {
+    let app = TestApp::spawn().await;
+    let response = app.post("/no-session/panic").await;
+    assert_eq!(response.status(), 500);
+    app.assert_pool_clean_and_serving("after").await;
+}
+
+/// The middleware's handle on the request is dropped when it is done, even when something
+/// outside it extracts the session again from the finished response's request: every
+/// request is freed.
+#[actix_web::test]
+async fn no_request_is_kept_alive_by_its_session() {
+    let app = TestApp::spawn().await;
+    let before = support::DROPPED_MARKERS.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..3 {
+        let response = app.post(&format!("/extract-after/freed-{i}")).await;
+        assert_eq!(response.status(), 201);
+    }
+    assert!(
+        eventually(SLACK, || async {
+            support::DROPPED_MARKERS.load(std::sync::atomic::Ordering::SeqCst) - before >= 3
+        })
+        .await,
+        "every request's extensions were dropped"
+    );
+}

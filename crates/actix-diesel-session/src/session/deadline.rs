@@ -12,7 +12,7 @@
 //! handler and its COMMIT. It is a hand-made poll rather than `tokio::select!` over a
 //! `Sleep` because it runs around every request: the timer registers only once the work
 //! has to wait, and afterwards it is looked at (an atomic load) instead of polled at every
-//! wake-up (BENCHMARKS.md, "The session layer's own cost", has the instruction counts).
+//! wake-up (measured in instructions per request: the repository's BENCHMARKS.md, "The session layer's own cost").
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

@@ -48,10 +48,10 @@ use crate::observe::Reason;
 /// # }
 /// ```
 ///
-/// Wrap it innermost, on a scope or resource rather than on the `App`: it keeps a handle
-/// on the request (to answer a panic with a 500), and Actix's router needs the request
-/// unshared until it has matched a resource. Wrapped twice around the same route, the
-/// inner one steps aside.
+/// It may wrap the `App`, a scope or a resource: only the requests it wraps get a
+/// session. Wrapped twice around the same route, the inner one steps aside (one session
+/// per request, the outer one's, even when the two were made from different
+/// [`crate::Database`]s).
 #[derive(Clone)]
 pub struct SessionMiddleware {
     settings: Arc<Settings>,
@@ -176,13 +176,7 @@ where
             log::error!("handler panicked: {message}");
             // A rollback failure has nothing to add to a 500.
             let _ = slot.finish(false, Reason::Panic).await;
-            let Some(request) = slot.request.borrow_mut().take() else {
-                // The handler never took its session, so there was nothing to roll back:
-                // the panic goes on as it would without this middleware.
-                std::panic::resume_unwind(panic)
-            };
-            let response = render(SessionError::internal("handler panicked"));
-            Ok(ServiceResponse::new(request, response))
+            respond(&slot, render(SessionError::internal("handler panicked")))
         }
         Ok(Err(err)) => {
             let _ = slot.finish(false, Reason::Error).await;
@@ -245,12 +239,22 @@ async fn after_deadline(
             (Err(e), _) => e,
         }
     };
-    let response = (slot.settings.render)(error);
     // A statement ran, so a handler took the session and the slot knows the request.
+    respond(slot, (slot.settings.render)(error))
+}
+
+/// A response the middleware makes itself, for the request the slot learned when a
+/// handler extracted its session. A handler that never did (it panicked without one) has
+/// left no request to answer with: the response then goes out as an error, which Actix
+/// turns into the same response (outer middleware sees an `Err`).
+fn respond(
+    slot: &Slot,
+    response: actix_web::HttpResponse,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     match slot.request.borrow_mut().take() {
         Some(request) => Ok(ServiceResponse::new(request, response)),
         None => {
-            Err(actix_web::error::InternalError::from_response("session ended", response).into())
+            Err(actix_web::error::InternalError::from_response("handler failed", response).into())
         }
     }
 }

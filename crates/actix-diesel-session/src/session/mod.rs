@@ -21,8 +21,9 @@
 //! - If the request future is dropped mid-transaction (shutdown timeout, worker restart),
 //!   the transaction is rolled back in a spawned task; whenever a rollback cannot be done,
 //!   the connection is detached from the pool and closed, so the server ends the
-//!   transaction. A connection goes back to the pool only after a successful `COMMIT` or
-//!   `ROLLBACK` of the whole transaction, and only if diesel then reports it clean (no
+//!   transaction. A connection goes back to the pool only once a `COMMIT` or `ROLLBACK` of
+//!   the whole transaction was answered by the server (a refused COMMIT ends the
+//!   transaction too), and only if diesel then reports it clean (no
 //!   transaction open, transaction manager not broken, socket open); [`TxConn`] enforces
 //!   that by construction.
 //! - One request, one connection: every `DbSession` of a request is the same session, and

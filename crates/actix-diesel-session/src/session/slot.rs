@@ -61,8 +61,13 @@ impl Slot {
         }))
     }
 
-    /// Keeps a handle on `request` (the first extraction's) for the rest of the request.
+    /// Keeps a handle on `request` (the first extraction's) for the rest of the request;
+    /// never once the middleware is done (an extraction from the response, say), when
+    /// nothing would drop the handle again.
     pub(crate) fn remember(&self, request: &HttpRequest) {
+        if matches!(*self.state.borrow(), State::Finalized) {
+            return;
+        }
         let mut slot = self.request.borrow_mut();
         if slot.is_none() {
             *slot = Some(request.clone());

@@ -1,11 +1,12 @@
 //! [`TxConn`]: a pooled connection whose transaction may be open, and the COMMIT and
 //! ROLLBACK that end it.
 //!
-//! The only ways to give the connection back to the pool are a successful
-//! [`TxConn::commit`] or [`TxConn::rollback`]. Dropping a `TxConn` in any other state
-//! detaches the connection from the pool and closes it, which makes the server roll back:
-//! a connection can never re-enter the pool inside a transaction, whatever path (error,
-//! panic, cancellation) got us here.
+//! The only ways to give the connection back to the pool are a [`TxConn::commit`] or
+//! [`TxConn::rollback`] that the server answered (a COMMIT it refused ends the transaction
+//! too), and then only if diesel reports the connection clean. Dropping a `TxConn` in any
+//! other state detaches the connection from the pool and closes it, which makes the server
+//! roll back: a connection can never re-enter the pool inside a transaction, whatever path
+//! (error, panic, cancellation) got us here.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -119,7 +120,8 @@ impl TxConn {
     }
 
     /// Commits, learning the transaction's id on the way (see `session::commit`). On
-    /// success the connection returns to the pool; on any failure it is closed, and the
+    /// success, or when the server refused the COMMIT (which ended the transaction), the
+    /// connection returns to the pool; on any other failure it is closed, and the
     /// error says what the client gets, or that the answer was lost and the outcome must be
     /// resolved. The COMMIT itself is bounded by the session's finish deadline, which the
     /// middleware keeps running around it; a rollback instead of it (aborted transaction)

@@ -20,7 +20,7 @@ use actix_diesel_session::{
     TimeoutKind,
 };
 use actix_web::dev::{HttpServiceFactory, ServerHandle, Service};
-use actix_web::{web, App, FromRequest, Handler, HttpResponse, HttpServer, Responder};
+use actix_web::{web, App, FromRequest, Handler, HttpMessage, HttpResponse, HttpServer, Responder};
 
 use handlers::*;
 use tokio::sync::{Notify, OnceCell};
@@ -298,6 +298,7 @@ impl Tally {
             Outcome::Committed(r) => self.committed[index(r)].load(Ordering::SeqCst),
             Outcome::RolledBack(r) => self.rolled_back[index(r)].load(Ordering::SeqCst),
             Outcome::Unknown { .. } => self.unknown.load(Ordering::SeqCst),
+            other => panic!("an outcome the tests do not know: {other:?}"),
         }
     }
 
@@ -336,6 +337,19 @@ pub fn outcomes(expected: &[(&str, usize)]) -> BTreeMap<String, usize> {
         .collect()
 }
 
+/// How many request-extension markers were dropped: one per request whose extensions,
+/// and so whose request, were freed.
+pub static DROPPED_MARKERS: AtomicUsize = AtomicUsize::new(0);
+
+/// The marker `/extract-after/{name}` puts in its requests' extensions.
+struct DropCounted;
+
+impl Drop for DropCounted {
+    fn drop(&mut self) {
+        DROPPED_MARKERS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 struct Observer(Arc<Tally>);
 
 impl SessionObserver for Observer {
@@ -344,6 +358,7 @@ impl SessionObserver for Observer {
             Outcome::Committed(r) => &self.0.committed[index(r)],
             Outcome::RolledBack(r) => &self.0.rolled_back[index(r)],
             Outcome::Unknown { .. } => &self.0.unknown,
+            other => panic!("an outcome the tests do not know: {other:?}"),
         };
         counter.fetch_add(1, Ordering::SeqCst);
     }
@@ -489,6 +504,37 @@ impl TestApp {
                                         actix_web::error::ErrorGatewayTimeout("request cut off"),
                                     ),
                                 }
+                            }
+                        }),
+                )
+                .service(
+                    web::resource("/no-session/panic")
+                        .route(web::post().to(panic_without_session))
+                        .wrap(db.middleware()),
+                )
+                .service(
+                    // Counts the drops of each request's extensions (through a marker the
+                    // inner wrapper puts there), while the outer one extracts the session
+                    // again from the finished response's request, as an audit middleware
+                    // might: that must not keep the request alive.
+                    web::resource("/extract-after/{name}")
+                        .route(web::post().to(insert))
+                        .wrap_fn(|req, service| {
+                            req.extensions_mut().insert(DropCounted);
+                            service.call(req)
+                        })
+                        .wrap(db.middleware())
+                        .wrap_fn(|req, service| {
+                            let call = service.call(req);
+                            async move {
+                                let res = call.await?;
+                                let mut payload = actix_web::dev::Payload::None;
+                                let _late = actix_diesel_session::DbSession::from_request(
+                                    res.request(),
+                                    &mut payload,
+                                )
+                                .await;
+                                Ok(res)
                             }
                         }),
                 )
@@ -641,6 +687,10 @@ mod handlers {
         // An error that did not come from the database: the transaction is healthy, and only
         // the session's rule keeps it from committing.
         Err(SessionError::Conflict)
+    }
+
+    pub async fn panic_without_session() -> HttpResponse {
+        panic!("test handler panics without taking its session");
     }
 
     pub async fn insert_then_panic(db: DbSession, name: web::Path<String>) -> Answer {
