@@ -46,6 +46,9 @@ pub struct SessionConfig {
     /// Warn (log and [`crate::SessionObserver::held_too_long`]) once a request has held its
     /// connection this long (10 s; `None`: never).
     pub leak_warn: Option<Duration>,
+    /// Bound on a request's after-commit hooks, all together (5 s): see
+    /// [`crate::DbSession::after_commit`].
+    pub after_commit_timeout: Duration,
     /// Log every statement's SQL text (never its bind values) at `info`, target
     /// `actix_diesel_session::sql` (false).
     pub echo: bool,
@@ -73,6 +76,7 @@ impl Default for SessionConfig {
             statement_timeout: None,
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
             leak_warn: Some(Duration::from_secs(10)),
+            after_commit_timeout: Duration::from_secs(5),
             echo: false,
             drive_on_callers_runtime: false,
         }

@@ -216,10 +216,33 @@ pub async fn commit(
             (_, Ok(())) => Ok(()),
         }
     };
-    // The COMMIT went around diesel's transaction manager (which needs the connection
-    // exclusively, and so could not be pipelined with the id query): tell it the
-    // transaction is over, whatever the answer was (a COMMIT that fails ends the
-    // transaction too). A connection whose answer was lost is closed anyway.
+    transaction_over(conn);
+    result
+}
+
+/// Commits a transaction that has no id to learn (a `READ ONLY` one): the COMMIT alone.
+/// Its answer lost changes nothing, since it wrote nothing: `xid` says so.
+pub async fn commit_alone(
+    conn: &mut AsyncPgConnection,
+    xid: &RefCell<TxId>,
+    sent: &Cell<bool>,
+) -> Result<(), CommitError> {
+    *xid.borrow_mut() = TxId::Unassigned;
+    sent.set(true);
+    let result = match conn.batch_execute("COMMIT").await {
+        Ok(()) => Ok(()),
+        Err(e) if answer_lost(&e) => Err(CommitError::AnswerLost(e)),
+        Err(e) => Err(CommitError::Failed(e)),
+    };
+    transaction_over(conn);
+    result
+}
+
+/// The COMMIT went around diesel's transaction manager (which needs the connection
+/// exclusively, and so could not be pipelined with the id query): tell it the
+/// transaction is over, whatever the answer was (a COMMIT that fails ends the transaction
+/// too). A connection whose answer was lost is closed anyway.
+fn transaction_over(conn: &mut AsyncPgConnection) {
     if let TransactionManagerStatus::Valid(status) =
         AnsiTransactionManager::transaction_manager_status_mut(conn)
     {
@@ -227,7 +250,6 @@ pub async fn commit(
             let _ = status.change_transaction_depth(TransactionDepthChange::DecreaseDepth);
         }
     }
-    result
 }
 
 /// True when an error means the COMMIT's answer did not arrive, or came from a server

@@ -25,6 +25,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 
 use super::deadline::run_with_deadlines;
+use super::options::{Isolation, SettingsFn, TxOptions};
 use super::settings::Settings;
 use super::slot::{CancelGuard, ForgetRequest, Slot};
 use super::tx::Finish;
@@ -55,11 +56,78 @@ use crate::observe::Reason;
 #[derive(Clone)]
 pub struct SessionMiddleware {
     settings: Arc<Settings>,
+    options: Arc<TxOptions>,
 }
 
 impl SessionMiddleware {
     pub(crate) fn new(settings: Arc<Settings>) -> Self {
-        SessionMiddleware { settings }
+        SessionMiddleware {
+            settings,
+            options: Arc::new(TxOptions::default()),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut TxOptions)) -> Self {
+        let options = Arc::make_mut(&mut self.options);
+        change(options);
+        options.begin = options.begin_sql();
+        self
+    }
+
+    /// Runs the sessions at this isolation level, sent in the `BEGIN` itself
+    /// (`BEGIN ISOLATION LEVEL SERIALIZABLE`): no round trip added.
+    ///
+    /// ```no_run
+    /// # use actix_diesel_session::{Database, Isolation};
+    /// # use actix_web::web;
+    /// # fn routes(db: &Database) -> actix_web::Scope<impl actix_web::dev::ServiceFactory<actix_web::dev::ServiceRequest, Config = (), Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, Error = actix_web::Error, InitError = ()>> {
+    /// web::scope("/reports").wrap(
+    ///     db.middleware()
+    ///         .isolation(Isolation::Serializable)
+    ///         .read_only()
+    ///         .deferrable(),
+    /// )
+    /// # }
+    /// ```
+    pub fn isolation(self, level: Isolation) -> Self {
+        self.with(|o| o.isolation = level)
+    }
+
+    /// Runs the sessions as `READ ONLY` transactions: a write fails (SQLSTATE 25006, a
+    /// [`SessionError::Database`] error the handler passes on, and a rollback). A
+    /// read-only transaction has no id to learn, so its COMMIT goes out alone (one
+    /// statement less than a read-write one), and a lost COMMIT answer changes nothing.
+    pub fn read_only(self) -> Self {
+        self.with(|o| o.read_only = true)
+    }
+
+    /// Adds `DEFERRABLE`: with `SERIALIZABLE` and `READ ONLY`, the transaction waits for a
+    /// snapshot that cannot conflict, then runs without serialization checks.
+    pub fn deferrable(self) -> Self {
+        self.with(|o| o.deferrable = true)
+    }
+
+    /// Computes transaction-local settings from each request (`SET LOCAL` as
+    /// `set_config(name, value, true)`), sent in the same message as the `BEGIN`: no round
+    /// trip added, and gone with the transaction. For row-level security, say:
+    ///
+    /// ```no_run
+    /// # use actix_diesel_session::Database;
+    /// # fn mw(db: &Database) -> actix_diesel_session::SessionMiddleware {
+    /// db.middleware().settings_from(|req| {
+    ///     let tenant = req.headers().get("x-tenant").and_then(|v| v.to_str().ok());
+    ///     tenant
+    ///         .map(|t| vec![("app.tenant_id".to_owned(), t.to_owned())])
+    ///         .unwrap_or_default()
+    /// })
+    /// # }
+    /// ```
+    pub fn settings_from(
+        self,
+        settings: impl Fn(&ServiceRequest) -> Vec<(String, String)> + Send + Sync + 'static,
+    ) -> Self {
+        let settings: SettingsFn = Arc::new(settings);
+        self.with(|o| o.settings = Some(settings))
     }
 }
 
@@ -78,6 +146,7 @@ where
         ready(Ok(SessionService {
             service: Rc::new(service),
             settings: self.settings.clone(),
+            options: self.options.clone(),
         }))
     }
 }
@@ -86,6 +155,7 @@ where
 pub struct SessionService<S> {
     service: Rc<S>,
     settings: Arc<Settings>,
+    options: Arc<TxOptions>,
 }
 
 impl<S, B> Service<ServiceRequest> for SessionService<S>
@@ -110,7 +180,12 @@ where
                     .map(ServiceResponse::map_into_boxed_body)
             });
         }
-        Box::pin(finalize(req, service, self.settings.clone()))
+        Box::pin(finalize(
+            req,
+            service,
+            self.settings.clone(),
+            self.options.clone(),
+        ))
     }
 }
 
@@ -119,12 +194,18 @@ async fn finalize<S, B>(
     req: ServiceRequest,
     service: Rc<S>,
     settings: Arc<Settings>,
+    options: Arc<TxOptions>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody + 'static,
 {
-    let slot = Slot::new(settings);
+    let local = options
+        .settings
+        .as_ref()
+        .map(|f| f(&req))
+        .unwrap_or_default();
+    let slot = Slot::new(settings, options, local);
     req.extensions_mut().insert(slot.clone());
     // No clone of the request is kept here: around a scope, the scope's router needs it
     // unshared. The slot learns it when a handler extracts its session.
@@ -159,11 +240,22 @@ where
     };
     cancel.0 = None;
 
-    let (committed, outcome) = match (committed, outcome) {
-        (Some(committed), Some(outcome)) => (committed, outcome),
+    let response = match (committed, outcome) {
+        (Some(committed), Some(outcome)) => answer(&slot, committed, outcome).await,
         // A statement outlived its deadline.
-        (_, outcome) => return after_deadline(&slot, outcome).await,
+        (_, outcome) => after_deadline(&slot, outcome).await,
     };
+    slot.after_commit().await;
+    response
+}
+
+/// The answer once the work is done: the handler's outcome (`outcome`), after its
+/// transaction ended (`committed`: the COMMIT's result, if one was made).
+async fn answer<B: MessageBody + 'static>(
+    slot: &Slot,
+    committed: Option<Result<(), Finish>>,
+    outcome: HandlerOutcome<B>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let render = |e: SessionError| (slot.settings.render)(e);
 
     match outcome {
@@ -176,7 +268,7 @@ where
             log::error!("handler panicked: {message}");
             // A rollback failure has nothing to add to a 500.
             let _ = slot.finish(false, Reason::Panic).await;
-            respond(&slot, render(SessionError::internal("handler panicked")))
+            respond(slot, render(SessionError::internal("handler panicked")))
         }
         Ok(Err(err)) => {
             let _ = slot.finish(false, Reason::Error).await;
@@ -235,7 +327,10 @@ async fn after_deadline(
         match (slot.resolve_lost_commit().await, outcome) {
             // Only a successful response is ever committed.
             (Ok(()), Some(Ok(Ok(res)))) => return Ok(res.map_into_boxed_body()),
-            (Ok(()), _) => SessionError::internal("lost response"),
+            // A COMMIT the handler made early and the deadline cut off: it committed,
+            // but the handler's response is gone. The only 5xx that may answer a write
+            // that committed says it may have.
+            (Ok(()), _) => SessionError::CommitUnknown,
             (Err(e), _) => e,
         }
     };

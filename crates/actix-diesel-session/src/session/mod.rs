@@ -58,6 +58,7 @@
 mod commit;
 mod deadline;
 mod finalize;
+mod options;
 mod settings;
 mod slot;
 mod tx;
@@ -71,6 +72,7 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use diesel_async::AsyncPgConnection;
 
 pub use self::finalize::{SessionMiddleware, SessionService};
+pub use self::options::Isolation;
 pub use self::settings::ErrorRenderer;
 pub(crate) use self::settings::Settings;
 use self::slot::{Slot, State};
@@ -147,6 +149,82 @@ impl DbSession {
             slot: self.slot.clone(),
             tx: Some(tx),
         })
+    }
+}
+
+impl DbSession {
+    /// Sets `name` to `value` for the rest of the transaction (`SET LOCAL`, as
+    /// `set_config(name, value, true)`): gone when it ends, so it never reaches the next
+    /// user of the connection, even behind a pooler. Called before the session's first
+    /// [`DbSession::conn`], it goes out in the same message as the `BEGIN` (no round trip
+    /// added); called later, it is one statement of its own. The value is sent as an
+    /// escaped literal or a bound parameter, never spliced into SQL.
+    ///
+    /// ```no_run
+    /// # use actix_diesel_session::{DbSession, SessionError};
+    /// async fn handler(db: DbSession) -> Result<&'static str, SessionError> {
+    ///     db.set_local("app.tenant_id", "42").await?;
+    ///     let _conn = db.conn().await?; // BEGIN; SELECT set_config('app.tenant_id', '42', true)
+    ///     Ok("row-level security sees tenant 42")
+    /// }
+    /// ```
+    pub async fn set_local(&self, name: &str, value: &str) -> Result<(), SessionError> {
+        if self.slot.is_idle() {
+            self.slot
+                .local
+                .borrow_mut()
+                .push((name.to_owned(), value.to_owned()));
+            return Ok(());
+        }
+        use diesel::sql_types::Text;
+        use diesel_async::RunQueryDsl;
+        let mut conn = self.conn().await?;
+        diesel::sql_query("SELECT set_config($1, $2, true)")
+            .bind::<Text, _>(name)
+            .bind::<Text, _>(value)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `hook` once the transaction has committed, and never when it rolls back or
+    /// its outcome is unknown: the place for side effects that are not database writes
+    /// (a message, a call to another service). Hooks run in the order they were added,
+    /// after the COMMIT and **before the response is sent**, all together bounded by
+    /// [`crate::SessionConfig::after_commit_timeout`]: so a client that has the response
+    /// knows the hooks have run (or were cut off), and a graceful shutdown, which waits
+    /// for requests in flight, never loses one. A hook's error or panic is logged and
+    /// never changes the response. A request without a transaction that succeeds runs
+    /// its hooks too; a request dropped before its response is ready drops them.
+    ///
+    /// ```no_run
+    /// # use actix_diesel_session::{DbSession, SessionError};
+    /// async fn handler(db: DbSession) -> Result<&'static str, SessionError> {
+    ///     // ... writes through db.conn() ...
+    ///     db.after_commit(|| async {
+    ///         // notify another service; runs only if the writes committed
+    ///         Ok::<(), std::io::Error>(())
+    ///     });
+    ///     Ok("done")
+    /// }
+    /// ```
+    pub fn after_commit<F, Fut, E>(&self, hook: F)
+    where
+        F: FnOnce() -> Fut + 'static,
+        Fut: std::future::Future<Output = Result<(), E>> + 'static,
+        E: std::fmt::Display,
+    {
+        self.slot.add_hook(Box::new(move || {
+            Box::pin(async move { hook().await.map_err(|e| e.to_string()) })
+        }));
+    }
+
+    /// Commits the transaction now, before the handler's response: the response can then
+    /// no longer roll it back, and the middleware has nothing more to do. Later use of the
+    /// session is an error ([`SessionError::Internal`]). Drop the connection guard first.
+    /// A lost COMMIT answer is resolved here, as the middleware would.
+    pub async fn commit(&self) -> Result<(), SessionError> {
+        self.slot.commit_now().await
     }
 }
 

@@ -30,6 +30,7 @@ pub(crate) struct Settings {
     /// See [`SessionConfig::finish_deadline`].
     pub(crate) finish_deadline: Duration,
     pub(crate) leak_warn: Option<Duration>,
+    pub(crate) after_commit_timeout: Duration,
     pub(crate) echo: bool,
 }
 
@@ -50,6 +51,7 @@ impl Settings {
             statement_deadline: cfg.statement_deadline(),
             finish_deadline: cfg.finish_deadline(),
             leak_warn: cfg.leak_warn,
+            after_commit_timeout: cfg.after_commit_timeout,
             echo: cfg.echo,
         }
     }

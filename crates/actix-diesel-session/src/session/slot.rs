@@ -1,13 +1,18 @@
 //! The request's session state: where its connection is, and how the session ends.
 
-use std::cell::RefCell;
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use actix_web::HttpRequest;
+use futures_util::future::LocalBoxFuture;
+use futures_util::FutureExt;
 
 use super::commit::{self, Resolution, TxId};
 use super::deadline::Deadlines;
+use super::options::{begin_with_settings, TxOptions};
 use super::settings::Settings;
 use super::tx::{abandon, CommitState, Finish, TxConn};
 use crate::error::{SessionError, LOST_BEFORE_COMMIT};
@@ -40,7 +45,17 @@ pub(crate) struct SlotInner {
     pub(crate) deadlines: Deadlines,
     pub(crate) commit: CommitState,
     pub(crate) settings: Arc<Settings>,
+    pub(crate) options: Arc<TxOptions>,
+    /// Transaction-local settings to send with the `BEGIN`.
+    pub(crate) local: RefCell<Vec<(String, String)>>,
+    /// What runs once the transaction committed.
+    hooks: RefCell<Vec<Hook>>,
+    /// Set once the transaction committed (or the request succeeded without one).
+    committed: Cell<bool>,
 }
+
+/// An after-commit hook: its future, and what it says went wrong.
+pub(crate) type Hook = Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<(), String>>>;
 
 impl std::ops::Deref for Slot {
     type Target = SlotInner;
@@ -51,13 +66,21 @@ impl std::ops::Deref for Slot {
 }
 
 impl Slot {
-    pub(crate) fn new(settings: Arc<Settings>) -> Self {
+    pub(crate) fn new(
+        settings: Arc<Settings>,
+        options: Arc<TxOptions>,
+        local: Vec<(String, String)>,
+    ) -> Self {
         Slot(Rc::new(SlotInner {
             state: RefCell::new(State::Idle),
             request: RefCell::new(None),
             deadlines: Deadlines::default(),
             commit: CommitState::default(),
             settings,
+            options,
+            local: RefCell::new(local),
+            hooks: RefCell::new(Vec::new()),
+            committed: Cell::new(false),
         }))
     }
 
@@ -71,6 +94,52 @@ impl Slot {
         let mut slot = self.request.borrow_mut();
         if slot.is_none() {
             *slot = Some(request.clone());
+        }
+    }
+
+    /// Whether the session has no connection yet.
+    pub(crate) fn is_idle(&self) -> bool {
+        matches!(*self.state.borrow(), State::Idle)
+    }
+
+    pub(crate) fn add_hook(&self, hook: Hook) {
+        self.hooks.borrow_mut().push(hook);
+    }
+
+    /// Runs the after-commit hooks, in the order they were added, if the transaction
+    /// committed (else drops them), within the after-commit timeout all together. A hook
+    /// that fails or panics is logged; nothing changes the response.
+    pub(crate) async fn after_commit(&self) {
+        let hooks = std::mem::take(&mut *self.hooks.borrow_mut());
+        if hooks.is_empty() || !self.committed.get() {
+            return;
+        }
+        let bound = self.settings.after_commit_timeout;
+        let run = async {
+            for hook in hooks {
+                match AssertUnwindSafe(hook()).catch_unwind().await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log::error!("an after-commit hook failed: {e}"),
+                    Err(_) => log::error!("an after-commit hook panicked"),
+                }
+            }
+        };
+        if tokio::time::timeout(bound, run).await.is_err() {
+            log::error!("after-commit hooks cut off after {bound:?}");
+        }
+    }
+
+    /// Commits now, at the handler's request (`DbSession::commit`).
+    pub(crate) async fn commit_now(&self) -> Result<(), SessionError> {
+        if matches!(*self.state.borrow(), State::Busy | State::Finalized) {
+            return Err(SessionError::internal(
+                "DbSession::commit called while the connection is in use or after the session ended",
+            ));
+        }
+        match self.finish(true, Reason::Status).await {
+            Ok(()) => Ok(()),
+            Err(Finish::Failed(e)) => Err(e),
+            Err(Finish::AnswerLost) => self.resolve_lost_commit().await,
         }
     }
 
@@ -103,9 +172,19 @@ impl Slot {
     /// check-out timeout.
     pub(crate) async fn open(&self) -> Result<TxConn, SessionError> {
         let settings = &self.settings;
+        let local = std::mem::take(&mut *self.local.borrow_mut());
+        let begin = if local.is_empty() {
+            Cow::Borrowed(self.options.begin.as_str())
+        } else {
+            Cow::Owned(begin_with_settings(&self.options.begin, &local)?)
+        };
         let tx = self
             .deadlines
-            .checkout(settings.checkout_timeout, settings, TxConn::begin(settings))
+            .checkout(
+                settings.checkout_timeout,
+                settings,
+                TxConn::begin(settings, &begin),
+            )
             .await?;
         *self.deadlines.watch.borrow_mut() = Some(tx.watch.clone());
         self.deadlines.held_since.set(Some(tx.checked_out));
@@ -137,7 +216,12 @@ impl Slot {
     /// rolls back. Says what must replace the response, if anything.
     pub(crate) async fn finish(&self, commit: bool, reason: Reason) -> Result<(), Finish> {
         match self.replace(State::Finalized) {
-            State::Idle | State::Finalized => Ok(()),
+            State::Idle => {
+                // Nothing to commit: a success all the same, for the hooks.
+                self.committed.set(commit);
+                Ok(())
+            }
+            State::Finalized => Ok(()),
             State::Busy => {
                 // The guard escaped the handler. It rolls back when it is dropped.
                 log::error!("a DbSession connection outlived its handler; answering 500");
@@ -152,9 +236,13 @@ impl Slot {
                 // own cost").
                 let timeout = self.settings.finish_deadline;
                 if commit {
-                    let result = Box::pin(tx.commit(timeout, &self.commit)).await;
+                    let result =
+                        Box::pin(tx.commit(timeout, &self.commit, self.options.read_only)).await;
                     match &result {
-                        Ok(()) => self.ended(Outcome::Committed(Reason::Status)),
+                        Ok(()) => {
+                            self.committed.set(true);
+                            self.ended(Outcome::Committed(Reason::Status));
+                        }
                         // Counted once resolved.
                         Err(Finish::AnswerLost) => {}
                         Err(Finish::Failed(_)) => {
@@ -203,6 +291,7 @@ impl Slot {
         match resolution {
             Resolution::Committed => {
                 log::warn!("COMMIT answer lost; {about} committed: sending the handler's response");
+                self.committed.set(true);
                 self.ended(Outcome::Committed(Reason::CommitVerified));
                 Ok(())
             }

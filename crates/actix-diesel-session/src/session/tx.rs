@@ -63,7 +63,12 @@ pub(crate) enum Finish {
 impl TxConn {
     /// Checks a connection out and begins a transaction. Not bounded here: the session
     /// puts the check-out timeout over it (see `deadline::Deadlines::checkout`).
-    pub(crate) async fn begin(settings: &Arc<Settings>) -> Result<TxConn, SessionError> {
+    /// `begin` is the session's `BEGIN` statement (with its options, and any
+    /// transaction-local settings in the same message).
+    pub(crate) async fn begin(
+        settings: &Arc<Settings>,
+        begin: &str,
+    ) -> Result<TxConn, SessionError> {
         let started = Instant::now();
         let mut conn = match settings.pool.get().await {
             Ok(conn) => conn,
@@ -89,7 +94,11 @@ impl TxConn {
             checked_out,
             settings: settings.clone(),
         };
-        AnsiTransactionManager::begin_transaction(tx.connection()).await?;
+        if begin == "BEGIN" {
+            AnsiTransactionManager::begin_transaction(tx.connection()).await?;
+        } else {
+            AnsiTransactionManager::begin_transaction_sql(tx.connection(), begin).await?;
+        }
         Ok(tx)
     }
 
@@ -135,6 +144,7 @@ impl TxConn {
         mut self,
         timeout: Duration,
         state: &CommitState,
+        read_only: bool,
     ) -> Result<(), Finish> {
         if !self.at_top_level() {
             // Dropping `self` closes the connection: the server rolls everything back.
@@ -154,7 +164,12 @@ impl TxConn {
             state,
             armed: true,
         };
-        let result = commit::commit(this.tx.connection(), &state.xid, prepared, &state.sent).await;
+        let result = if read_only {
+            // A read-only transaction has no id to learn (it cannot write).
+            commit::commit_alone(this.tx.connection(), &state.xid, &state.sent).await
+        } else {
+            commit::commit(this.tx.connection(), &state.xid, prepared, &state.sent).await
+        };
         this.armed = false;
         let this = &mut this.tx;
         state.committing.set(false);
