@@ -12,14 +12,14 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_diesel_session::{
-    Database, DatabaseUrl, Outcome, Reason, SessionConfig, SessionError, SessionObserver,
-    TimeoutKind,
+    Database, DatabaseUrl, Isolation, Outcome, Reason, SessionConfig, SessionError,
+    SessionMiddleware, SessionObserver, TimeoutKind,
 };
-use actix_web::dev::{HttpServiceFactory, ServerHandle, Service};
+use actix_web::dev::{HttpServiceFactory, ServerHandle, Service, ServiceRequest};
 use actix_web::{web, App, FromRequest, Handler, HttpMessage, HttpResponse, HttpServer, Responder};
 
 use handlers::*;
@@ -34,7 +34,11 @@ const TEST_DB_PREFIX: &str = "ads_test_";
 /// - `checked`, whose foreign key is checked at COMMIT only, so that a handler can write a
 ///   row that makes the COMMIT fail;
 /// - `commit_delay`, whose deferred constraint trigger sleeps at COMMIT for the row's
-///   `ms`, so that a COMMIT takes long enough for a response sent before it to be caught.
+///   `ms`, so that a COMMIT takes long enough for a response sent before it to be caught;
+/// - `docs`, under row-level security (forced, so that no owner escapes it either): a
+///   role without `BYPASSRLS` sees the rows of the tenant named by the setting
+///   `app.tenant_id` only. [`RLS_USER`] is that role (created once per server, and
+///   granted what it needs here: grants travel with the template).
 const SCHEMA: &str = "
     CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
     CREATE TABLE checked (
@@ -49,7 +53,22 @@ const SCHEMA: &str = "
     END $$;
     CREATE CONSTRAINT TRIGGER sleep_at_commit AFTER INSERT ON commit_delay
         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sleep_at_commit();
+    DO $$ BEGIN
+        CREATE ROLE ads_rls_user LOGIN NOSUPERUSER NOBYPASSRLS;
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+    END $$;
+    CREATE TABLE docs (id bigserial PRIMARY KEY, tenant text NOT NULL, body text);
+    ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+    ALTER TABLE docs FORCE ROW LEVEL SECURITY;
+    CREATE POLICY docs_of_the_tenant ON docs
+        USING (tenant = current_setting('app.tenant_id', true));
+    GRANT SELECT, INSERT ON docs, items TO ads_rls_user;
+    GRANT USAGE ON SEQUENCE docs_id_seq, items_id_seq TO ads_rls_user;
 ";
+
+/// A role without `SUPERUSER` or `BYPASSRLS`, made by [`SCHEMA`]; the server's trust
+/// authentication lets the tests connect as it.
+pub const RLS_USER: &str = "ads_rls_user";
 
 /// Serialises template builds across test processes.
 const TEMPLATE_LOCK: i64 = 0x0061_6473_5f74_706c; // "ads_tpl"
@@ -282,6 +301,8 @@ pub struct Tally {
     rolled_back: [AtomicUsize; Reason::ALL.len()],
     unknown: AtomicUsize,
     checkout_timeouts: AtomicUsize,
+    released: AtomicUsize,
+    held_too_long: AtomicUsize,
 }
 
 fn index(reason: Reason) -> usize {
@@ -327,6 +348,16 @@ impl Tally {
     pub fn checkout_timeouts(&self) -> usize {
         self.checkout_timeouts.load(Ordering::SeqCst)
     }
+
+    /// Connections a request gave back to the pool or closed (`connection_released`).
+    pub fn released(&self) -> usize {
+        self.released.load(Ordering::SeqCst)
+    }
+
+    /// Leak warnings (`held_too_long`).
+    pub fn held_too_long(&self) -> usize {
+        self.held_too_long.load(Ordering::SeqCst)
+    }
 }
 
 /// `[(name, count), ...]` as [`Tally::outcomes`] gives it, for assertions.
@@ -366,6 +397,14 @@ impl SessionObserver for Observer {
     fn checkout_timed_out(&self, _kind: TimeoutKind) {
         self.0.checkout_timeouts.fetch_add(1, Ordering::SeqCst);
     }
+
+    fn connection_released(&self, _held: Duration) {
+        self.0.released.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn held_too_long(&self, _request: &actix_web::HttpRequest, _held: Duration) {
+        self.0.held_too_long.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// The content type of the custom rendering ([`render_problem`]).
@@ -397,6 +436,8 @@ pub struct Options {
     /// Also serve `POST /scoped/{name}` (as `/items/{name}`) from a scope wrapped in the
     /// session middleware, instead of a resource.
     pub scope: bool,
+    /// The role the application connects as (`None`: the one of `DATABASE_URL`).
+    pub user: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -406,6 +447,7 @@ impl Default for Options {
             render: false,
             shutdown_timeout: 1,
             scope: false,
+            user: None,
         }
     }
 }
@@ -423,6 +465,36 @@ where
         .wrap(db.middleware())
 }
 
+/// A resource whose one route, a POST, runs inside `middleware` (a session middleware with
+/// options of its own).
+fn post_in<F, Args>(
+    path: &str,
+    handler: F,
+    middleware: SessionMiddleware,
+) -> impl HttpServiceFactory
+where
+    F: Handler<Args>,
+    Args: FromRequest + 'static,
+    F::Output: Responder + 'static,
+{
+    web::resource(path)
+        .route(web::post().to(handler))
+        .wrap(middleware)
+}
+
+/// A request header's value as a transaction-local setting named `setting`, if the request
+/// has the header.
+fn setting_from_header(req: &ServiceRequest, header: &str, setting: &str) -> Vec<(String, String)> {
+    req.headers()
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| vec![(setting.to_owned(), v.to_owned())])
+        .unwrap_or_default()
+}
+
+/// What the after-commit hooks of the tests' handlers record, in the order they ran.
+pub type Events = Mutex<Vec<String>>;
+
 /// The tests' application on its own database, served on a free port.
 pub struct TestApp {
     pub address: String,
@@ -430,6 +502,8 @@ pub struct TestApp {
     pub tally: Arc<Tally>,
     pub application_name: String,
     pub client: reqwest::Client,
+    /// What the after-commit hooks recorded.
+    pub events: web::Data<Events>,
     server: ServerHandle,
     cut_off: Arc<Notify>,
     // Last: dropped after the server and the pool are closed.
@@ -453,7 +527,11 @@ impl TestApp {
         config.checkout_timeout = Duration::from_secs(5);
         (options.config)(&mut config);
         let tally = Arc::new(Tally::default());
-        let url = DatabaseUrl::parse(&db.url).expect("test database URL");
+        let mut url = url::Url::parse(&db.url).expect("test database URL");
+        if let Some(user) = options.user {
+            url.set_username(user).expect("a URL with a user");
+        }
+        let url = DatabaseUrl::parse(url.as_str()).expect("test database URL");
         let mut builder = Database::builder(url, config).observer(Observer(tally.clone()));
         if options.render {
             builder = builder.render_errors(render_problem);
@@ -469,9 +547,12 @@ impl TestApp {
         let scope = options.scope;
         let cut_off = Arc::new(Notify::new());
         let app_cut_off = cut_off.clone();
+        let events = web::Data::new(Events::default());
+        let app_events = events.clone();
         let server = HttpServer::new(move || {
             let (db, cut_off) = (&app_db, app_cut_off.clone());
             App::new()
+                .app_data(app_events.clone())
                 .service(post("/items/{name}", insert, db))
                 .service(post("/items/{name}/then-409", insert_then_409, db))
                 .service(post("/items/{name}/then-error", insert_then_error, db))
@@ -538,6 +619,51 @@ impl TestApp {
                             }
                         }),
                 )
+                // Session options per route.
+                .service(post("/options/default", show_options, db))
+                .service(post_in(
+                    "/options/repeatable-read",
+                    show_options,
+                    db.middleware().isolation(Isolation::RepeatableRead),
+                ))
+                .service(post_in(
+                    "/options/serializable-read-only-deferrable",
+                    show_options,
+                    db.middleware()
+                        .isolation(Isolation::Serializable)
+                        .read_only()
+                        .deferrable(),
+                ))
+                .service(post_in(
+                    "/read-only/items/{name}",
+                    insert,
+                    db.middleware().read_only(),
+                ))
+                .service(post_in(
+                    "/read-only/count",
+                    count_items,
+                    db.middleware().read_only(),
+                ))
+                // Transaction-local settings.
+                .service(post_in(
+                    "/docs/visible",
+                    visible_docs,
+                    db.middleware()
+                        .settings_from(|req| setting_from_header(req, "x-tenant", "app.tenant_id")),
+                ))
+                .service(post("/docs/as/{tenant}/{when}", docs_as, db))
+                .service(post("/setting/{name}", read_setting, db))
+                .service(post("/set-local/{when}/{name}", set_local_then_read, db))
+                .service(post_in(
+                    "/settings-from/app.x",
+                    read_app_x,
+                    db.middleware()
+                        .settings_from(|req| setting_from_header(req, "x-value", "app.x")),
+                ))
+                // After-commit hooks and early commits.
+                .service(post("/hooked/{name}/{how}", hooked, db))
+                .service(post("/early/{name}/{how}", commit_early, db))
+                .service(post("/abandon-statement", abandon_statement, db))
                 .configure(|cfg| {
                     if scope {
                         cfg.service(
@@ -567,9 +693,18 @@ impl TestApp {
                 .build()
                 .expect("client"),
             server: handle,
+            events,
             cut_off,
             db,
         }
+    }
+
+    /// What the after-commit hooks recorded so far.
+    pub fn events(&self) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -655,10 +790,15 @@ impl Drop for TestApp {
 mod handlers {
     use std::time::Duration;
 
+    use std::sync::PoisonError;
+
     use actix_diesel_session::{DbSession, SessionError};
     use actix_web::{web, HttpResponse};
-    use diesel::sql_types::{Integer, Text};
+    use diesel::sql_types::{BigInt, Integer, Text};
+    use diesel::QueryableByName;
     use diesel_async::RunQueryDsl;
+
+    use super::Events;
 
     /// What a test handler answers with.
     type Answer = Result<HttpResponse, SessionError>;
@@ -742,5 +882,284 @@ mod handlers {
             .execute(&mut *db.conn().await?)
             .await?;
         Ok(HttpResponse::Created().body(name.into_inner()))
+    }
+
+    #[derive(QueryableByName)]
+    struct TransactionIsolation {
+        #[diesel(sql_type = Text)]
+        transaction_isolation: String,
+    }
+
+    #[derive(QueryableByName)]
+    struct TransactionReadOnly {
+        #[diesel(sql_type = Text)]
+        transaction_read_only: String,
+    }
+
+    #[derive(QueryableByName)]
+    struct TransactionDeferrable {
+        #[diesel(sql_type = Text)]
+        transaction_deferrable: String,
+    }
+
+    #[derive(QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = Text)]
+        value: String,
+    }
+
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
+    /// The transaction's isolation level, read-only and deferrable settings as the server
+    /// reports them (`read committed/off/off`), from the transaction's first statements.
+    pub async fn show_options(db: DbSession) -> Answer {
+        let mut conn = db.conn().await?;
+        let isolation = diesel::sql_query("SHOW transaction_isolation")
+            .get_result::<TransactionIsolation>(&mut *conn)
+            .await?
+            .transaction_isolation;
+        let read_only = diesel::sql_query("SHOW transaction_read_only")
+            .get_result::<TransactionReadOnly>(&mut *conn)
+            .await?
+            .transaction_read_only;
+        let deferrable = diesel::sql_query("SHOW transaction_deferrable")
+            .get_result::<TransactionDeferrable>(&mut *conn)
+            .await?
+            .transaction_deferrable;
+        Ok(HttpResponse::Ok().body(format!("{isolation}/{read_only}/{deferrable}")))
+    }
+
+    pub async fn count_items(db: DbSession) -> Answer {
+        let n = diesel::sql_query("SELECT count(*) AS n FROM items")
+            .get_result::<Count>(&mut *db.conn().await?)
+            .await?
+            .n;
+        Ok(HttpResponse::Ok().body(n.to_string()))
+    }
+
+    /// The tenants of the `docs` rows the session sees, in row order (`A,B,A`).
+    async fn tenants_visible(db: &DbSession) -> Result<String, SessionError> {
+        Ok(diesel::sql_query(
+            "SELECT coalesce(string_agg(tenant, ',' ORDER BY id), '') AS value FROM docs",
+        )
+        .get_result::<Value>(&mut *db.conn().await?)
+        .await?
+        .value)
+    }
+
+    /// `current_setting(name, true)`, or `<null>` when the setting does not exist.
+    async fn setting(db: &DbSession, name: &str) -> Result<String, SessionError> {
+        Ok(
+            diesel::sql_query("SELECT coalesce(current_setting($1, true), '<null>') AS value")
+                .bind::<Text, _>(name)
+                .get_result::<Value>(&mut *db.conn().await?)
+                .await?
+                .value,
+        )
+    }
+
+    pub async fn visible_docs(db: DbSession) -> Answer {
+        Ok(HttpResponse::Ok().body(tenants_visible(&db).await?))
+    }
+
+    /// Sets `app.tenant_id` with `set_local`: before the first `conn()` (`first`: it goes
+    /// out with the BEGIN), or after a first statement (`late`, answering what the session
+    /// saw before and after: `|A`).
+    pub async fn docs_as(db: DbSession, path: web::Path<(String, String)>) -> Answer {
+        let (tenant, when) = path.into_inner();
+        let body = match when.as_str() {
+            "first" => {
+                db.set_local("app.tenant_id", &tenant).await?;
+                tenants_visible(&db).await?
+            }
+            "late" => {
+                let before = tenants_visible(&db).await?;
+                db.set_local("app.tenant_id", &tenant).await?;
+                format!("{before}|{}", tenants_visible(&db).await?)
+            }
+            other => return Ok(HttpResponse::BadRequest().body(other.to_owned())),
+        };
+        Ok(HttpResponse::Ok().body(body))
+    }
+
+    pub async fn read_setting(db: DbSession, name: web::Path<String>) -> Answer {
+        Ok(HttpResponse::Ok().body(setting(&db, &name).await?))
+    }
+
+    pub async fn read_app_x(db: DbSession) -> Answer {
+        Ok(HttpResponse::Ok().body(setting(&db, "app.x").await?))
+    }
+
+    /// Sets `name` to the request's body with `set_local` and answers the setting as the
+    /// transaction then sees it. `when`: `before` the first `conn()`, `after` a first
+    /// statement, or `retry`: before a first `conn()` that the handler's own timeout cuts
+    /// off (the check-out or BEGIN is under way), then a second one.
+    pub async fn set_local_then_read(
+        db: DbSession,
+        path: web::Path<(String, String)>,
+        value: String,
+    ) -> Answer {
+        let (when, name) = path.into_inner();
+        match when.as_str() {
+            "before" => db.set_local(&name, &value).await?,
+            "after" => {
+                setting(&db, "transaction_isolation").await?;
+                db.set_local(&name, &value).await?;
+            }
+            "retry" => {
+                db.set_local(&name, &value).await?;
+                let first = tokio::time::timeout(Duration::ZERO, db.conn()).await;
+                if first.is_ok() {
+                    return Ok(HttpResponse::Conflict().body("the first conn() was not cut off"));
+                }
+            }
+            other => return Ok(HttpResponse::BadRequest().body(other.to_owned())),
+        }
+        Ok(HttpResponse::Ok().body(setting(&db, &name).await?))
+    }
+
+    /// An after-commit hook that records `event`.
+    fn record(
+        events: &web::Data<Events>,
+        event: String,
+    ) -> impl FnOnce() -> std::future::Ready<Result<(), String>> + 'static {
+        let events = events.clone();
+        move || {
+            events
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(event);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    fn explode() -> Result<(), String> {
+        panic!("an after-commit hook panics");
+    }
+
+    /// Writes `name` and adds after-commit hooks that record `name:...`, then ends as `how`
+    /// says: `ok` (201), `409`, `error`, `panic`, `failing-commit` (a deferred constraint
+    /// fails at COMMIT); `hook-error` and `hook-panic` (a first hook fails, a second
+    /// records); `slow-{ms}` (a first hook records `name:first`, a second sleeps `ms`, then
+    /// records `name:slow`); `no-write` (200) and `no-write-409`, which never take a
+    /// connection.
+    pub async fn hooked(
+        db: DbSession,
+        path: web::Path<(String, String)>,
+        events: web::Data<Events>,
+    ) -> Answer {
+        let (name, how) = path.into_inner();
+        if let Some(ms) = how.strip_prefix("slow-") {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            db.after_commit(record(&events, format!("{name}:first")));
+            let slow = record(&events, format!("{name}:slow"));
+            db.after_commit(move || async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                slow().await
+            });
+            write(&db, &name).await?;
+            return Ok(HttpResponse::Created().body(name));
+        }
+        match how.as_str() {
+            "no-write" => {
+                db.after_commit(record(&events, format!("{name}:1")));
+                return Ok(HttpResponse::Ok().finish());
+            }
+            "no-write-409" => {
+                db.after_commit(record(&events, format!("{name}:1")));
+                return Ok(HttpResponse::Conflict().finish());
+            }
+            "hook-error" => db.after_commit(|| async { Err("the hook failed".to_owned()) }),
+            "hook-panic" => db.after_commit(|| async { explode() }),
+            _ => {}
+        }
+        db.after_commit(record(&events, format!("{name}:1")));
+        write(&db, &name).await?;
+        db.after_commit(record(&events, format!("{name}:2")));
+        match how.as_str() {
+            "ok" | "hook-error" | "hook-panic" => Ok(HttpResponse::Created().body(name)),
+            "409" => Ok(HttpResponse::Conflict().finish()),
+            "error" => Err(SessionError::Conflict),
+            "panic" => panic!("test handler panics after adding its hooks"),
+            "failing-commit" => {
+                diesel::sql_query("INSERT INTO checked (item_id) VALUES (-1)")
+                    .execute(&mut *db.conn().await?)
+                    .await?;
+                Ok(HttpResponse::Created().body(name))
+            }
+            other => Ok(HttpResponse::BadRequest().body(other.to_owned())),
+        }
+    }
+
+    /// Writes `name`, then commits early (`DbSession::commit`) and goes on as `how` says:
+    /// `then-500` (adds a hook recording `name`, commits, answers 500), `then-conn` (asks
+    /// for the connection again: 500 `refused: ...` when the session refuses, 200 when it
+    /// allows it), `holding-guard` (commits while holding the connection guard: 201
+    /// `refused: ...` when the session refuses, then the middleware commits; 200 when it
+    /// allows it), `failing-commit` (a deferred constraint fails at the early COMMIT; the
+    /// error is passed on), `then-sleep-{ms}` (sleeps `ms` after the COMMIT, answers 201).
+    pub async fn commit_early(
+        db: DbSession,
+        path: web::Path<(String, String)>,
+        events: web::Data<Events>,
+    ) -> Answer {
+        let (name, how) = path.into_inner();
+        if how == "holding-guard" {
+            let mut conn = db.conn().await?;
+            diesel::sql_query("INSERT INTO items (name) VALUES ($1)")
+                .bind::<Text, _>(name.as_str())
+                .execute(&mut *conn)
+                .await?;
+            let early = db.commit().await;
+            drop(conn);
+            return Ok(match early {
+                Err(e) => HttpResponse::Created().body(format!("refused: {e}")),
+                Ok(()) => HttpResponse::Ok().body("committed while the guard was held"),
+            });
+        }
+        write(&db, &name).await?;
+        if how == "failing-commit" {
+            diesel::sql_query("INSERT INTO checked (item_id) VALUES (-1)")
+                .execute(&mut *db.conn().await?)
+                .await?;
+        }
+        if how == "then-500" {
+            db.after_commit(record(&events, name.clone()));
+        }
+        db.commit().await?;
+        if let Some(ms) = how.strip_prefix("then-sleep-") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            return Ok(HttpResponse::Created().body(name));
+        }
+        match how.as_str() {
+            "then-500" => Ok(HttpResponse::InternalServerError().body("committed early")),
+            "then-conn" => Ok(match db.conn().await {
+                Err(e) => HttpResponse::InternalServerError().body(format!("refused: {e}")),
+                Ok(_) => HttpResponse::Ok().body("conn() after the commit was allowed"),
+            }),
+            "failing-commit" => Ok(HttpResponse::Created().body(name)),
+            other => Ok(HttpResponse::BadRequest().body(other.to_owned())),
+        }
+    }
+
+    /// Starts a statement and drops its future mid-flight (the handler's own timeout), as
+    /// a handler may: the statement's outcome is unknown, so the session closes the
+    /// connection instead of committing.
+    pub async fn abandon_statement(db: DbSession) -> Answer {
+        let mut conn = db.conn().await?;
+        let cut = tokio::time::timeout(
+            Duration::from_millis(50),
+            diesel::sql_query("SELECT pg_sleep(0.3)").execute(&mut *conn),
+        )
+        .await;
+        drop(conn);
+        Ok(match cut {
+            Err(_) => HttpResponse::Ok().body("statement abandoned"),
+            Ok(_) => HttpResponse::Conflict().body("the statement was not cut off"),
+        })
     }
 }
