@@ -13,12 +13,14 @@ use actix_diesel_session::{DbSession, SessionMiddleware};
 /// Longest account name, in characters, after trimming.
 const MAX_NAME_CHARS: usize = 100;
 
-/// Registers the account routes.
+/// Registers the account routes; the reads run in read-only transactions (contract
+/// section 10).
 pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
+    let read = session.clone().read_only();
     cfg.service(resource(
         "/accounts",
         [
-            (Method::GET, web::to(list)),
+            (Method::GET, web::to(list).wrap(read.clone())),
             (Method::POST, web::to(create)),
         ],
         session,
@@ -26,7 +28,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
     .service(resource(
         "/accounts/{id}",
         [(Method::GET, web::to(get))],
-        session,
+        &read,
     ));
 }
 

@@ -54,7 +54,10 @@ async fn get_account(
         return Err(missing());
     }
     let mut conn = checkout(&db).await?;
-    conn.transaction::<_, ApiError, _>(async |conn| Ok(accounts::find(conn, id).await?))
+    // Read-only, as the read routes run (contract section 10).
+    conn.build_transaction()
+        .read_only()
+        .run::<_, ApiError, _>(async |conn| Ok(accounts::find(conn, id).await?))
         .await?
         .map(web::Json)
         .ok_or_else(missing)

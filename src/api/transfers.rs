@@ -24,11 +24,13 @@ const BATCH_ENDPOINT: &str = "POST /transfers/batch";
 
 /// Registers the transfer routes. `/transfers/batch` comes before `/transfers/{id}`, which
 /// would otherwise match it.
+/// The reads run in read-only transactions (contract section 10).
 pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
+    let read = session.clone().read_only();
     cfg.service(resource(
         "/transfers",
         [
-            (Method::GET, web::to(list)),
+            (Method::GET, web::to(list).wrap(read.clone())),
             (Method::POST, web::to(create)),
         ],
         session,
@@ -41,7 +43,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
     .service(resource(
         "/transfers/{id}",
         [(Method::GET, web::to(get))],
-        session,
+        &read,
     ));
 }
 

@@ -109,14 +109,10 @@ async fn a_write_in_a_read_only_session_fails_and_rolls_back_leaving_the_connect
     app.assert_pool_clean_and_serving("after").await;
 }
 
-/// `SessionMiddleware::read_only` documents the failed write as "SQLSTATE 25006, a
-/// `SessionError::Database` error the handler passes on", which the default rendering
-/// answers 500. The error's conversion classifies every 25006 as `Unavailable` instead (a
-/// failover to a standby, says `error.rs`): 503 with `Retry-After: 1`, an invitation to
-/// retry a request that can never succeed.
+/// A write refused because the session asked to be read-only is a programming error: 500,
+/// not the 503 with `Retry-After` that the error's class (25006, a read-only server after
+/// a failover) would give, an invitation to retry a request that can never succeed.
 #[actix_web::test]
-#[ignore = "crate bug: a write in a read_only() session is answered 503 Unavailable with \
-            Retry-After, not the documented SessionError::Database (500)"]
 async fn a_write_in_a_read_only_session_is_the_database_error_its_docs_promise() {
     let app = TestApp::spawn().await;
     let response = app.post("/read-only/items/refused").await;
@@ -240,8 +236,6 @@ async fn a_setting_with_quotes_and_backslashes_round_trips_exactly() {
 /// the transaction runs without the setting the handler asked for. The same holds for the
 /// settings of `settings_from`, and after a check-out that timed out (503) and was retried.
 #[actix_web::test]
-#[ignore = "crate bug: settings queued by set_local/settings_from are lost when the first \
-            conn() fails or is cut off, and a second conn() begins without them"]
 async fn a_queued_setting_survives_a_first_conn_cut_off_by_the_handlers_own_timeout() {
     let app = TestApp::spawn().await;
     let (status, body) = post(&app, "/set-local/retry/app.x", None, "kept").await;
@@ -467,8 +461,6 @@ async fn an_early_commit_refused_by_the_server_is_the_handlers_error_and_nothing
 /// a handler that commits early and then takes longer than `leak_warn` is reported as
 /// holding a connection it no longer has.
 #[actix_web::test]
-#[ignore = "crate bug: a request that committed early is still reported by held_too_long \
-            (and logged as a possible leak) for the connection it gave back"]
 async fn a_request_that_committed_early_is_not_reported_as_holding_its_connection() {
     let app = TestApp::spawn_with(Options {
         config: |c| c.leak_warn = Some(Duration::from_millis(200)),
@@ -491,8 +483,6 @@ async fn a_request_that_committed_early_is_not_reported_as_holding_its_connectio
 /// instead of its 201, and the observer counts its one transaction twice
 /// (`committed/status` and `committed/commit_verified`).
 #[actix_web::test]
-#[ignore = "crate bug: a request that committed early is cut off by the statement deadline \
-            of a statement another request runs on the connection it gave back"]
 async fn a_request_that_committed_early_is_not_cut_off_by_the_next_user_of_its_connection() {
     let app = TestApp::spawn_with(Options {
         config: |c| {

@@ -29,6 +29,7 @@ use super::options::{Isolation, SettingsFn, TxOptions};
 use super::settings::Settings;
 use super::slot::{CancelGuard, ForgetRequest, Slot};
 use super::tx::Finish;
+use super::watch::WatchHandle;
 use crate::error::SessionError;
 use crate::observe::Reason;
 
@@ -49,10 +50,11 @@ use crate::observe::Reason;
 /// # }
 /// ```
 ///
-/// It may wrap the `App`, a scope or a resource: only the requests it wraps get a
-/// session. Wrapped twice around the same route, the inner one steps aside (one session
-/// per request, the outer one's, even when the two were made from different
-/// [`crate::Database`]s).
+/// It may wrap the `App`, a scope, a resource or a route: only the requests it wraps get
+/// a session. Wrapped more than once around the same route, there is still one session
+/// per request, the outermost one's (and its [`crate::Database`]'s), with the options of
+/// the innermost: a scope can carry the defaults and a route override them, say
+/// `.route("/report", web::get().to(report).wrap(db.middleware().read_only()))`.
 #[derive(Clone)]
 pub struct SessionMiddleware {
     settings: Arc<Settings>,
@@ -93,8 +95,10 @@ impl SessionMiddleware {
         self.with(|o| o.isolation = level)
     }
 
-    /// Runs the sessions as `READ ONLY` transactions: a write fails (SQLSTATE 25006, a
-    /// [`SessionError::Database`] error the handler passes on, and a rollback). A
+    /// Runs the sessions as `READ ONLY` transactions: a write fails (SQLSTATE 25006), the
+    /// transaction rolls back, and the middleware answers 500 ([`SessionError::Internal`])
+    /// in place of the handler's error (whose class, a read-only server after a failover,
+    /// would invite a retry that never helps). A
     /// read-only transaction has no id to learn, so its COMMIT goes out alone (one
     /// statement less than a read-write one), and a lost COMMIT answer changes nothing.
     pub fn read_only(self) -> Self {
@@ -171,8 +175,11 @@ where
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let service = self.service.clone();
-        if req.extensions().contains::<Slot>() {
-            // An outer session middleware already runs this request's session.
+        let outer = req.extensions().get::<Slot>().cloned();
+        if let Some(slot) = outer {
+            // An outer session middleware already runs this request's session: this one,
+            // nearer the handler, says which options it runs with.
+            slot.override_options(&self.options, &req);
             return Box::pin(async move {
                 service
                     .call(req)
@@ -275,6 +282,14 @@ async fn answer<B: MessageBody + 'static>(
             Err(err)
         }
         Ok(Ok(res)) => {
+            // Read before the session ends: the watch goes with the connection.
+            let refused_write = slot.options.borrow().read_only
+                && slot
+                    .deadlines
+                    .watch
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(WatchHandle::refused_write);
             let finished = match committed {
                 Some(result) => result,
                 None => {
@@ -289,6 +304,12 @@ async fn answer<B: MessageBody + 'static>(
             let finished = match finished {
                 Err(Finish::AnswerLost) => slot.resolve_lost_commit().await,
                 Err(Finish::Failed(e)) => Err(e),
+                // The handler passed on the server's refusal of a write in a session that
+                // asked to be read-only (25006, which the error's class calls a read-only
+                // server, worth a retry): a programming error, and a retry never helps.
+                Ok(()) if refused_write => Err(SessionError::internal(
+                    "a write was attempted in a read-only session",
+                )),
                 Ok(()) => Ok(()),
             };
             match finished {

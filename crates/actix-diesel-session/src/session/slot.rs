@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use actix_web::dev::ServiceRequest;
 use actix_web::HttpRequest;
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
@@ -45,7 +46,7 @@ pub(crate) struct SlotInner {
     pub(crate) deadlines: Deadlines,
     pub(crate) commit: CommitState,
     pub(crate) settings: Arc<Settings>,
-    pub(crate) options: Arc<TxOptions>,
+    pub(crate) options: RefCell<Arc<TxOptions>>,
     /// Transaction-local settings to send with the `BEGIN`.
     pub(crate) local: RefCell<Vec<(String, String)>>,
     /// What runs once the transaction committed.
@@ -77,7 +78,7 @@ impl Slot {
             deadlines: Deadlines::default(),
             commit: CommitState::default(),
             settings,
-            options,
+            options: RefCell::new(options),
             local: RefCell::new(local),
             hooks: RefCell::new(Vec::new()),
             committed: Cell::new(false),
@@ -95,6 +96,18 @@ impl Slot {
         if slot.is_none() {
             *slot = Some(request.clone());
         }
+    }
+
+    /// Takes `options` (an inner middleware's) for the session, with their per-request
+    /// settings, unless the session has begun already.
+    pub(crate) fn override_options(&self, options: &Arc<TxOptions>, req: &ServiceRequest) {
+        if !self.is_idle() {
+            return;
+        }
+        if let Some(settings) = &options.settings {
+            self.local.borrow_mut().extend(settings(req));
+        }
+        *self.options.borrow_mut() = options.clone();
     }
 
     /// Whether the session has no connection yet.
@@ -136,11 +149,16 @@ impl Slot {
                 "DbSession::commit called while the connection is in use or after the session ended",
             ));
         }
-        match self.finish(true, Reason::Status).await {
+        let result = match self.finish(true, Reason::Status).await {
             Ok(()) => Ok(()),
             Err(Finish::Failed(e)) => Err(e),
             Err(Finish::AnswerLost) => self.resolve_lost_commit().await,
-        }
+        };
+        // The connection is gone (back to the pool, or closed): its statements and its
+        // holding time are no longer this request's, for the rest of the handler.
+        *self.deadlines.watch.borrow_mut() = None;
+        self.deadlines.held_since.set(None);
+        result
     }
 
     pub(crate) fn replace(&self, state: State) -> State {
@@ -172,11 +190,14 @@ impl Slot {
     /// check-out timeout.
     pub(crate) async fn open(&self) -> Result<TxConn, SessionError> {
         let settings = &self.settings;
-        let local = std::mem::take(&mut *self.local.borrow_mut());
+        // Kept until the BEGIN that carries them succeeded: a check-out that fails or is
+        // cut off leaves them for the next `conn()`.
+        let local = self.local.borrow().clone();
+        let options = self.options.borrow().clone();
         let begin = if local.is_empty() {
-            Cow::Borrowed(self.options.begin.as_str())
+            Cow::Borrowed(options.begin.as_str())
         } else {
-            Cow::Owned(begin_with_settings(&self.options.begin, &local)?)
+            Cow::Owned(begin_with_settings(&options.begin, &local)?)
         };
         let tx = self
             .deadlines
@@ -186,6 +207,7 @@ impl Slot {
                 TxConn::begin(settings, &begin),
             )
             .await?;
+        self.local.borrow_mut().clear();
         *self.deadlines.watch.borrow_mut() = Some(tx.watch.clone());
         self.deadlines.held_since.set(Some(tx.checked_out));
         Ok(tx)
@@ -236,8 +258,8 @@ impl Slot {
                 // own cost").
                 let timeout = self.settings.finish_deadline;
                 if commit {
-                    let result =
-                        Box::pin(tx.commit(timeout, &self.commit, self.options.read_only)).await;
+                    let read_only = self.options.borrow().read_only;
+                    let result = Box::pin(tx.commit(timeout, &self.commit, read_only)).await;
                     match &result {
                         Ok(()) => {
                             self.committed.set(true);

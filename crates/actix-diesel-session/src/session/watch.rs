@@ -41,6 +41,8 @@ struct Seen {
     in_flight: u32,
     /// When the oldest of the unanswered statements was sent; `None` when there are none.
     in_flight_since: Option<Instant>,
+    /// A statement was refused because the transaction is read-only (SQLSTATE 25006).
+    refused_write: bool,
     /// The connection has prepared the session's transaction-id query (see `session::commit`);
     /// kept across check-outs, like the prepared statement itself.
     xid_prepared: bool,
@@ -63,6 +65,12 @@ impl WatchHandle {
     /// outcome is unknown, and the session treats the transaction accordingly.
     pub fn in_flight_since(&self) -> Option<Instant> {
         self.lock().in_flight_since
+    }
+
+    /// Whether a statement was refused because the transaction is read-only (25006): in a
+    /// session that asked for `READ ONLY`, a handler that tried to write.
+    pub fn refused_write(&self) -> bool {
+        self.lock().refused_write
     }
 
     /// Whether the connection has the transaction-id query prepared (`session::commit`).
@@ -161,7 +169,12 @@ impl Instrumentation for StatementWatch {
                 }
                 // Only a server-side error aborts the transaction; NotFound and decoding
                 // errors happen in the client after a successful statement.
-                if matches!(error, Some(diesel::result::Error::DatabaseError(..))) {
+                if let Some(diesel::result::Error::DatabaseError(_, info)) = error {
+                    if diesel_async::pg::sql_state(info.as_ref())
+                        == Some(tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+                    {
+                        seen.refused_write = true;
+                    }
                     let depth = seen.depth;
                     if depth > 0 {
                         seen.aborted_at = Some(seen.aborted_at.map_or(depth, |d| d.min(depth)));
