@@ -9,10 +9,10 @@
 //! - **Leak warning**: once the session has held its connection that long.
 //!
 //! The timer lives in [`run_with_deadlines`], which the middleware runs around the
-//! handler and its COMMIT. It is a hand-made poll rather than `tokio::select!` over a
-//! `Sleep` because it runs around every request: the timer registers only once the work
-//! has to wait, and afterwards it is looked at (an atomic load) instead of polled at every
-//! wake-up (measured in instructions per request: the repository's BENCHMARKS.md, "The session layer's own cost").
+//! handler and its COMMIT: one `Sleep`, re-armed with `reset`, polled after the work at
+//! every wake-up. (Not `tokio::select!`: the deadline can move during a poll of the work,
+//! when a check-out or a COMMIT starts, and the `Sleep` must be re-armed before it is
+//! polled.)
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -159,8 +159,6 @@ pub(crate) async fn run_with_deadlines<F: Future>(
     };
     let mut armed_for = next_wake(leak_after);
     let mut sleep = std::pin::pin!(tokio::time::sleep_until(armed_for.into()));
-    // The waker the timer was last registered with; `None` until it has been.
-    let mut registered: Option<Waker> = None;
     std::future::poll_fn(|cx| loop {
         if let Poll::Ready(output) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
@@ -182,18 +180,18 @@ pub(crate) async fn run_with_deadlines<F: Future>(
         if let Some(due) = due.filter(|due| *due < armed_for) {
             armed_for = due;
             sleep.as_mut().reset(due.into());
-            registered = None;
         }
-        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-            // Unconstrained: out of the task's cooperative budget, a `Sleep` answers
-            // Pending without registering the waker, and it is not polled again.
-            let polled = std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut())).poll(cx);
-            registered = Some(cx.waker().clone());
-            *deadlines.timer_waker.borrow_mut() = registered.clone();
-            if polled.is_pending() {
-                return Poll::Pending;
+        // Unconstrained: out of the task's cooperative budget, a `Sleep` answers Pending
+        // without registering the waker, and it would not be polled again.
+        if std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut()))
+            .poll(cx)
+            .is_pending()
+        {
+            // A check-out in another task wakes this one to arm the timer for it.
+            let mut timer = deadlines.timer_waker.borrow_mut();
+            if !timer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *timer = Some(cx.waker().clone());
             }
-        } else if !sleep.is_elapsed() {
             return Poll::Pending;
         }
         // The timer fired.
@@ -222,7 +220,6 @@ pub(crate) async fn run_with_deadlines<F: Future>(
         }
         armed_for = next_wake(leak_after);
         sleep.as_mut().reset(armed_for.into());
-        registered = None;
     })
     .await
 }
