@@ -230,11 +230,10 @@ async fn a_setting_with_quotes_and_backslashes_round_trips_exactly() {
 }
 
 /// `set_local` before the first `conn()` queues the setting for the BEGIN. A first
-/// `conn()` that the handler's own timeout cuts off (documented as allowed: the session
-/// goes back to idle) takes the queued settings with it (`Slot::open` moves them out with
-/// `std::mem::take` before the check-out), so the second `conn()` begins without them:
-/// the transaction runs without the setting the handler asked for. The same holds for the
-/// settings of `settings_from`, and after a check-out that timed out (503) and was retried.
+/// `conn()` that the handler's own timeout cuts off (allowed: the session goes back to
+/// idle) leaves the queued settings for the next `conn()`, whose transaction gets them.
+/// The same holds for the settings of `settings_from`, and after a check-out that timed
+/// out (503) and was retried.
 #[actix_web::test]
 async fn a_queued_setting_survives_a_first_conn_cut_off_by_the_handlers_own_timeout() {
     let app = TestApp::spawn().await;
@@ -456,10 +455,9 @@ async fn an_early_commit_refused_by_the_server_is_the_handlers_error_and_nothing
     app.assert_pool_clean_and_serving("after").await;
 }
 
-/// After an early commit the connection is back in the pool, but the request's leak
-/// warning still counts from its check-out (`Deadlines::held_since` is never cleared):
-/// a handler that commits early and then takes longer than `leak_warn` is reported as
-/// holding a connection it no longer has.
+/// After an early commit the connection is back in the pool, and the request no longer
+/// holds it: a handler that commits early and then takes longer than `leak_warn` is not
+/// reported as holding a connection.
 #[actix_web::test]
 async fn a_request_that_committed_early_is_not_reported_as_holding_its_connection() {
     let app = TestApp::spawn_with(Options {
@@ -473,15 +471,12 @@ async fn a_request_that_committed_early_is_not_reported_as_holding_its_connectio
     assert_eq!(app.tally.held_too_long(), 0, "{:?}", app.tally.outcomes());
 }
 
-/// After an early commit the request's deadline timer still reads the statement watch of
-/// the connection it gave back (`Deadlines::watch` is never cleared), and the pool hands
-/// that connection, watch included, to the next request. Here the next request abandons a
-/// statement (its own timeout drops the statement's future: allowed, its session then
-/// closes the connection), which leaves the watch reporting a statement in flight; once
-/// that is older than the statement deadline (500 ms + 1 s), the first request, which
-/// is only sleeping, is cut off: its COMMIT is "resolved" again, it is answered 503
-/// instead of its 201, and the observer counts its one transaction twice
-/// (`committed/status` and `committed/commit_verified`).
+/// After an early commit the request's deadline timer lets go of the statement watch of
+/// the connection it gave back, which the pool hands, watch included, to the next request.
+/// Here the next request abandons a statement (its own timeout drops the statement's
+/// future: its session then closes the connection), which leaves that watch reporting a
+/// statement in flight; the first request, only sleeping, must not be cut off by it (it
+/// would be answered 503 instead of its 201, its one transaction counted twice).
 #[actix_web::test]
 async fn a_request_that_committed_early_is_not_cut_off_by_the_next_user_of_its_connection() {
     let app = TestApp::spawn_with(Options {
