@@ -43,7 +43,9 @@
 # answers arrived together or apart.) So set up, the batches of a run agree to about
 # 0.05 %, and runs to about 0.3 % even with both cores kept busy by other work: compare
 # two builds by their medians, over two runs each when they differ by less than 0.5 %.
-# With --admin-url the server is neither pinned nor prioritised. The requests mirror
+# With --admin-url the server is neither pinned nor prioritised, and the counts are
+# higher (on a stock local server, 10 % and more: the service more often finds no answer
+# yet and parks): compare such runs only with each other. The requests mirror
 # bench/wrk: reads walk the accounts in turn, transfers move 1 to 100 units from one
 # account to the next, without an Idempotency-Key; both sides get the same sequence. The
 # environment is the benchmark's (pool 4 + 4, RUST_LOG=info with the access log going to
@@ -51,9 +53,9 @@
 # natively.
 #
 # The dumps stay in target/callgrind (callgrind.out.1 ... in the order of
-# results.tsv, one per batch); `callgrind_annotate target/callgrind/callgrind.out.1`
-# shows where a batch's instructions went. A run takes about three minutes with the
-# defaults.
+# results.tsv, one per batch; the table is summary.tsv); `callgrind_annotate
+# target/callgrind/callgrind.out.1` shows where a batch's instructions went. A run takes
+# two to five minutes with the defaults, depending on the other load on the machine.
 set -euo pipefail
 
 # One block, read to its end before any of it runs: an edit of this file during a run
