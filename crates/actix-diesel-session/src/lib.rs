@@ -71,7 +71,7 @@ pub use crate::pool::{
 };
 pub use crate::probe::{Check, Readiness};
 pub use crate::session::{
-    DbSession, ErrorRenderer, Isolation, SessionConn, SessionMiddleware, SessionService,
+    DbSession, ErrorRenderer, Isolation, Retry, SessionConn, SessionMiddleware, SessionService,
 };
 pub use crate::url::{DatabaseUrl, SslMode};
 

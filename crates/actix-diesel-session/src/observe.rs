@@ -50,6 +50,14 @@ pub trait SessionObserver: Send + Sync + 'static {
     fn transaction_ended(&self, outcome: Outcome) {
         let _ = outcome;
     }
+
+    /// `request`'s transaction ended in a conflict (serialization failure or deadlock)
+    /// on attempt `failed` (1 for the first), and the request is about to run again
+    /// ([`crate::SessionMiddleware::retry`]). The attempt's rollback was reported to
+    /// [`SessionObserver::transaction_ended`] already.
+    fn transaction_retried(&self, request: &HttpRequest, failed: u32) {
+        let _ = (request, failed);
+    }
 }
 
 /// An observer that ignores everything.

@@ -509,3 +509,134 @@ async fn a_request_that_committed_early_is_not_cut_off_by_the_next_user_of_its_c
         0
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Retries after a conflict
+
+/// The rows of `skew` as `(who, v)`, in order of `v`.
+async fn skew_rows(app: &TestApp) -> Vec<(String, i64)> {
+    app.db
+        .client()
+        .await
+        .query("SELECT who, v FROM skew ORDER BY v, who", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// Two serializable requests that each read the sum and add a row depending on it, made
+/// to overlap (their first attempts meet at a barrier after the read): one of them fails
+/// with a serialization failure, is rolled back and run again with its body, and both
+/// answer 201. The retry counter rose by exactly one, the table holds one of the two
+/// serial outcomes, and each request's after-commit hook ran once: the failed attempt's
+/// hook went with it.
+#[actix_web::test]
+async fn concurrent_serializable_requests_that_conflict_both_succeed_after_one_retry() {
+    let app = TestApp::spawn().await;
+    let (a, b) = tokio::join!(
+        post(&app, "/retry/skew/a", None, "1"),
+        post(&app, "/retry/skew/b", None, "10"),
+    );
+    assert_eq!((a.0, b.0), (201, 201), "both succeed: {a:?} {b:?}");
+    assert_eq!(app.tally.retried(), 1, "exactly one retry");
+    let attempts = app.retry.attempts.lock().unwrap().clone();
+    assert_eq!(
+        attempts
+            .values()
+            .copied()
+            .collect::<Vec<_>>()
+            .iter()
+            .sum::<u32>(),
+        3,
+        "three handler runs in all: {attempts:?}"
+    );
+    let rows = skew_rows(&app).await;
+    let a_first = vec![("a".to_owned(), 1), ("b".to_owned(), 11)];
+    let b_first = vec![("b".to_owned(), 10), ("a".to_owned(), 11)];
+    assert!(
+        rows == a_first || rows == b_first,
+        "the outcome of one of the serial orders: {rows:?}"
+    );
+    let mut events = app.events();
+    events.sort();
+    assert_eq!(events, ["skew:a", "skew:b"], "one hook per request");
+    assert_eq!(
+        app.tally.ended(Outcome::Committed(Reason::Status)),
+        2,
+        "{:?}",
+        app.tally.outcomes()
+    );
+}
+
+/// A request whose every attempt conflicts runs exactly the configured number of times
+/// (3), each with the whole body, then answers 503 with `Retry-After`; nothing of it is
+/// written and no hook runs. The retrying middleware here wraps the route inside a
+/// resource's session middleware without retries, and takes the session over.
+#[actix_web::test]
+async fn a_request_that_always_conflicts_answers_503_after_exactly_the_configured_attempts() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .client
+        .post(app.url("/retry/always/x"))
+        .body("the body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key(RETRY_AFTER));
+    assert_eq!(app.retry.attempts.lock().unwrap()["x"], 3);
+    assert_eq!(app.tally.retried(), 2);
+    assert_eq!(
+        app.events(),
+        vec![r#"x read "the body""#; 3],
+        "each attempt read the body"
+    );
+    assert_eq!(app.db.items_named("x").await, 0);
+    assert!(app.session_states().await.iter().all(|s| s == "idle"));
+}
+
+/// Without a retry policy, a conflict is answered at once: one attempt, 503.
+#[actix_web::test]
+async fn a_conflict_without_a_retry_policy_answers_503_at_once() {
+    let app = TestApp::spawn().await;
+    let (status, _) = post(&app, "/no-retry/always/y", None, "").await;
+    assert_eq!(status, 503);
+    assert_eq!(app.retry.attempts.lock().unwrap()["y"], 1);
+    assert_eq!(app.tally.retried(), 0);
+}
+
+/// A body larger than the retry policy's limit is not kept: the handler still reads all
+/// of it, and the conflict is answered without a retry.
+#[actix_web::test]
+async fn a_body_past_the_retry_limit_reaches_the_handler_whole_and_is_not_retried() {
+    let app = TestApp::spawn().await;
+    let (status, _) = post(&app, "/retry/small-body/z", None, "0123456789").await;
+    assert_eq!(status, 503);
+    assert_eq!(app.retry.attempts.lock().unwrap()["z"], 1);
+    assert_eq!(app.events(), [r#"z read "0123456789""#]);
+    assert_eq!(app.tally.retried(), 0);
+}
+
+/// A COMMIT refused with a serialization failure rolled back, so the request runs again:
+/// the second attempt commits, its hook runs, and the first attempt's does not.
+#[actix_web::test]
+async fn a_commit_refused_with_a_serialization_failure_is_retried() {
+    let app = TestApp::spawn().await;
+    let (status, _) = post(&app, "/retry/at-commit/c", None, "").await;
+    assert_eq!(status, 201);
+    assert_eq!(app.retry.attempts.lock().unwrap()["c"], 2);
+    assert_eq!(app.tally.retried(), 1);
+    assert_eq!(
+        app.db
+            .scalar("SELECT coalesce(max(attempt), 0)::bigint FROM refused_at_commit")
+            .await,
+        2
+    );
+    assert_eq!(app.events(), ["c:committed 2"]);
+    assert_eq!(
+        app.tally.outcomes(),
+        outcomes(&[("committed/status", 1), ("rolled_back/commit_failed", 1)])
+    );
+}

@@ -8,6 +8,9 @@
 //!    anything else (a status of 400 or more, an error, a panic) rolls back.
 //! 4. The response goes out only once the transaction has ended: the handler's when it
 //!    committed (or nothing was checked out), the error's otherwise.
+//! 5. With a retry policy ([`SessionMiddleware::retry`]), a transaction that ended in a
+//!    conflict goes back to step 1 with a new slot, the same request and a copy of its
+//!    body, instead of step 4 (`session::retry`).
 //!
 //! A statement past its deadline ends the work at once: its connection is closed (or, for
 //! a COMMIT sent, the outcome is resolved first); a request future dropped half-way rolls
@@ -17,15 +20,17 @@ use std::future::{ready, Ready};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix_web::body::{BoxBody, MessageBody};
-use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 
 use super::deadline::run_with_deadlines;
 use super::options::{Isolation, SettingsFn, TxOptions};
+use super::retry::Retry;
 use super::settings::Settings;
 use super::slot::{CancelGuard, ForgetRequest, Slot};
 use super::tx::Finish;
@@ -135,6 +140,39 @@ impl SessionMiddleware {
     }
 }
 
+impl SessionMiddleware {
+    /// Runs a request again, from the start and in a new transaction, when its
+    /// transaction ends in a serialization failure (40001) or a deadlock (40P01), as
+    /// [`Retry`] says (by default up to 3 attempts with a jittered back-off, within 2 s).
+    /// Only the last attempt's response is sent; when every attempt conflicted, the
+    /// answer is [`SessionError::Conflict`] (rendered as the application renders
+    /// errors). Each retry is reported to [`crate::SessionObserver::transaction_retried`].
+    ///
+    /// Side effects other than the session's own writes are not undone between attempts:
+    /// put them in [`super::DbSession::after_commit`] hooks, which run only for the attempt
+    /// that committed. Wrap a resource or a route, not a scope (the request is run through
+    /// the inner services again, and a scope would route it a second time). Nested inside
+    /// another session middleware, this one takes over the request's session, which has not
+    /// begun yet. See `session::retry` for the whole rule.
+    ///
+    /// ```no_run
+    /// # use actix_diesel_session::{Database, Isolation, Retry};
+    /// # use actix_web::{web, HttpResponse};
+    /// # fn routes(db: &Database) -> actix_web::Resource<impl actix_web::dev::ServiceFactory<actix_web::dev::ServiceRequest, Config = (), Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, Error = actix_web::Error, InitError = ()>> {
+    /// web::resource("/bookings")
+    ///     .route(web::post().to(|| async { HttpResponse::Created().finish() }))
+    ///     .wrap(
+    ///         db.middleware()
+    ///             .isolation(Isolation::Serializable)
+    ///             .retry(Retry::default().attempts(5).body_limit(64 * 1024)),
+    ///     )
+    /// # }
+    /// ```
+    pub fn retry(self, retry: Retry) -> Self {
+        self.with(|o| o.retry = Some(retry))
+    }
+}
+
 impl<S, B> Transform<S, ServiceRequest> for SessionMiddleware
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
@@ -176,47 +214,167 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let service = self.service.clone();
         let outer = req.extensions().get::<Slot>().cloned();
+        let mut inherited = Vec::new();
+        let mut settings = self.settings.clone();
         if let Some(slot) = outer {
-            // An outer session middleware already runs this request's session: this one,
-            // nearer the handler, says which options it runs with.
-            slot.override_options(&self.options, &req);
-            return Box::pin(async move {
-                service
-                    .call(req)
-                    .await
-                    .map(ServiceResponse::map_into_boxed_body)
-            });
+            if self.options.retry.is_none() || !slot.is_idle() {
+                // An outer session middleware already runs this request's session: this
+                // one, nearer the handler, says which options it runs with.
+                slot.override_options(&self.options, &req);
+                return Box::pin(async move {
+                    service
+                        .call(req)
+                        .await
+                        .map(ServiceResponse::map_into_boxed_body)
+                });
+            }
+            // This one retries: it runs the session itself, around the services it can
+            // call again, with the outer one's database and settings. The outer session
+            // stays idle, and ends with nothing to do.
+            inherited = slot.local.borrow().clone();
+            settings = slot.settings.clone();
         }
-        Box::pin(finalize(
-            req,
-            service,
-            self.settings.clone(),
-            self.options.clone(),
-        ))
+        let options = self.options.clone();
+        Box::pin(async move {
+            match options.retry.clone() {
+                None => once(req, &service, &settings, &options, inherited).await,
+                Some(retry) => {
+                    with_retries(req, &service, &settings, &options, inherited, &retry).await
+                }
+            }
+        })
     }
 }
 
-/// Runs one request under its session; see the module docs.
-async fn finalize<S, B>(
+/// Runs one request under one session, the usual case.
+async fn once<S, B>(
     req: ServiceRequest,
-    service: Rc<S>,
-    settings: Arc<Settings>,
-    options: Arc<TxOptions>,
+    service: &Rc<S>,
+    settings: &Arc<Settings>,
+    options: &Arc<TxOptions>,
+    inherited: Vec<(String, String)>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody + 'static,
 {
-    let local = options
-        .settings
-        .as_ref()
-        .map(|f| f(&req))
-        .unwrap_or_default();
-    let slot = Slot::new(settings, options, local);
+    let (slot, attempt) = finalize(req, service, settings, options, inherited, false).await;
+    let response = match attempt {
+        Attempt::Answer(response) => response,
+        // Never without a retry policy; answered as the handler did, all the same.
+        Attempt::Conflict(res) => Ok(res.map_into_boxed_body()),
+    };
+    slot.after_commit().await;
+    response
+}
+
+/// Runs one request under a session per attempt, running it again after a conflict as
+/// `retry` says; see `session::retry`.
+async fn with_retries<S, B>(
+    mut req: ServiceRequest,
+    service: &Rc<S>,
+    settings: &Arc<Settings>,
+    options: &Arc<TxOptions>,
+    inherited: Vec<(String, String)>,
+    retry: &Retry,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody + 'static,
+{
+    let started = Instant::now();
+    // Where routing stood: a router inside (a scope's) would move it on.
+    let routed = (
+        req.match_info().unprocessed().len(),
+        req.match_info().segment_count(),
+    );
+    let body = retry.buffer(&mut req).await;
+    let mut failed = 0;
+    loop {
+        let (slot, attempt) = finalize(
+            req,
+            service,
+            settings,
+            options,
+            inherited.clone(),
+            body.is_some(),
+        )
+        .await;
+        let res = match attempt {
+            Attempt::Answer(response) => {
+                slot.after_commit().await;
+                return response;
+            }
+            Attempt::Conflict(res) => res,
+        };
+        failed += 1;
+        // The attempt's session is over: its hooks go with it, and the request must be
+        // rid of it (and of every handle on the request) to be run again.
+        drop(slot);
+        let (request, _) = res.into_parts();
+        request.extensions_mut().remove::<Slot>();
+        let conflict = |request| {
+            let response = (settings.render)(SessionError::Conflict);
+            Ok(ServiceResponse::new(request, response))
+        };
+        let Some(delay) = retry.delay(failed, started.elapsed()) else {
+            log::warn!("transaction conflict on attempt {failed}; no attempt left in time");
+            return conflict(request);
+        };
+        let info = request.match_info();
+        if (info.unprocessed().len(), info.segment_count()) != routed {
+            log::error!(
+                "a session middleware that retries wraps a scope, which cannot route a request \
+                 twice: wrap the resource or route instead; answering the conflict"
+            );
+            return conflict(request);
+        }
+        let Some(body) = &body else {
+            return conflict(request);
+        };
+        settings.observer.transaction_retried(&request, failed);
+        log::info!(
+            "transaction conflict on attempt {failed}; running the request again in {delay:?}"
+        );
+        tokio::time::sleep(delay).await;
+        req = ServiceRequest::from_parts(request, Payload::from(body.clone()));
+    }
+}
+
+/// How one attempt at a request ended.
+enum Attempt<B> {
+    /// The answer to send (its transaction has ended).
+    Answer(Result<ServiceResponse<BoxBody>, actix_web::Error>),
+    /// The transaction rolled back after a conflict and may be run again (only when the
+    /// attempt was told it may): the handler's response, whose request is needed again.
+    Conflict(ServiceResponse<B>),
+}
+
+/// Runs one request (or one attempt at it) under its session; see the module docs. The
+/// session's per-request settings are `inherited` (an outer middleware's) and this one's
+/// own. With `retryable`, a transaction that ended in a conflict is given back as
+/// [`Attempt::Conflict`] rather than answered. The after-commit hooks are left to the
+/// caller, to run once the attempt is known to be the last.
+async fn finalize<S, B>(
+    req: ServiceRequest,
+    service: &Rc<S>,
+    settings: &Arc<Settings>,
+    options: &Arc<TxOptions>,
+    mut local: Vec<(String, String)>,
+    retryable: bool,
+) -> (Slot, Attempt<B>)
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody + 'static,
+{
+    if let Some(f) = &options.settings {
+        local.extend(f(&req));
+    }
+    let slot = Slot::new(settings.clone(), options.clone(), local);
     req.extensions_mut().insert(slot.clone());
     // No clone of the request is kept here: around a scope, the scope's router needs it
     // unshared. The slot learns it when a handler extracts its session.
-    let _forget = ForgetRequest(slot.clone());
+    let forget = ForgetRequest(slot.clone());
 
     let mut cancel = CancelGuard(Some(slot.clone()));
     // The handler and, when it succeeded, its COMMIT run under the same deadlines. The
@@ -247,13 +405,13 @@ where
     };
     cancel.0 = None;
 
-    let response = match (committed, outcome) {
-        (Some(committed), Some(outcome)) => answer(&slot, committed, outcome).await,
+    let attempt = match (committed, outcome) {
+        (Some(committed), Some(outcome)) => answer(&slot, committed, outcome, retryable).await,
         // A statement outlived its deadline.
-        (_, outcome) => after_deadline(&slot, outcome).await,
+        (_, outcome) => Attempt::Answer(after_deadline(&slot, outcome).await),
     };
-    slot.after_commit().await;
-    response
+    drop(forget);
+    (slot, attempt)
 }
 
 /// The answer once the work is done: the handler's outcome (`outcome`), after its
@@ -262,10 +420,11 @@ async fn answer<B: MessageBody + 'static>(
     slot: &Slot,
     committed: Option<Result<(), Finish>>,
     outcome: HandlerOutcome<B>,
-) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    retryable: bool,
+) -> Attempt<B> {
     let render = |e: SessionError| (slot.settings.render)(e);
 
-    match outcome {
+    Attempt::Answer(match outcome {
         Err(panic) => {
             let message = panic
                 .downcast_ref::<&str>()
@@ -283,13 +442,10 @@ async fn answer<B: MessageBody + 'static>(
         }
         Ok(Ok(res)) => {
             // Read before the session ends: the watch goes with the connection.
+            let watch = slot.deadlines.watch.borrow().clone();
             let refused_write = slot.options.borrow().read_only
-                && slot
-                    .deadlines
-                    .watch
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(WatchHandle::refused_write);
+                && watch.as_ref().is_some_and(WatchHandle::refused_write);
+            let conflict_seen = watch.as_ref().is_some_and(WatchHandle::conflict);
             let finished = match committed {
                 Some(result) => result,
                 None => {
@@ -301,6 +457,18 @@ async fn answer<B: MessageBody + 'static>(
                     slot.finish(false, reason).await
                 }
             };
+            if retryable && !slot.has_committed() {
+                // Rolled back (or refused at COMMIT) because of a conflict: worth another
+                // attempt. A COMMIT whose answer was lost is not: it may have committed.
+                let conflict = match &finished {
+                    Ok(()) => conflict_seen,
+                    Err(Finish::Failed(e)) => conflict_seen || e.is_conflict(),
+                    Err(Finish::AnswerLost) => false,
+                };
+                if conflict {
+                    return Attempt::Conflict(res);
+                }
+            }
             let finished = match finished {
                 Err(Finish::AnswerLost) => slot.resolve_lost_commit().await,
                 Err(Finish::Failed(e)) => Err(e),
@@ -317,7 +485,7 @@ async fn answer<B: MessageBody + 'static>(
                 Err(e) => Ok(res.into_response(render(e))),
             }
         }
-    }
+    })
 }
 
 /// Whether the handler's answer commits: a status below 400 that is not an error.

@@ -59,6 +59,7 @@ mod commit;
 mod deadline;
 mod finalize;
 mod options;
+mod retry;
 mod settings;
 mod slot;
 mod tx;
@@ -73,6 +74,7 @@ use diesel_async::AsyncPgConnection;
 
 pub use self::finalize::{SessionMiddleware, SessionService};
 pub use self::options::Isolation;
+pub use self::retry::Retry;
 pub use self::settings::ErrorRenderer;
 pub(crate) use self::settings::Settings;
 use self::slot::{Slot, State};

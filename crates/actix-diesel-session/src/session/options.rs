@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use actix_web::dev::ServiceRequest;
 
+use super::retry::Retry;
 use crate::error::SessionError;
 
 /// The isolation level of a session's transaction.
@@ -32,6 +33,8 @@ pub(crate) struct TxOptions {
     pub(crate) read_only: bool,
     pub(crate) deferrable: bool,
     pub(crate) settings: Option<SettingsFn>,
+    /// Whether, and how, a conflict runs the request again (`session::retry`).
+    pub(crate) retry: Option<Retry>,
     /// [`TxOptions::begin_sql`], made once.
     pub(crate) begin: String,
 }
@@ -43,6 +46,7 @@ impl Default for TxOptions {
             read_only: false,
             deferrable: false,
             settings: None,
+            retry: None,
             begin: "BEGIN".to_owned(),
         }
     }

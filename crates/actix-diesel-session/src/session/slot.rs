@@ -110,6 +110,12 @@ impl Slot {
         *self.options.borrow_mut() = options.clone();
     }
 
+    /// Whether the transaction committed (early, or at the end), or the request succeeded
+    /// without one.
+    pub(crate) fn has_committed(&self) -> bool {
+        self.committed.get()
+    }
+
     /// Whether the session has no connection yet.
     pub(crate) fn is_idle(&self) -> bool {
         matches!(*self.state.borrow(), State::Idle)

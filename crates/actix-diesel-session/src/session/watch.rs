@@ -43,6 +43,9 @@ struct Seen {
     in_flight_since: Option<Instant>,
     /// A statement was refused because the transaction is read-only (SQLSTATE 25006).
     refused_write: bool,
+    /// A statement failed because of a concurrent transaction (40001 serialization
+    /// failure, 40P01 deadlock): the transaction may succeed if run again.
+    conflict: bool,
     /// The connection has prepared the session's transaction-id query (see `session::commit`);
     /// kept across check-outs, like the prepared statement itself.
     xid_prepared: bool,
@@ -71,6 +74,12 @@ impl WatchHandle {
     /// session that asked for `READ ONLY`, a handler that tried to write.
     pub fn refused_write(&self) -> bool {
         self.lock().refused_write
+    }
+
+    /// Whether a statement failed with a serialization failure (40001) or a deadlock
+    /// (40P01) in this session (`session::retry`).
+    pub fn conflict(&self) -> bool {
+        self.lock().conflict
     }
 
     /// Whether the connection has the transaction-id query prepared (`session::commit`).
@@ -170,10 +179,12 @@ impl Instrumentation for StatementWatch {
                 // Only a server-side error aborts the transaction; NotFound and decoding
                 // errors happen in the client after a successful statement.
                 if let Some(diesel::result::Error::DatabaseError(_, info)) = error {
-                    if diesel_async::pg::sql_state(info.as_ref())
-                        == Some(tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
-                    {
-                        seen.refused_write = true;
+                    use tokio_postgres::error::SqlState;
+                    match diesel_async::pg::sql_state(info.as_ref()) {
+                        Some(SqlState::READ_ONLY_SQL_TRANSACTION) => seen.refused_write = true,
+                        Some(SqlState::T_R_SERIALIZATION_FAILURE)
+                        | Some(SqlState::T_R_DEADLOCK_DETECTED) => seen.conflict = true,
+                        _ => {}
                     }
                     let depth = seen.depth;
                     if depth > 0 {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_diesel_session::{
-    Database, DatabaseUrl, Isolation, Outcome, Reason, SessionConfig, SessionError,
+    Database, DatabaseUrl, Isolation, Outcome, Reason, Retry, SessionConfig, SessionError,
     SessionMiddleware, SessionObserver, TimeoutKind,
 };
 use actix_web::dev::{HttpServiceFactory, ServerHandle, Service, ServiceRequest};
@@ -38,7 +38,11 @@ const TEST_DB_PREFIX: &str = "ads_test_";
 /// - `docs`, under row-level security (forced, so that no owner escapes it either): a
 ///   role without `BYPASSRLS` sees the rows of the tenant named by the setting
 ///   `app.tenant_id` only. [`RLS_USER`] is that role (created once per server, and
-///   granted what it needs here: grants travel with the template).
+///   granted what it needs here: grants travel with the template);
+/// - `skew`, where serializable transactions that each read the sum and add a row
+///   depending on it conflict (write skew);
+/// - `refused_at_commit`, whose deferred trigger fails the COMMIT with a serialization
+///   failure (40001) when the row's `attempt` is 1.
 const SCHEMA: &str = "
     CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
     CREATE TABLE checked (
@@ -64,6 +68,17 @@ const SCHEMA: &str = "
         USING (tenant = current_setting('app.tenant_id', true));
     GRANT SELECT, INSERT ON docs, items TO ads_rls_user;
     GRANT USAGE ON SEQUENCE docs_id_seq, items_id_seq TO ads_rls_user;
+    CREATE TABLE skew (who text NOT NULL, v bigint NOT NULL);
+    CREATE TABLE refused_at_commit (attempt integer NOT NULL);
+    CREATE FUNCTION refuse_first_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.attempt = 1 THEN
+            RAISE EXCEPTION 'conflict at commit' USING ERRCODE = '40001';
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER refuse_first_attempt AFTER INSERT ON refused_at_commit
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_first_attempt();
 ";
 
 /// A role without `SUPERUSER` or `BYPASSRLS`, made by [`SCHEMA`]; the server's trust
@@ -303,6 +318,7 @@ pub struct Tally {
     checkout_timeouts: AtomicUsize,
     released: AtomicUsize,
     held_too_long: AtomicUsize,
+    retried: AtomicUsize,
 }
 
 fn index(reason: Reason) -> usize {
@@ -358,6 +374,11 @@ impl Tally {
     pub fn held_too_long(&self) -> usize {
         self.held_too_long.load(Ordering::SeqCst)
     }
+
+    /// Requests run again after a conflict (`transaction_retried`).
+    pub fn retried(&self) -> usize {
+        self.retried.load(Ordering::SeqCst)
+    }
 }
 
 /// `[(name, count), ...]` as [`Tally::outcomes`] gives it, for assertions.
@@ -404,6 +425,10 @@ impl SessionObserver for Observer {
 
     fn held_too_long(&self, _request: &actix_web::HttpRequest, _held: Duration) {
         self.0.held_too_long.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn transaction_retried(&self, _request: &actix_web::HttpRequest, _failed: u32) {
+        self.0.retried.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -495,6 +520,24 @@ fn setting_from_header(req: &ServiceRequest, header: &str, setting: &str) -> Vec
 /// What the after-commit hooks of the tests' handlers record, in the order they ran.
 pub type Events = Mutex<Vec<String>>;
 
+/// How many times each retrying handler ran, by the name in its path.
+pub type Attempts = Mutex<BTreeMap<String, u32>>;
+
+/// What the retried routes share: the attempts so far, and the barrier the first attempts
+/// of two `/retry/skew` requests meet at, so that they overlap whatever the timing.
+#[derive(Default)]
+pub struct RetryState {
+    pub attempts: Attempts,
+    pub barrier: Option<tokio::sync::Barrier>,
+}
+
+/// The retry policy of the tests' retried routes: the default attempts, and a first
+/// back-off of at least 50 ms, in which the transaction that won a conflict has surely
+/// committed (so that the retried one does not conflict with it again).
+fn quick_retry() -> Retry {
+    Retry::default().backoff(Duration::from_millis(100), Duration::from_millis(100))
+}
+
 /// The tests' application on its own database, served on a free port.
 pub struct TestApp {
     pub address: String,
@@ -504,6 +547,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// What the after-commit hooks recorded.
     pub events: web::Data<Events>,
+    /// What the retried routes share.
+    pub retry: web::Data<RetryState>,
     server: ServerHandle,
     cut_off: Arc<Notify>,
     // Last: dropped after the server and the pool are closed.
@@ -549,10 +594,16 @@ impl TestApp {
         let app_cut_off = cut_off.clone();
         let events = web::Data::new(Events::default());
         let app_events = events.clone();
+        let retry = web::Data::new(RetryState {
+            attempts: Attempts::default(),
+            barrier: Some(tokio::sync::Barrier::new(2)),
+        });
+        let app_retry = retry.clone();
         let server = HttpServer::new(move || {
             let (db, cut_off) = (&app_db, app_cut_off.clone());
             App::new()
                 .app_data(app_events.clone())
+                .app_data(app_retry.clone())
                 .service(post("/items/{name}", insert, db))
                 .service(post("/items/{name}/then-409", insert_then_409, db))
                 .service(post("/items/{name}/then-error", insert_then_error, db))
@@ -664,6 +715,36 @@ impl TestApp {
                 .service(post("/hooked/{name}/{how}", hooked, db))
                 .service(post("/early/{name}/{how}", commit_early, db))
                 .service(post("/abandon-statement", abandon_statement, db))
+                // Retries after a conflict.
+                .service(post_in(
+                    "/retry/skew/{who}",
+                    add_to_skew,
+                    db.middleware()
+                        .isolation(Isolation::Serializable)
+                        .retry(quick_retry()),
+                ))
+                .service(
+                    // Inside a resource's session middleware without retries, a route's
+                    // that retries takes the session over.
+                    web::resource("/retry/always/{name}")
+                        .route(
+                            web::post()
+                                .to(always_conflict)
+                                .wrap(db.middleware().retry(quick_retry())),
+                        )
+                        .wrap(db.middleware()),
+                )
+                .service(post_in(
+                    "/retry/small-body/{name}",
+                    always_conflict,
+                    db.middleware().retry(quick_retry().body_limit(4)),
+                ))
+                .service(post("/no-retry/always/{name}", always_conflict, db))
+                .service(post_in(
+                    "/retry/at-commit/{name}",
+                    conflict_at_first_commit,
+                    db.middleware().retry(quick_retry()),
+                ))
                 .configure(|cfg| {
                     if scope {
                         cfg.service(
@@ -694,6 +775,7 @@ impl TestApp {
                 .expect("client"),
             server: handle,
             events,
+            retry,
             cut_off,
             db,
         }
@@ -798,7 +880,7 @@ mod handlers {
     use diesel::QueryableByName;
     use diesel_async::RunQueryDsl;
 
-    use super::Events;
+    use super::{Events, RetryState};
 
     /// What a test handler answers with.
     type Answer = Result<HttpResponse, SessionError>;
@@ -1144,6 +1226,100 @@ mod handlers {
             "failing-commit" => Ok(HttpResponse::Created().body(name)),
             other => Ok(HttpResponse::BadRequest().body(other.to_owned())),
         }
+    }
+
+    /// Counts an attempt of the request named `name`; the number of this one.
+    fn attempt(state: &RetryState, name: &str) -> u32 {
+        let mut attempts = state
+            .attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = attempts.entry(name.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+
+    #[derive(QueryableByName)]
+    struct Sum {
+        #[diesel(sql_type = BigInt)]
+        sum: i64,
+    }
+
+    /// Write skew: reads the sum of `skew`, then adds a row of the sum plus the body's
+    /// number. Two of these run serially leave `{x, x + y}`; run concurrently under
+    /// `SERIALIZABLE`, one of them fails (40001). Each request's first attempt waits, after
+    /// its read, for the other's, so that they overlap. Its after-commit hook records
+    /// `skew:{who}`.
+    pub async fn add_to_skew(
+        db: DbSession,
+        who: web::Path<String>,
+        body: String,
+        state: web::Data<RetryState>,
+        events: web::Data<Events>,
+    ) -> Answer {
+        let n = attempt(&state, &who);
+        let x: i64 = body
+            .trim()
+            .parse()
+            .map_err(|_| SessionError::internal("body"))?;
+        db.after_commit(record(&events, format!("skew:{who}")));
+        let sum = diesel::sql_query("SELECT coalesce(sum(v), 0)::bigint AS sum FROM skew")
+            .get_result::<Sum>(&mut *db.conn().await?)
+            .await?
+            .sum;
+        if n == 1 {
+            if let Some(barrier) = &state.barrier {
+                let met = tokio::time::timeout(Duration::from_secs(10), barrier.wait()).await;
+                assert!(met.is_ok(), "the other request's first attempt came");
+            }
+        }
+        diesel::sql_query("INSERT INTO skew (who, v) VALUES ($1, $2)")
+            .bind::<Text, _>(who.as_str())
+            .bind::<BigInt, _>(sum + x)
+            .execute(&mut *db.conn().await?)
+            .await?;
+        Ok(HttpResponse::Created().body(format!("{who}: attempt {n}")))
+    }
+
+    /// Writes, records the body it read, then raises a serialization failure (40001) on
+    /// the server, every time.
+    pub async fn always_conflict(
+        db: DbSession,
+        name: web::Path<String>,
+        body: String,
+        state: web::Data<RetryState>,
+        events: web::Data<Events>,
+    ) -> Answer {
+        attempt(&state, &name);
+        events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(format!("{name} read {body:?}"));
+        db.after_commit(record(&events, format!("{name}:committed")));
+        write(&db, &name).await?;
+        diesel::sql_query(
+            "DO $$ BEGIN RAISE EXCEPTION 'conflict by design' USING ERRCODE = '40001'; END $$",
+        )
+        .execute(&mut *db.conn().await?)
+        .await?;
+        Ok(HttpResponse::Created().finish())
+    }
+
+    /// Writes a row whose COMMIT fails with a serialization failure on the first attempt
+    /// only; the after-commit hook records `{name}:committed`.
+    pub async fn conflict_at_first_commit(
+        db: DbSession,
+        name: web::Path<String>,
+        state: web::Data<RetryState>,
+        events: web::Data<Events>,
+    ) -> Answer {
+        let n = attempt(&state, &name);
+        db.after_commit(record(&events, format!("{name}:committed {n}")));
+        diesel::sql_query("INSERT INTO refused_at_commit (attempt) VALUES ($1)")
+            .bind::<Integer, _>(i32::try_from(n).unwrap_or(i32::MAX))
+            .execute(&mut *db.conn().await?)
+            .await?;
+        Ok(HttpResponse::Created().finish())
     }
 
     /// Starts a statement and drops its future mid-flight (the handler's own timeout), as
