@@ -10,6 +10,8 @@
 #   --admin-url URL                      a server-admin URL of a running PostgreSQL to
 #                                        create the (throwaway) database on, instead of a
 #                                        private cluster started with scripts/pg.sh
+#   --env NAME=VALUE                     one more setting for the service (repeatable),
+#                                        to measure what a setting costs
 #
 # What it measures: the service runs under `valgrind --tool=callgrind` with one HTTP
 # worker (HTTP_WORKERS=1: one thread serves the requests and drives their connections),
@@ -70,13 +72,15 @@ BIN=
 REQUESTS=2000
 REPS=3
 ADMIN_URL=
+EXTRA_ENV=()
 while [ $# -gt 0 ]; do
   case $1 in
     --bin) BIN=$2; shift ;;
     --requests) REQUESTS=$2; shift ;;
     --reps) REPS=$2; shift ;;
     --admin-url) ADMIN_URL=$2; shift ;;
-    *) echo "usage: $0 [--bin PATH] [--requests N] [--reps R] [--admin-url URL]" >&2; exit 2 ;;
+    --env) [[ $2 =~ ^[A-Z_]+=.*$ ]] || die "--env takes NAME=VALUE"; EXTRA_ENV+=("$2"); shift ;;
+    *) echo "usage: $0 [--bin PATH] [--requests N] [--reps R] [--admin-url URL] [--env NAME=VALUE]..." >&2; exit 2 ;;
   esac
   shift
 done
@@ -189,7 +193,7 @@ PORT=$(free_port)
   DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW=4 HTTP_WORKERS=1 \
   RUN_MIGRATIONS=false SHUTDOWN_DRAIN_SECS=0 SHUTDOWN_TIMEOUT_SECS=60 RUST_LOG=info \
   DB_POOL_TIMEOUT=300 DB_HEALTH_TIMEOUT=60 DB_POOL_IDLE_TIMEOUT=3600 \
-  DB_IDLE_IN_TX_TIMEOUT=600000 \
+  DB_IDLE_IN_TX_TIMEOUT=600000 "${EXTRA_ENV[@]}" \
   taskset -c "$PIN_CPU" valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" --dump-instr=no \
   --vgdb-prefix="$OUT/run/vgdb" "$BIN") >"$OUT/run/service.log" 2>&1 &
 SVC_PID=$!

@@ -61,6 +61,7 @@ impl Application {
             metrics,
             body_limit: config.http_body_limit,
             idempotency_ttl: config.idempotency_ttl,
+            request_id_setting: config.db.request_id_setting,
         };
         let listener = TcpListener::bind((config.host, config.port))?;
         let port = listener.local_addr()?.port();
@@ -126,7 +127,12 @@ pub struct AppState {
     pub body_limit: usize,
     /// How long idempotency keys count (`IDEMPOTENCY_TTL_SECS`).
     pub idempotency_ttl: Duration,
+    /// Whether transactions carry the request id (`DB_REQUEST_ID_SETTING`).
+    pub request_id_setting: bool,
 }
+
+/// The transaction-local setting that carries the request id (`DB_REQUEST_ID_SETTING`).
+pub const REQUEST_ID_SETTING: &str = "app.request_id";
 
 /// The Actix app: routes, shared state and middleware, in the order that matters. The
 /// server and in-process tests (`actix_web::test::init_service`) both use it.
@@ -141,7 +147,18 @@ pub fn app(
         InitError = (),
     >,
 > {
-    let session = state.db.middleware();
+    let mut session = state.db.middleware();
+    if state.request_id_setting {
+        // Sent in the same message as each transaction's BEGIN and local to it, so a
+        // trigger, an audit function or a `RAISE` can name the request with
+        // `current_setting('app.request_id', true)`. The value is a bound parameter, and
+        // the id itself is one the service made or validated (`request_id`).
+        session = session.settings_from(|_| {
+            request_id::current()
+                .map(|id| vec![(REQUEST_ID_SETTING.to_owned(), id)])
+                .unwrap_or_default()
+        });
+    }
     App::new()
         .app_data(state.db)
         .app_data(state.health)

@@ -19,6 +19,7 @@
 //! | `DB_HEALTH_TIMEOUT` | 2 s |
 //! | `DB_LEAK_WARN_SECS` | 10 s |
 //! | `DB_ECHO` | false |
+//! | `DB_REQUEST_ID_SETTING` | false |
 //! | `RUN_MIGRATIONS` | true |
 //! | `HTTP_BODY_LIMIT` | 65536 bytes |
 //! | `IDEMPOTENCY_TTL_SECS` | 86400 s |
@@ -46,6 +47,9 @@ pub const DEFAULT_HTTP_BODY_LIMIT: usize = 64 * 1024;
 pub const DEFAULT_IDEMPOTENCY_TTL_SECS: u64 = 86_400;
 pub const DEFAULT_SHUTDOWN_DRAIN_SECS: u64 = 5;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// Off: it adds a statement to every transaction's BEGIN message (see the README,
+/// "The request id in the database").
+pub const DEFAULT_REQUEST_ID_SETTING: bool = false;
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
 /// Upper bound of `DB_POOL_SIZE` and `DB_MAX_OVERFLOW` (contract section 6).
@@ -95,6 +99,9 @@ pub struct DbConfig {
     pub leak_warn: Option<Duration>,
     /// Log every SQL statement (text only) at `info`.
     pub echo: bool,
+    /// Put each request's `X-Request-Id` into its transaction as the setting
+    /// `app.request_id` (`DB_REQUEST_ID_SETTING`).
+    pub request_id_setting: bool,
 }
 
 /// The `application_name` of pooled connections.
@@ -222,6 +229,7 @@ impl Config {
                 secs => Some(Duration::from_secs(secs as u64)),
             },
             echo: env.boolean("DB_ECHO", false)?,
+            request_id_setting: env.boolean("DB_REQUEST_ID_SETTING", DEFAULT_REQUEST_ID_SETTING)?,
         };
         Ok(Config {
             db,

@@ -15,13 +15,17 @@ const MAX_NAME_CHARS: usize = 100;
 
 /// Registers the account routes; the reads run in read-only transactions (contract
 /// section 10).
-pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
+pub fn configure(
+    cfg: &mut web::ServiceConfig,
+    session: &SessionMiddleware,
+    write: &SessionMiddleware,
+) {
     let read = session.clone().read_only();
     cfg.service(resource(
         "/accounts",
         [
             (Method::GET, web::to(list).wrap(read.clone())),
-            (Method::POST, web::to(create)),
+            (Method::POST, web::to(create).wrap(write.clone())),
         ],
         session,
     ))

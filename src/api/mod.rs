@@ -18,7 +18,7 @@ use diesel_async::AsyncPgConnection;
 use serde::Serialize;
 
 use crate::error::ApiError;
-use actix_diesel_session::{DbSession, SessionMiddleware};
+use actix_diesel_session::{DbSession, Retry, SessionMiddleware};
 
 /// `/accounts`.
 pub mod accounts;
@@ -36,7 +36,8 @@ pub mod test_routes;
 pub mod transfers;
 
 /// Registers the API routes, each inside `session` (one transaction per request), and
-/// the extractor configuration.
+/// the extractor configuration. The routes that write run again after a deadlock or a
+/// serialization failure ([`write_retry`]).
 pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, session: &SessionMiddleware) {
     json::configure(cfg, body_limit);
     // `web::Json` is left to the benchmark baselines; the API's bodies use `json::Json`.
@@ -48,10 +49,20 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, session: &Sess
     // too. This way either side's request matches one pattern (after cheap prefix checks).
     #[cfg(feature = "bench")]
     bench_routes::configure(cfg);
-    accounts::configure(cfg, session);
-    transfers::configure(cfg, session);
+    let write = session.clone().retry(write_retry(body_limit));
+    accounts::configure(cfg, session, &write);
+    transfers::configure(cfg, session, &write);
     #[cfg(feature = "test-routes")]
-    test_routes::configure(cfg, session);
+    test_routes::configure(cfg, session, &write);
+}
+
+/// How the routes that write retry a transaction that ended in a deadlock (40P01) or a
+/// serialization failure (40001): the session layer's defaults (3 attempts in all, within
+/// 2 s), keeping bodies up to `HTTP_BODY_LIMIT`, which the body extractor enforces anyway.
+/// The handlers' only side effects are their writes, which a retry rolls back. After the
+/// last attempt the client gets 503 `transaction_conflict` with `Retry-After`.
+pub fn write_retry(body_limit: usize) -> Retry {
+    Retry::default().body_limit(body_limit)
 }
 
 /// [`crate::http::resource`] inside the session middleware. The middleware wraps each API

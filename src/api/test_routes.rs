@@ -4,6 +4,8 @@
 //! Each writes an account named after the route (the `name` query parameter, so a test can
 //! find its own rows) and then misbehaves in one specific way.
 
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use actix_web::http::Method;
@@ -32,8 +34,13 @@ struct Params {
     rows: i64,
 }
 
-/// Registers the test routes under `/_test`.
-pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
+/// Registers the test routes under `/_test`; `write` is the session of the API's routes
+/// that write (with retries).
+pub fn configure(
+    cfg: &mut web::ServiceConfig,
+    session: &SessionMiddleware,
+    write: &SessionMiddleware,
+) {
     let post = |route: fn() -> actix_web::Route| [(Method::POST, route())];
     cfg.service(resource(
         "/_test/write-then-4xx",
@@ -121,6 +128,16 @@ pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
         session,
     ))
     .service(resource("/_test/raise", post(|| web::to(raise)), session))
+    .service(resource(
+        "/_test/conflict",
+        post(|| web::to(conflict)),
+        write,
+    ))
+    .service(resource(
+        "/_test/setting",
+        [(Method::GET, web::to(setting))],
+        session,
+    ))
     .service(resource(
         "/_test/lock-account",
         post(|| web::to(lock_account)),
@@ -421,6 +438,58 @@ async fn raise(session: DbSession, q: web::Query<RaiseParams>) -> Result<HttpRes
     .execute(&mut *conn)
     .await?;
     Ok(HttpResponse::Ok().finish())
+}
+
+#[derive(Deserialize)]
+struct ConflictParams {
+    name: String,
+    times: u32,
+}
+
+/// Writes an account named `name`, then fails with a serialization failure (40001) on
+/// the first `times` attempts of requests with this name, and answers 201 after that. The
+/// route retries as the API's writes do.
+async fn conflict(
+    session: DbSession,
+    q: web::Query<ConflictParams>,
+) -> Result<HttpResponse, ApiError> {
+    static ATTEMPTS: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+    let attempt = {
+        let mut attempts = ATTEMPTS.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = attempts.entry(q.name.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    write(&session, &q.name).await?;
+    if attempt <= q.times {
+        diesel::sql_query("DO $$BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END$$")
+            .execute(&mut *session.conn().await?)
+            .await?;
+    }
+    Ok(HttpResponse::Created().json(serde_json::json!({ "attempt": attempt })))
+}
+
+#[derive(Deserialize)]
+struct SettingParams {
+    name: String,
+}
+
+/// The value of the setting `name` inside the request's transaction (`null` when unset).
+async fn setting(
+    session: DbSession,
+    q: web::Query<SettingParams>,
+) -> Result<HttpResponse, ApiError> {
+    #[derive(diesel::QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        value: Option<String>,
+    }
+    let value = diesel::sql_query("SELECT current_setting($1, true) AS value")
+        .bind::<diesel::sql_types::Text, _>(&q.name)
+        .get_result::<Value>(&mut *session.conn().await?)
+        .await?
+        .value;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "value": value })))
 }
 
 #[derive(Deserialize)]

@@ -25,20 +25,24 @@ const BATCH_ENDPOINT: &str = "POST /transfers/batch";
 /// Registers the transfer routes. `/transfers/batch` comes before `/transfers/{id}`, which
 /// would otherwise match it.
 /// The reads run in read-only transactions (contract section 10).
-pub fn configure(cfg: &mut web::ServiceConfig, session: &SessionMiddleware) {
+pub fn configure(
+    cfg: &mut web::ServiceConfig,
+    session: &SessionMiddleware,
+    write: &SessionMiddleware,
+) {
     let read = session.clone().read_only();
     cfg.service(resource(
         "/transfers",
         [
             (Method::GET, web::to(list).wrap(read.clone())),
-            (Method::POST, web::to(create)),
+            (Method::POST, web::to(create).wrap(write.clone())),
         ],
         session,
     ))
     .service(resource(
         "/transfers/batch",
         [(Method::POST, web::to(create_batch))],
-        session,
+        write,
     ))
     .service(resource(
         "/transfers/{id}",

@@ -92,7 +92,7 @@ impl TransactionLabels {
     }
 }
 
-/// Labels of a leak warning: who held the connection.
+/// Labels of a leak warning or a retry: the request's route and method.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HolderLabels {
     pub route: String,
@@ -120,6 +120,7 @@ struct Inner {
     xid_unknown: Counter,
     rollbacks: [Counter; ROLLBACK_REASONS.len()],
     leak_warnings: Family<HolderLabels, Counter>,
+    retries: Family<HolderLabels, Counter>,
 }
 
 impl DbMetrics {
@@ -196,6 +197,12 @@ impl DbMetrics {
                 "Connections held longer than DB_LEAK_WARN_SECS, by the route that held them",
                 Family::default(),
             ),
+            retries: registered(
+                registry,
+                "db_transaction_retries",
+                "Requests run again after a serialization failure or deadlock, by route",
+                Family::default(),
+            ),
         };
         for kind in TimeoutKind::ALL {
             drop(inner.timeouts.get_or_create(&kind_label(kind)));
@@ -207,8 +214,18 @@ impl DbMetrics {
     }
 }
 
-/// The session layer's events as Prometheus metrics. The leak warning adds the route
-/// template and method of the request that holds the connection.
+/// The route template and method of `request`, as a leak warning or a retry names it.
+fn holder(request: &HttpRequest) -> HolderLabels {
+    HolderLabels {
+        route: request
+            .match_pattern()
+            .unwrap_or_else(|| UNMATCHED.to_owned()),
+        method: http::method_label(request.method()),
+    }
+}
+
+/// The session layer's events as Prometheus metrics. The leak warning and the retry count
+/// add the route template and method of the request.
 impl SessionObserver for DbMetrics {
     fn checkout_waited(&self, waited: Duration) {
         self.0.acquire.observe(waited.as_secs_f64());
@@ -235,16 +252,11 @@ impl SessionObserver for DbMetrics {
     }
 
     fn held_too_long(&self, request: &HttpRequest, _held: Duration) {
-        let route = request
-            .match_pattern()
-            .unwrap_or_else(|| UNMATCHED.to_owned());
-        self.0
-            .leak_warnings
-            .get_or_create(&HolderLabels {
-                route,
-                method: http::method_label(request.method()),
-            })
-            .inc();
+        self.0.leak_warnings.get_or_create(&holder(request)).inc();
+    }
+
+    fn transaction_retried(&self, request: &HttpRequest, _failed: u32) {
+        self.0.retries.get_or_create(&holder(request)).inc();
     }
 
     fn transaction_ended(&self, outcome: Outcome) {

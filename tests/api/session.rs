@@ -243,6 +243,7 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
         metrics,
         body_limit: config.http_body_limit,
         idempotency_ttl: config.idempotency_ttl,
+        request_id_setting: config.db.request_id_setting,
     };
     let service = actix_test::init_service(ledger::app::app(state)).await;
 
