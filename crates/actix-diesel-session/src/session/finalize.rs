@@ -235,14 +235,16 @@ where
             settings = slot.settings.clone();
         }
         let options = self.options.clone();
-        Box::pin(async move {
-            match options.retry.clone() {
-                None => once(req, &service, &settings, &options, inherited).await,
-                Some(retry) => {
-                    with_retries(req, &service, &settings, &options, inherited, &retry).await
-                }
+        // Two futures boxed apart: a request without retries does not carry (allocate and
+        // move) the larger state of one with them.
+        match options.retry.clone() {
+            None => {
+                Box::pin(async move { once(req, &service, &settings, &options, inherited).await })
             }
-        })
+            Some(retry) => Box::pin(async move {
+                with_retries(req, &service, &settings, &options, inherited, &retry).await
+            }),
+        }
     }
 }
 
