@@ -607,6 +607,38 @@ async fn a_conflict_without_a_retry_policy_answers_503_at_once() {
     assert_eq!(app.tally.retried(), 0);
 }
 
+/// A conflict the handler recovered from, by rolling back to a savepoint around it, is
+/// no reason to run the request again: its own 422 rolls back once and is the answer, and
+/// its 201 commits, both after one attempt.
+#[actix_web::test]
+async fn a_conflict_recovered_at_a_savepoint_is_not_retried_and_the_handlers_answer_stands() {
+    let app = TestApp::spawn().await;
+    let (status, _) = post(&app, "/retry/recovered/r422/422", None, "").await;
+    assert_eq!(status, 422);
+    assert_eq!(app.retry.attempts.lock().unwrap()["r422"], 1);
+    assert_eq!(app.db.items_named("r422").await, 0, "the 422 rolled back");
+    let (status, _) = post(&app, "/retry/recovered/r201/201", None, "").await;
+    assert_eq!(status, 201);
+    assert_eq!(app.retry.attempts.lock().unwrap()["r201"], 1);
+    assert_eq!(app.db.items_named("r201").await, 1, "the 201 committed");
+    assert_eq!(app.tally.retried(), 0);
+}
+
+/// A conflict the handler swallowed, answering 201 in a transaction the conflict aborted,
+/// is told to the client as the conflict it is: 503 (worth a retry), not a 500, and, with
+/// a retry policy, run again until the attempts are spent.
+#[actix_web::test]
+async fn a_swallowed_conflict_is_answered_503_or_retried() {
+    let app = TestApp::spawn().await;
+    let (status, _) = post(&app, "/no-retry/recovered/s1/swallowed", None, "").await;
+    assert_eq!(status, 503);
+    assert_eq!(app.retry.attempts.lock().unwrap()["s1"], 1);
+    let (status, _) = post(&app, "/retry/recovered/s2/swallowed", None, "").await;
+    assert_eq!(status, 503);
+    assert_eq!(app.retry.attempts.lock().unwrap()["s2"], 3);
+    assert_eq!(app.tally.retried(), 2);
+}
+
 /// A body larger than the retry policy's limit is not kept: the handler still reads all
 /// of it, and the conflict is answered without a retry.
 #[actix_web::test]

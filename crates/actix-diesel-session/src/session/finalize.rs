@@ -284,13 +284,14 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody + 'static,
 {
-    let started = Instant::now();
     // Where routing stood: a router inside (a scope's) would move it on.
     let routed = (
         req.match_info().unprocessed().len(),
         req.match_info().segment_count(),
     );
     let body = retry.buffer(&mut req).await;
+    // After the body: a slow upload does not use up the time for retries.
+    let started = Instant::now();
     let mut failed = 0;
     loop {
         let (slot, attempt) = finalize(
@@ -314,7 +315,10 @@ where
         // rid of it (and of every handle on the request) to be run again.
         drop(slot);
         let (request, _) = res.into_parts();
-        request.extensions_mut().remove::<Slot>();
+        // Dropped after the extensions are released: what its hooks captured may look at
+        // the request when dropped.
+        let old = request.extensions_mut().remove::<Slot>();
+        drop(old);
         let conflict = |request| {
             let response = (settings.render)(SessionError::Conflict);
             Ok(ServiceResponse::new(request, response))
@@ -462,17 +466,26 @@ async fn answer<B: MessageBody + 'static>(
             if retryable && !slot.has_committed() {
                 // Rolled back (or refused at COMMIT) because of a conflict: worth another
                 // attempt. A COMMIT whose answer was lost is not: it may have committed.
-                let conflict = match &finished {
-                    Ok(()) => conflict_seen,
-                    Err(Finish::Failed(e)) => conflict_seen || e.is_conflict(),
-                    Err(Finish::AnswerLost) => false,
-                };
+                // Never when the handler's connection guard outlived it: that connection
+                // is still out, and the next attempt would hold a second one.
+                let conflict = !slot.guard_escaped()
+                    && match &finished {
+                        Ok(()) => conflict_seen,
+                        Err(Finish::Failed(e)) => conflict_seen || e.is_conflict(),
+                        Err(Finish::AnswerLost) => false,
+                    };
                 if conflict {
                     return Attempt::Conflict(res);
                 }
             }
             let finished = match finished {
                 Err(Finish::AnswerLost) => slot.resolve_lost_commit().await,
+                // A COMMIT refused because a conflict aborted the transaction (the
+                // handler swallowed the 40001/40P01 and answered success): the conflict
+                // is what the client must be told, 503 and worth a retry, not a 500.
+                Err(Finish::Failed(_)) if conflict_seen && !slot.guard_escaped() => {
+                    Err(SessionError::Conflict)
+                }
                 Err(Finish::Failed(e)) => Err(e),
                 // The handler passed on the server's refusal of a write in a session that
                 // asked to be read-only (25006, which the error's class calls a read-only

@@ -20,6 +20,16 @@
 //!   attempt that committed runs its hooks. The session cannot undo anything else a handler
 //!   did (a call to another service, a message sent): such side effects belong in
 //!   [`super::DbSession::after_commit`] hooks, or the route must not retry.
+//! - Each attempt gets the same request: what a handler, an extractor or an inner
+//!   middleware stored in its extensions in a failed attempt is still there in the next
+//!   (only the session's own state is removed). Do not keep rows read inside the
+//!   transaction there: the next attempt must read them again, in its own snapshot.
+//! - A conflict the handler recovered from, by rolling back to a savepoint around it, is
+//!   no reason to retry: the handler's answer stands. One it swallowed (answering success
+//!   in a transaction the conflict aborted) is: without a retry policy it is answered
+//!   503 [`crate::SessionError::Conflict`], not a 500.
+//! - The time bound (`within`) starts once the body has been read, so a slow upload does
+//!   not use it up.
 //! - The request goes through the same inner services again, so the middleware must wrap
 //!   the resource or route, whose routing has already happened, not a scope (whose router
 //!   would have to match the path a second time: Actix offers no way to undo its first

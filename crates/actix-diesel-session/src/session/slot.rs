@@ -53,6 +53,9 @@ pub(crate) struct SlotInner {
     hooks: RefCell<Vec<Hook>>,
     /// Set once the transaction committed (or the request succeeded without one).
     committed: Cell<bool>,
+    /// Set when the handler's connection guard outlived it: the connection is not back,
+    /// and a retry would hold a second one (`session::retry`).
+    escaped: Cell<bool>,
 }
 
 /// An after-commit hook: its future, and what it says went wrong.
@@ -82,6 +85,7 @@ impl Slot {
             local: RefCell::new(local),
             hooks: RefCell::new(Vec::new()),
             committed: Cell::new(false),
+            escaped: Cell::new(false),
         }))
     }
 
@@ -114,6 +118,11 @@ impl Slot {
     /// without one.
     pub(crate) fn has_committed(&self) -> bool {
         self.committed.get()
+    }
+
+    /// Whether the handler's connection guard outlived it (the session ended `Busy`).
+    pub(crate) fn guard_escaped(&self) -> bool {
+        self.escaped.get()
     }
 
     /// Whether the session has no connection yet.
@@ -253,6 +262,7 @@ impl Slot {
             State::Busy => {
                 // The guard escaped the handler. It rolls back when it is dropped.
                 log::error!("a DbSession connection outlived its handler; answering 500");
+                self.escaped.set(true);
                 Err(Finish::Failed(SessionError::internal(
                     "DbSession connection outlived its handler",
                 )))

@@ -43,9 +43,11 @@ struct Seen {
     in_flight_since: Option<Instant>,
     /// A statement was refused because the transaction is read-only (SQLSTATE 25006).
     refused_write: bool,
-    /// A statement failed because of a concurrent transaction (40001 serialization
-    /// failure, 40P01 deadlock): the transaction may succeed if run again.
-    conflict: bool,
+    /// The shallowest depth at which a statement failed because of a concurrent
+    /// transaction (40001 serialization failure, 40P01 deadlock) and was not rolled back
+    /// since: the transaction may succeed if run again. A handler that rolled back to a
+    /// savepoint around the failure recovered from it, and its answer stands.
+    conflict_at: Option<u32>,
     /// The connection has prepared the session's transaction-id query (see `session::commit`);
     /// kept across check-outs, like the prepared statement itself.
     xid_prepared: bool,
@@ -77,9 +79,10 @@ impl WatchHandle {
     }
 
     /// Whether a statement failed with a serialization failure (40001) or a deadlock
-    /// (40P01) in this session (`session::retry`).
+    /// (40P01) in this session and no rollback to a savepoint around it happened since
+    /// (`session::retry`).
     pub fn conflict(&self) -> bool {
-        self.lock().conflict
+        self.lock().conflict_at.is_some()
     }
 
     /// Whether the connection has the transaction-id query prepared (`session::commit`).
@@ -180,13 +183,17 @@ impl Instrumentation for StatementWatch {
                 // errors happen in the client after a successful statement.
                 if let Some(diesel::result::Error::DatabaseError(_, info)) = error {
                     use tokio_postgres::error::SqlState;
+                    let depth = seen.depth;
                     match diesel_async::pg::sql_state(info.as_ref()) {
                         Some(SqlState::READ_ONLY_SQL_TRANSACTION) => seen.refused_write = true,
                         Some(SqlState::T_R_SERIALIZATION_FAILURE)
-                        | Some(SqlState::T_R_DEADLOCK_DETECTED) => seen.conflict = true,
+                        | Some(SqlState::T_R_DEADLOCK_DETECTED) => {
+                            // Outside a transaction (depth 0) too: a COMMIT's failure.
+                            seen.conflict_at =
+                                Some(seen.conflict_at.map_or(depth, |d| d.min(depth)));
+                        }
                         _ => {}
                     }
-                    let depth = seen.depth;
                     if depth > 0 {
                         seen.aborted_at = Some(seen.aborted_at.map_or(depth, |d| d.min(depth)));
                     }
@@ -203,6 +210,12 @@ impl Instrumentation for StatementWatch {
                 seen.depth = depth.get() - 1;
                 if seen.aborted_at.is_some_and(|d| d >= depth.get()) {
                     seen.aborted_at = None;
+                }
+                // Rolled back to a savepoint around the conflict: recovered. (A rollback of
+                // the whole transaction, depth 1, keeps it: that is the session's own,
+                // and the conflict is why.)
+                if depth.get() > 1 && seen.conflict_at.is_some_and(|d| d >= depth.get()) {
+                    seen.conflict_at = None;
                 }
             }
             _ => {}

@@ -599,9 +599,10 @@ impl TestApp {
             barrier: Some(tokio::sync::Barrier::new(2)),
         });
         let app_retry = retry.clone();
-        let server = HttpServer::new(move || {
-            let (db, cut_off) = (&app_db, app_cut_off.clone());
-            App::new()
+        let server =
+            HttpServer::new(move || {
+                let (db, cut_off) = (&app_db, app_cut_off.clone());
+                App::new()
                 .app_data(app_events.clone())
                 .app_data(app_retry.clone())
                 .service(post("/items/{name}", insert, db))
@@ -741,6 +742,12 @@ impl TestApp {
                 ))
                 .service(post("/no-retry/always/{name}", always_conflict, db))
                 .service(post_in(
+                    "/retry/recovered/{name}/{how}",
+                    recovered_conflict,
+                    db.middleware().retry(quick_retry()),
+                ))
+                .service(post("/no-retry/recovered/{name}/{how}", recovered_conflict, db))
+                .service(post_in(
                     "/retry/at-commit/{name}",
                     conflict_at_first_commit,
                     db.middleware().retry(quick_retry()),
@@ -755,13 +762,13 @@ impl TestApp {
                         );
                     }
                 })
-        })
-        .workers(1)
-        .disable_signals()
-        .shutdown_timeout(options.shutdown_timeout)
-        .listen(listener)
-        .expect("listen")
-        .run();
+            })
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(options.shutdown_timeout)
+            .listen(listener)
+            .expect("listen")
+            .run();
         let handle = server.handle();
         tokio::spawn(server);
         TestApp {
@@ -1303,6 +1310,41 @@ mod handlers {
         .execute(&mut *db.conn().await?)
         .await?;
         Ok(HttpResponse::Created().finish())
+    }
+
+    /// A serialization failure the handler recovers from: raised inside a nested unit of
+    /// work (a savepoint, which rolls back), after which the handler writes a row and
+    /// answers 422 as its own decision (`how` = `422`) or 201 (`201`). Or, with `how` =
+    /// `swallowed`, raised in the transaction itself and ignored, answering 201.
+    pub async fn recovered_conflict(
+        db: DbSession,
+        path: web::Path<(String, String)>,
+        state: web::Data<RetryState>,
+    ) -> Answer {
+        use diesel_async::AsyncConnection;
+        let (name, how) = path.into_inner();
+        attempt(&state, &name);
+        let raise =
+            "DO $$ BEGIN RAISE EXCEPTION 'conflict by design' USING ERRCODE = '40001'; END $$";
+        let mut conn = db.conn().await?;
+        if how == "swallowed" {
+            let swallowed = diesel::sql_query(raise).execute(&mut *conn).await;
+            assert!(swallowed.is_err(), "the server raised it");
+        } else {
+            let nested = conn
+                .transaction::<(), diesel::result::Error, _>(async |conn| {
+                    diesel::sql_query(raise).execute(conn).await?;
+                    Ok(())
+                })
+                .await;
+            assert!(nested.is_err(), "the server raised it inside the savepoint");
+            drop(conn);
+            write(&db, &name).await?;
+        }
+        Ok(match how.as_str() {
+            "422" => HttpResponse::UnprocessableEntity().finish(),
+            _ => HttpResponse::Created().finish(),
+        })
     }
 
     /// Writes a row whose COMMIT fails with a serialization failure on the first attempt
