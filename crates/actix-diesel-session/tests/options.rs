@@ -639,6 +639,18 @@ async fn a_swallowed_conflict_is_answered_503_or_retried() {
     assert_eq!(app.tally.retried(), 2);
 }
 
+/// A request whose connection guard outlived its handler is not run again after a
+/// conflict: its connection is still out, and a second attempt would hold a second one
+/// (the hold-and-wait that starves a pool). It is answered 500 after one attempt.
+#[actix_web::test]
+async fn a_conflict_whose_connection_guard_escaped_is_answered_500_without_a_retry() {
+    let app = TestApp::spawn().await;
+    let (status, _) = post(&app, "/retry/escaping/e", None, "").await;
+    assert_eq!(status, 500);
+    assert_eq!(app.retry.attempts.lock().unwrap()["e"], 1);
+    assert_eq!(app.tally.retried(), 0);
+}
+
 /// A body larger than the retry policy's limit is not kept: the handler still reads all
 /// of it, and the conflict is answered without a retry.
 #[actix_web::test]

@@ -748,6 +748,11 @@ impl TestApp {
                 ))
                 .service(post("/no-retry/recovered/{name}/{how}", recovered_conflict, db))
                 .service(post_in(
+                    "/retry/escaping/{name}",
+                    conflict_then_escape,
+                    db.middleware().retry(quick_retry()),
+                ))
+                .service(post_in(
                     "/retry/at-commit/{name}",
                     conflict_at_first_commit,
                     db.middleware().retry(quick_retry()),
@@ -1345,6 +1350,28 @@ mod handlers {
             "422" => HttpResponse::UnprocessableEntity().finish(),
             _ => HttpResponse::Created().finish(),
         })
+    }
+
+    /// Meets a serialization failure, then lets its connection guard outlive it (moved into
+    /// a task that holds it for 300 ms) and answers 201.
+    pub async fn conflict_then_escape(
+        db: DbSession,
+        name: web::Path<String>,
+        state: web::Data<RetryState>,
+    ) -> Answer {
+        attempt(&state, &name);
+        let mut conn = db.conn().await?;
+        let raised = diesel::sql_query(
+            "DO $$ BEGIN RAISE EXCEPTION 'conflict by design' USING ERRCODE = '40001'; END $$",
+        )
+        .execute(&mut *conn)
+        .await;
+        assert!(raised.is_err(), "the server raised it");
+        actix_web::rt::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(conn);
+        });
+        Ok(HttpResponse::Created().finish())
     }
 
     /// Writes a row whose COMMIT fails with a serialization failure on the first attempt
