@@ -149,11 +149,17 @@ async fn a_request_future_dropped_mid_transaction_rolls_back_and_leaves_no_sessi
         .await;
 
     assert_eq!(response.status(), 504);
-    assert_eq!(
-        app.tally.outcomes(),
-        outcomes(&[("rolled_back/cancelled", 1)])
-    );
+    // The rollback runs in a task spawned when the request future was dropped: the 504
+    // can arrive before it is done (and counted) on a loaded machine.
     wait_until_no_open_transaction(&app).await;
+    assert!(
+        eventually(SLACK, || async {
+            app.tally.outcomes() == outcomes(&[("rolled_back/cancelled", 1)])
+        })
+        .await,
+        "counted as a cancelled rollback: {:?}",
+        app.tally.outcomes()
+    );
     assert_eq!(app.db.items_named("dropped").await, 0, "rolled back");
     // Past the moment the handler would have finished and committed, had it lived on.
     tokio::time::sleep(Duration::from_millis(2000).saturating_sub(started.elapsed())).await;
