@@ -6,3 +6,4 @@
 mod connect;
 mod load;
 mod probe_flood;
+mod rolling_update;
