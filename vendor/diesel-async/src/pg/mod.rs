@@ -601,6 +601,35 @@ impl AsyncPgConnection {
         self.conn.cancel_token()
     }
 
+    /// Runs `query` (one or more statements) through the simple query protocol and
+    /// returns its rows as text: no statement is prepared, named or unnamed, so it works
+    /// where named prepared statements do not (PgBouncer in transaction mode before 1.21),
+    /// and outside a transaction. Recorded for instrumentation like `batch_execute`.
+    pub async fn simple_query(
+        &self,
+        query: &str,
+    ) -> QueryResult<Vec<tokio_postgres::SimpleQueryMessage>> {
+        self.record_instrumentation(InstrumentationEvent::start_query(&StrQueryHelper::new(
+            query,
+        )));
+        let connection_future = self.connection_future.as_ref().map(|rx| rx.resubscribe());
+        let simple_query = self
+            .conn
+            .simple_query(query)
+            .map_err(ErrorHelper)
+            .map_err(Into::into);
+        let r = drive_future(connection_future, simple_query).await;
+        let r = {
+            let mut transaction_manager = self.transaction_state.lock().await;
+            update_transaction_manager_status(r, &mut transaction_manager)
+        };
+        self.record_instrumentation(InstrumentationEvent::finish_query(
+            &StrQueryHelper::new(query),
+            r.as_ref().err(),
+        ));
+        r
+    }
+
     async fn set_config_options(&mut self) -> QueryResult<()> {
         use crate::run_query_dsl::RunQueryDsl;
 
