@@ -54,6 +54,7 @@ mod error;
 mod observe;
 mod pool;
 mod probe;
+mod replica;
 mod session;
 mod tls;
 mod url;
@@ -70,6 +71,7 @@ pub use crate::pool::{
     ping, spawn_periodic, DbPool, PingError, PoolError, PooledConnection, REAP_INTERVAL,
 };
 pub use crate::probe::{Check, Readiness};
+pub use crate::replica::{Lsn, ReadAfter, ReadReason, ReadTarget, ReplicaConfig, ReplicaStatus};
 pub use crate::session::{
     DbSession, ErrorRenderer, Isolation, Retry, SessionConn, SessionMiddleware, SessionService,
 };
@@ -91,6 +93,8 @@ pub struct DatabaseBuilder {
     config: SessionConfig,
     observer: Arc<dyn SessionObserver>,
     render: ErrorRenderer,
+    replicas: Vec<DatabaseUrl>,
+    replica_config: ReplicaConfig,
 }
 
 impl Database {
@@ -101,6 +105,8 @@ impl Database {
             config,
             observer: Arc::new(NoObserver),
             render: Arc::new(|e: SessionError| actix_web::ResponseError::error_response(&e)),
+            replicas: Vec::new(),
+            replica_config: ReplicaConfig::default(),
         }
     }
 
@@ -139,10 +145,22 @@ impl Database {
         Readiness::new(connector, cfg.probe_timeout, cfg.max_lifetime)
     }
 
-    /// Closes the pool: idle connections close now, connections in use when they come
-    /// back; check-outs fail from now on.
+    /// What the latest measurement of each replica found (none without replicas).
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.settings
+            .replicas
+            .as_ref()
+            .map(|replicas| replicas.statuses())
+            .unwrap_or_default()
+    }
+
+    /// Closes the pool (and the replicas' pools): idle connections close now, connections
+    /// in use when they come back; check-outs fail from now on.
     pub fn close(&self) {
         self.settings.pool.close();
+        if let Some(replicas) = &self.settings.replicas {
+            replicas.close();
+        }
     }
 }
 
@@ -162,6 +180,16 @@ impl DatabaseBuilder {
         render: impl Fn(SessionError) -> HttpResponse + Send + Sync + 'static,
     ) -> Self {
         self.render = Arc::new(render);
+        self
+    }
+
+    /// Runs read-only sessions on these streaming replicas of the database when they are
+    /// current enough, as `config` says: a pool per replica, a background task that
+    /// measures their lag, and the primary whenever no replica is eligible. See
+    /// [`ReplicaConfig`] and the README, "Read replicas".
+    pub fn replicas(mut self, urls: Vec<DatabaseUrl>, config: ReplicaConfig) -> Self {
+        self.replicas = urls;
+        self.replica_config = config;
         self
     }
 
@@ -189,7 +217,19 @@ impl DatabaseBuilder {
         let pool = pool::build(&cfg, connector.clone(), self.observer.clone())
             .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
         pool::spawn_reaper(&pool, &cfg, self.observer.clone());
-        let settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
+        let mut settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
+        if !self.replicas.is_empty() {
+            let replicas = replica::Replicas::start(
+                &self.replicas,
+                &cfg,
+                &self.replica_config,
+                &settings.pool,
+                &settings.observer,
+                &settings.render,
+            )
+            .map_err(|e| SessionError::internal(format!("building a replica pool failed: {e}")))?;
+            settings.replicas = Some(replicas);
+        }
         Ok(Database {
             settings: Arc::new(settings),
             config: Arc::new(cfg),

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use actix_web::HttpRequest;
 
+use crate::replica::{ReadReason, ReadTarget};
+
 /// Receives the session layer's events. Every method defaults to nothing.
 pub trait SessionObserver: Send + Sync + 'static {
     /// A request checked a pooled connection out after waiting `waited`.
@@ -57,6 +59,13 @@ pub trait SessionObserver: Send + Sync + 'static {
     /// [`SessionObserver::transaction_ended`] already.
     fn transaction_retried(&self, request: &HttpRequest, failed: u32) {
         let _ = (request, failed);
+    }
+
+    /// A read-only session began on `target`, for `reason` (see
+    /// [`crate::DatabaseBuilder::replicas`]). A read run again on the primary after its
+    /// replica connection broke is reported again.
+    fn read_routed(&self, target: ReadTarget, reason: ReadReason) {
+        let _ = (target, reason);
     }
 }
 

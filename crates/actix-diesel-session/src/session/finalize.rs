@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::http::StatusCode;
 use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
@@ -37,6 +38,7 @@ use super::tx::Finish;
 use super::watch::WatchHandle;
 use crate::error::SessionError;
 use crate::observe::Reason;
+use crate::replica::ReadAfter;
 
 /// The finalizing middleware: one transaction per request, committed before the response
 /// when the status is below 400, rolled back otherwise (see the crate docs for the whole
@@ -260,7 +262,31 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody + 'static,
 {
-    let (slot, attempt) = finalize(req, service, settings, options, inherited, false).await;
+    let again = (settings.replicas.is_some() && options.read_only).then(|| inherited.clone());
+    let (slot, attempt) = finalize(req, service, settings, options, inherited, false, false).await;
+    // A read whose replica connection broke (or timed out) before it answered: nothing
+    // was sent, and the primary may well serve it. Once, and only for a session that
+    // began on a replica and did not commit.
+    let broke_on_replica = slot.ran_on_replica()
+        && !slot.has_committed()
+        && !slot.guard_escaped()
+        && matches!(&attempt, Attempt::Answer(Ok(res)) if res.status() == StatusCode::SERVICE_UNAVAILABLE);
+    let (slot, attempt) = match (broke_on_replica, again, attempt) {
+        (true, Some(inherited), Attempt::Answer(Ok(res))) => {
+            drop(slot);
+            let (request, _) = res.into_parts();
+            // As a retry does: the attempt's session must be gone from the request.
+            let old = request.extensions_mut().remove::<Slot>();
+            drop(old);
+            log::warn!(
+                "a read failed on its replica before it answered; running it again on the primary"
+            );
+            // Reads carry no body to replay (a body the handler read is not kept).
+            let req = ServiceRequest::from_parts(request, Payload::None);
+            finalize(req, service, settings, options, inherited, false, true).await
+        }
+        (_, _, attempt) => (slot, attempt),
+    };
     let response = match attempt {
         Attempt::Answer(response) => response,
         // Never without a retry policy; answered as the handler did, all the same.
@@ -301,6 +327,7 @@ where
             options,
             inherited.clone(),
             body.is_some(),
+            false,
         )
         .await;
         let res = match attempt {
@@ -368,6 +395,7 @@ async fn finalize<S, B>(
     options: &Arc<TxOptions>,
     mut local: Vec<(String, String)>,
     retryable: bool,
+    primary_only: bool,
 ) -> (Slot, Attempt<B>)
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
@@ -377,6 +405,11 @@ where
         local.extend(f(&req));
     }
     let slot = Slot::new(settings.clone(), options.clone(), local);
+    if settings.replicas.is_some() {
+        slot.read_after
+            .set(req.extensions().get::<ReadAfter>().map(|after| after.0));
+        slot.primary_only.set(primary_only);
+    }
     req.extensions_mut().insert(slot.clone());
     // No clone of the request is kept here: around a scope, the scope's router needs it
     // unshared. The slot learns it when a handler extracts its session.

@@ -10,6 +10,7 @@ use crate::connect::Connector;
 use crate::error::SessionError;
 use crate::observe::SessionObserver;
 use crate::pool::DbPool;
+use crate::replica::Replicas;
 
 /// How the middleware turns a [`SessionError`] into the response it sends instead of the
 /// handler's (see [`crate::DatabaseBuilder::render_errors`]).
@@ -32,6 +33,10 @@ pub(crate) struct Settings {
     pub(crate) leak_warn: Option<Duration>,
     pub(crate) after_commit_timeout: Duration,
     pub(crate) echo: bool,
+    /// The replicas that read-only sessions may run on (none by default).
+    pub(crate) replicas: Option<Arc<Replicas>>,
+    /// Bound on a replica's check-out plus BEGIN before the read goes to the primary.
+    pub(crate) replica_checkout_timeout: Duration,
 }
 
 impl Settings {
@@ -53,6 +58,10 @@ impl Settings {
             leak_warn: cfg.leak_warn,
             after_commit_timeout: cfg.after_commit_timeout,
             echo: cfg.echo,
+            replicas: None,
+            // A replica that does not hand out a connection within the probe timeout is
+            // treated like one that is down: the primary can still serve the read in time.
+            replica_checkout_timeout: cfg.checkout_timeout.min(cfg.probe_timeout),
         }
     }
 }

@@ -13,11 +13,12 @@ use futures_util::FutureExt;
 
 use super::commit::{self, Resolution, TxId};
 use super::deadline::Deadlines;
-use super::options::{begin_with_settings, TxOptions};
+use super::options::{begin_with_settings, Isolation, TxOptions};
 use super::settings::Settings;
 use super::tx::{abandon, CommitState, Finish, TxConn};
 use crate::error::{SessionError, LOST_BEFORE_COMMIT};
 use crate::observe::{Outcome, Reason};
+use crate::replica::{Lsn, Member, ReadReason, ReadTarget, Replicas};
 
 /// Where the request's session stands.
 pub(crate) enum State {
@@ -56,6 +57,13 @@ pub(crate) struct SlotInner {
     /// Set when the handler's connection guard outlived it: the connection is not back,
     /// and a retry would hold a second one (`session::retry`).
     escaped: Cell<bool>,
+    /// The position a read-only session must see, if the request asked for one
+    /// ([`crate::ReadAfter`]): only a replica that has replayed it may serve it.
+    pub(crate) read_after: Cell<Option<Lsn>>,
+    /// Set for a read run again after its replica connection broke: primary only.
+    pub(crate) primary_only: Cell<bool>,
+    /// Set once the session began on a replica.
+    on_replica: Cell<bool>,
 }
 
 /// An after-commit hook: its future, and what it says went wrong.
@@ -86,6 +94,9 @@ impl Slot {
             hooks: RefCell::new(Vec::new()),
             committed: Cell::new(false),
             escaped: Cell::new(false),
+            read_after: Cell::new(None),
+            primary_only: Cell::new(false),
+            on_replica: Cell::new(false),
         }))
     }
 
@@ -214,18 +225,87 @@ impl Slot {
         } else {
             Cow::Owned(begin_with_settings(&options.begin, &local)?)
         };
-        let tx = self
-            .deadlines
-            .checkout(
-                settings.checkout_timeout,
-                settings,
-                TxConn::begin(settings, &begin),
-            )
-            .await?;
+        let tx = match self.replica(&options) {
+            None => self.begin_on_primary(&begin).await?,
+            Some((replicas, replica)) => {
+                let on_replica = self
+                    .deadlines
+                    .checkout(
+                        settings.replica_checkout_timeout,
+                        settings,
+                        TxConn::begin(&replica.settings, &begin),
+                    )
+                    .await;
+                match on_replica {
+                    Ok(tx) => {
+                        self.on_replica.set(true);
+                        settings
+                            .observer
+                            .read_routed(ReadTarget::Replica, ReadReason::Replica);
+                        tx
+                    }
+                    Err(e) => {
+                        // Nothing has been read yet: the primary can serve it.
+                        replicas.mark_down(replica, &e.to_string());
+                        settings
+                            .observer
+                            .read_routed(ReadTarget::Primary, ReadReason::Down);
+                        self.begin_on_primary(&begin).await?
+                    }
+                }
+            }
+        };
         self.local.borrow_mut().clear();
         *self.deadlines.watch.borrow_mut() = Some(tx.watch.clone());
         self.deadlines.held_since.set(Some(tx.checked_out));
         Ok(tx)
+    }
+
+    /// The replica a read-only session runs on, if it may run on one and one is
+    /// eligible; otherwise reports why it runs on the primary. Writes, `SERIALIZABLE`
+    /// sessions (a hot standby refuses them) and reads run again after a replica broke
+    /// never go to a replica.
+    fn replica(&self, options: &TxOptions) -> Option<(&Replicas, &Member)> {
+        let settings = &self.settings;
+        if !options.read_only {
+            return None;
+        }
+        let observer = &settings.observer;
+        let replicas = match &settings.replicas {
+            Some(replicas) if options.isolation != Isolation::Serializable => replicas,
+            _ => {
+                observer.read_routed(ReadTarget::Primary, ReadReason::NoReplica);
+                return None;
+            }
+        };
+        if self.primary_only.get() {
+            observer.read_routed(ReadTarget::Primary, ReadReason::Down);
+            return None;
+        }
+        match replicas.choose(self.read_after.get()) {
+            Ok(member) => Some((replicas, member)),
+            Err(reason) => {
+                observer.read_routed(ReadTarget::Primary, reason);
+                None
+            }
+        }
+    }
+
+    /// Check-out and BEGIN on the primary, within the check-out timeout.
+    async fn begin_on_primary(&self, begin: &str) -> Result<TxConn, SessionError> {
+        let settings = &self.settings;
+        self.deadlines
+            .checkout(
+                settings.checkout_timeout,
+                settings,
+                TxConn::begin(settings, begin),
+            )
+            .await
+    }
+
+    /// Whether the session began on a replica.
+    pub(crate) fn ran_on_replica(&self) -> bool {
+        self.on_replica.get()
     }
 
     fn ended(&self, outcome: Outcome) {

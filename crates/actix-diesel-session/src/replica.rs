@@ -1,0 +1,624 @@
+//! Read replicas: which server a read-only session runs on, and how far behind each
+//! streaming replica is.
+//!
+//! - Each replica has a pool of its own, with the primary's limits and timeouts (the base
+//!   size may differ: [`ReplicaConfig::pool_size`]), and a dedicated monitoring connection
+//!   outside it.
+//! - A background task measures every replica each [`ReplicaConfig::sample_interval`]
+//!   (100 ms): requests never pay for a measurement. It samples the primary's insert
+//!   position (`pg_current_wal_insert_lsn()`, on a pooled connection checked out for the
+//!   moment, so the primary's connection budget does not grow) with the time it was asked,
+//!   keeping the samples a replica may not have replayed yet, and asks each replica for
+//!   its replay position (`pg_last_wal_replay_lsn()`). A replica's lag is a time: 0 when
+//!   it has replayed the latest sample, else how long ago the oldest sample it has not
+//!   replayed was taken. (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
+//!   replica that is fully caught up.) Positions a write's session reads after its COMMIT
+//!   (see [`crate::DbSession`]'s consistency position) count as samples too.
+//! - Every query here goes through the simple protocol: nothing outside a transaction
+//!   relies on a named prepared statement, which PgBouncer in transaction mode loses.
+//! - A read-only session that does not ask for `SERIALIZABLE` (a hot standby refuses it)
+//!   runs on a replica that answered the latest measurement, whose lag is within
+//!   [`ReplicaConfig::max_lag`] and, if the request carries a position it must see
+//!   ([`ReadAfter`]), whose last measured replay position is at or past it; among several,
+//!   in turn. With none such, on the primary. If the replica's check-out or `BEGIN`
+//!   fails, the session begins on the primary instead and the replica counts as down
+//!   until the next measurement says otherwise; the session middleware also runs a read
+//!   again on the primary, once, when its replica connection broke before it answered.
+//!   Writes never run on a replica: only read-only sessions are routed.
+//! - Replicas are named `host:port`, never by URL (which may hold a password).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::Timeouts;
+use diesel_async::AsyncPgConnection;
+use futures_util::future::join_all;
+
+use crate::config::SessionConfig;
+use crate::connect::Connector;
+use crate::observe::SessionObserver;
+use crate::pool::{self, DbPool};
+use crate::session::{ErrorRenderer, Settings};
+use crate::url::DatabaseUrl;
+
+/// A position in PostgreSQL's write-ahead log, in its text form `X/Y` (hexadecimal, upper
+/// case, e.g. `0/16B3748`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+/// PostgreSQL's WAL page size (`XLOG_BLCKSZ`, 8 KiB unless the server was built otherwise)
+/// and the largest page header (`SizeOfXLogLongPHD`, 40 bytes, at a segment's start).
+const WAL_PAGE: u64 = 8192;
+const WAL_PAGE_HEADER_MAX: u64 = 40;
+
+impl Lsn {
+    /// Parses PostgreSQL's text form, strictly: `^[0-9A-F]{1,8}/[0-9A-F]{1,8}$`.
+    pub fn parse(text: &str) -> Option<Lsn> {
+        let (high, low) = text.split_once('/')?;
+        let part = |p: &str| {
+            let hex = (1..=8).contains(&p.len())
+                && p.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+            hex.then(|| u64::from_str_radix(p, 16).ok()).flatten()
+        };
+        Some(Lsn((part(high)? << 32) | part(low)?))
+    }
+
+    /// Whether a server that has replayed up to `self` has replayed everything up to
+    /// `target`. Besides `self >= target`: the insert position that
+    /// `pg_current_wal_insert_lsn()` reports just after a page boundary points past the
+    /// next page's header, while a replica that replayed the record ending at the
+    /// boundary reports the boundary itself; no record fits in between, so that counts
+    /// as caught up (else an idle, caught-up replica would look ever more behind).
+    pub fn covers(self, target: Lsn) -> bool {
+        self >= target
+            || (self.0.is_multiple_of(WAL_PAGE)
+                && target.0 - self.0 <= WAL_PAGE_HEADER_MAX
+                && target.0 % WAL_PAGE <= WAL_PAGE_HEADER_MAX)
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// Put into a request's extensions (by the application, from a header of its choosing),
+/// it asks that the request's read-only session see at least this position: a replica
+/// serves it only if its last measured replay position is at or past it, else the primary
+/// does. What a client gets from [`crate::DbSession::consistency_position`] after a write
+/// is such a position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadAfter(pub Lsn);
+
+/// Where a read-only session ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReadTarget {
+    /// The primary.
+    Primary,
+    /// A replica.
+    Replica,
+}
+
+impl ReadTarget {
+    /// A short snake_case name, for labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadTarget::Primary => "primary",
+            ReadTarget::Replica => "replica",
+        }
+    }
+}
+
+/// Why a read-only session ran where it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum ReadReason {
+    /// A replica was eligible (target: replica).
+    Replica,
+    /// No replica could serve it at all: none configured, or the session asked for
+    /// `SERIALIZABLE`, which a hot standby refuses.
+    NoReplica,
+    /// Every replica was down (did not answer the latest measurement, or its
+    /// connection failed), also after a read's replica connection broke and it ran again.
+    Down,
+    /// Every replica that answers was further behind than the maximum lag.
+    Lagging,
+    /// A replica was current enough in general, but had not replayed the position the
+    /// request asked to see ([`ReadAfter`]).
+    Token,
+}
+
+impl ReadReason {
+    /// Every reason, for metrics that create their series up front.
+    pub const ALL: [ReadReason; 5] = [
+        ReadReason::Replica,
+        ReadReason::NoReplica,
+        ReadReason::Down,
+        ReadReason::Lagging,
+        ReadReason::Token,
+    ];
+
+    /// A short snake_case name, for labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadReason::Replica => "replica",
+            ReadReason::NoReplica => "no_replica",
+            ReadReason::Down => "down",
+            ReadReason::Lagging => "lagging",
+            ReadReason::Token => "token",
+        }
+    }
+}
+
+/// How the replicas are used. `Default` gives the values in brackets.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ReplicaConfig {
+    /// Connections kept per replica when idle (5); overflow, timeouts and lifetimes are
+    /// the primary's.
+    pub pool_size: usize,
+    /// A replica further behind than this serves no reads (5 s).
+    pub max_lag: Duration,
+    /// How often the primary's position is sampled and each replica measured (100 ms).
+    pub sample_interval: Duration,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            pool_size: 5,
+            max_lag: Duration::from_secs(5),
+            sample_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What the latest measurement of one replica found, for health checks and metrics.
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    /// `host:port`.
+    pub name: String,
+    /// Whether it answered the latest measurement (and no read's connection to it has
+    /// failed since).
+    pub up: bool,
+    /// Its lag, once known (see the module docs); `None` before its first answer, or
+    /// while it is behind every sample still kept.
+    pub lag: Option<Duration>,
+    /// Whether it serves reads now: up, and lag within the maximum.
+    pub eligible: bool,
+    /// How long the latest measurement's round trip took (connecting included).
+    pub response_time: Option<Duration>,
+    /// Why the latest measurement failed: the driver's text, which names no secret.
+    pub error: Option<String>,
+    /// Its pool's figures.
+    pub pool: deadpool::Status,
+}
+
+/// One replica: its sessions' settings (pool, connector) and what was last measured.
+pub(crate) struct Member {
+    pub(crate) name: String,
+    pub(crate) settings: Arc<Settings>,
+    monitor: Connector,
+    measured: Mutex<Measured>,
+}
+
+#[derive(Clone, Default)]
+struct Measured {
+    up: bool,
+    replayed: Option<Lsn>,
+    lag: Option<Duration>,
+    response_time: Option<Duration>,
+    error: Option<String>,
+}
+
+/// The primary's positions that some replica may not have replayed yet, in order.
+#[derive(Default)]
+struct Samples {
+    kept: VecDeque<(Lsn, Instant)>,
+    /// The newest sample dropped: a replica that has not replayed even this one is
+    /// behind by an unknown time (at least its age).
+    dropped: Option<(Lsn, Instant)>,
+}
+
+/// At most this many samples are kept (past it the oldest go): at one per 100 ms, a
+/// replica would have to be 100 s behind while the others are current, far past any
+/// sensible maximum lag.
+const MAX_SAMPLES: usize = 1000;
+/// A sample of the primary waits at most this long for a pooled connection: under a
+/// saturated pool it is skipped (writes' own positions keep the samples fresh then).
+const SAMPLE_CHECKOUT_WAIT: Duration = Duration::from_millis(50);
+
+/// The replicas of a [`crate::Database`]; see the module docs.
+pub(crate) struct Replicas {
+    pub(crate) members: Vec<Member>,
+    max_lag: Duration,
+    next: AtomicUsize,
+    samples: Mutex<Samples>,
+    closed: AtomicBool,
+}
+
+impl Replicas {
+    /// Builds a pool per replica (without connecting) and starts the monitoring task on
+    /// the current Tokio runtime.
+    pub(crate) fn start(
+        urls: &[DatabaseUrl],
+        cfg: &SessionConfig,
+        replica_cfg: &ReplicaConfig,
+        primary: &DbPool,
+        observer: &Arc<dyn SessionObserver>,
+        render: &ErrorRenderer,
+    ) -> Result<Arc<Replicas>, deadpool::managed::BuildError> {
+        let mut pool_cfg = cfg.clone();
+        pool_cfg.pool_size = replica_cfg.pool_size;
+        let mut members = Vec::with_capacity(urls.len());
+        for url in urls {
+            let mut connector = Connector::new(
+                url,
+                &cfg.application_name,
+                cfg.statement_timeout,
+                cfg.idle_in_transaction_timeout,
+                cfg.checkout_timeout,
+            );
+            if cfg.drive_on_callers_runtime {
+                connector = connector.on_callers_runtime();
+            }
+            let pool = pool::build(&pool_cfg, connector.clone(), observer.clone())?;
+            pool::spawn_reaper(&pool, &pool_cfg, observer.clone());
+            let monitor = connector.with_settings(
+                &format!("{}-monitor", cfg.application_name),
+                Some(cfg.probe_timeout),
+                cfg.idle_in_transaction_timeout,
+                cfg.probe_timeout,
+            );
+            members.push(Member {
+                name: server_name(url),
+                settings: Arc::new(Settings::new(
+                    &pool_cfg,
+                    pool,
+                    connector,
+                    observer.clone(),
+                    render.clone(),
+                )),
+                monitor,
+                measured: Mutex::new(Measured::default()),
+            });
+        }
+        let replicas = Arc::new(Replicas {
+            members,
+            max_lag: replica_cfg.max_lag,
+            next: AtomicUsize::new(0),
+            samples: Mutex::new(Samples::default()),
+            closed: AtomicBool::new(false),
+        });
+        spawn_monitor(
+            Arc::downgrade(&replicas),
+            primary.clone(),
+            replica_cfg.sample_interval,
+            cfg.probe_timeout,
+        );
+        Ok(replicas)
+    }
+
+    /// The replica a read-only session should run on, or why none.
+    pub(crate) fn choose(&self, after: Option<Lsn>) -> Result<&Member, ReadReason> {
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut why = ReadReason::Down;
+        for i in 0..n {
+            let member = &self.members[(start + i) % n];
+            let m = lock(&member.measured).clone();
+            if !m.up {
+                continue;
+            }
+            if m.lag.is_none_or(|lag| lag > self.max_lag) {
+                why = why.max(ReadReason::Lagging);
+                continue;
+            }
+            if let Some(after) = after {
+                if !m.replayed.is_some_and(|r| r.covers(after)) {
+                    why = why.max(ReadReason::Token);
+                    continue;
+                }
+            }
+            return Ok(member);
+        }
+        Err(why)
+    }
+
+    /// Counts `member` as down until its next measurement: a read's connection to it
+    /// failed.
+    pub(crate) fn mark_down(&self, member: &Member, error: &str) {
+        let mut m = lock(&member.measured);
+        if m.up {
+            log::warn!(
+                "replica {} failed a read ({error}); reads go elsewhere until it answers again",
+                member.name
+            );
+        }
+        m.up = false;
+        m.error = Some(error.to_owned());
+    }
+
+    /// Records that the primary was at `lsn` at `at` (or later).
+    pub(crate) fn record_position(&self, lsn: Lsn, at: Instant) {
+        let mut samples = lock(&self.samples);
+        if samples.kept.back().is_some_and(|(last, _)| *last >= lsn) {
+            // Not newer: the older sample's time is the one that matters.
+            return;
+        }
+        samples.kept.push_back((lsn, at));
+        if samples.kept.len() > MAX_SAMPLES {
+            samples.dropped = samples.kept.pop_front();
+        }
+    }
+
+    /// The latest measurement of every replica.
+    pub(crate) fn statuses(&self) -> Vec<ReplicaStatus> {
+        self.members
+            .iter()
+            .map(|member| {
+                let m = lock(&member.measured).clone();
+                ReplicaStatus {
+                    name: member.name.clone(),
+                    up: m.up,
+                    lag: m.lag,
+                    eligible: m.up && m.lag.is_some_and(|lag| lag <= self.max_lag),
+                    response_time: m.response_time,
+                    error: m.error,
+                    pool: member.settings.pool.status(),
+                }
+            })
+            .collect()
+    }
+
+    /// Closes the replicas' pools and stops the monitoring task.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for member in &self.members {
+            member.settings.pool.close();
+        }
+    }
+
+    /// The lag of a replica that has replayed up to `replayed`, now: see the module docs.
+    fn lag(&self, replayed: Lsn, now: Instant) -> Option<Duration> {
+        let samples = lock(&self.samples);
+        if samples
+            .dropped
+            .is_some_and(|(dropped, _)| !replayed.covers(dropped))
+        {
+            // Behind a sample no longer kept: by how long is unknown, and no read trusts
+            // an unknown lag.
+            return None;
+        }
+        let oldest_missing = samples
+            .kept
+            .iter()
+            .find(|(lsn, _)| !replayed.covers(*lsn))
+            .map(|(_, at)| *at);
+        Some(oldest_missing.map_or(Duration::ZERO, |at| now.saturating_duration_since(at)))
+    }
+
+    /// Drops the samples every replica that answers has replayed (keeping the newest).
+    fn prune(&self) {
+        let replayed: Vec<Lsn> = self
+            .members
+            .iter()
+            .filter_map(|member| {
+                let m = lock(&member.measured);
+                m.up.then_some(m.replayed).flatten()
+            })
+            .collect();
+        let Some(slowest) = replayed.into_iter().min() else {
+            return;
+        };
+        let mut samples = lock(&self.samples);
+        while samples.kept.len() > 1
+            && samples
+                .kept
+                .front()
+                .is_some_and(|(lsn, _)| slowest.covers(*lsn))
+        {
+            samples.dropped = samples.kept.pop_front();
+        }
+    }
+}
+
+/// Starts the measurement loop; it ends when the replicas are dropped or closed.
+fn spawn_monitor(replicas: Weak<Replicas>, primary: DbPool, every: Duration, timeout: Duration) {
+    tokio::spawn(async move {
+        let mut links: Vec<Option<AsyncPgConnection>> = Vec::new();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(replicas) = replicas.upgrade() else {
+                break;
+            };
+            if replicas.closed.load(Ordering::Acquire) || primary.is_closed() {
+                break;
+            }
+            links.resize_with(replicas.members.len(), || None);
+            measure_all(&replicas, &primary, &mut links, timeout).await;
+        }
+    });
+}
+
+/// One round: a sample of the primary, then every replica at once.
+async fn measure_all(
+    replicas: &Replicas,
+    primary: &DbPool,
+    links: &mut [Option<AsyncPgConnection>],
+    timeout: Duration,
+) {
+    let asked = Instant::now();
+    match sample_primary(primary, timeout).await {
+        Ok(lsn) => replicas.record_position(lsn, asked),
+        Err(e) => log::debug!("no sample of the primary's WAL position this round: {e}"),
+    }
+    let rounds = replicas
+        .members
+        .iter()
+        .zip(links.iter_mut())
+        .map(|(member, link)| async move {
+            let started = Instant::now();
+            let result = replay_position(&member.monitor, link, timeout).await;
+            (member, result, started.elapsed())
+        });
+    let now_results = join_all(rounds).await;
+    let now = Instant::now();
+    for (member, result, took) in now_results {
+        let lag = result.as_ref().ok().map(|r| replicas.lag(*r, now));
+        let mut m = lock(&member.measured);
+        match result {
+            Ok(replayed) => {
+                if !m.up {
+                    log::info!("replica {} answers; replayed up to {replayed}", member.name);
+                }
+                m.up = true;
+                m.replayed = Some(replayed);
+                m.lag = lag.flatten();
+                m.error = None;
+            }
+            Err(e) => {
+                if m.up {
+                    log::warn!("replica {} is down: {e}", member.name);
+                }
+                m.up = false;
+                m.error = Some(e);
+            }
+        }
+        m.response_time = Some(took);
+    }
+    replicas.prune();
+}
+
+/// The primary's insert position, on a pooled connection held for the query only.
+async fn sample_primary(primary: &DbPool, timeout: Duration) -> Result<Lsn, String> {
+    let timeouts = Timeouts {
+        wait: Some(SAMPLE_CHECKOUT_WAIT),
+        create: Some(timeout),
+        recycle: Some(timeout),
+    };
+    let conn = primary
+        .timeout_get(&timeouts)
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, current_position(&conn, INSERT_POSITION)).await {
+        Ok(result) => result,
+        Err(_) => {
+            // The query may still be running: the connection must not serve anyone else.
+            drop(deadpool::managed::Object::take(conn));
+            Err(format!("no answer within {timeout:?}"))
+        }
+    }
+}
+
+/// `SELECT pg_last_wal_replay_lsn()` on the replica's monitoring connection, made (again)
+/// when missing or failed; all within `timeout`.
+async fn replay_position(
+    connector: &Connector,
+    link: &mut Option<AsyncPgConnection>,
+    timeout: Duration,
+) -> Result<Lsn, String> {
+    let work = async {
+        if link.is_none() {
+            *link = Some(connector.establish().await.map_err(|e| e.to_string())?);
+        }
+        match link.as_ref() {
+            Some(conn) => current_position(conn, REPLAY_POSITION).await,
+            None => Err("no monitoring connection".to_owned()),
+        }
+    };
+    let result = tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+    if result.is_err() {
+        // Failed or cut off mid-way: start afresh next round.
+        *link = None;
+    }
+    result
+}
+
+/// Where the primary inserts its next WAL record.
+pub(crate) const INSERT_POSITION: &str = "SELECT pg_current_wal_insert_lsn()";
+/// How far a replica has replayed; NULL on a server that is not a standby.
+const REPLAY_POSITION: &str = "SELECT pg_last_wal_replay_lsn()";
+
+/// Runs `query`, which returns one LSN, through the simple protocol.
+pub(crate) async fn current_position(conn: &AsyncPgConnection, query: &str) -> Result<Lsn, String> {
+    let messages = conn.simple_query(query).await.map_err(|e| e.to_string())?;
+    let value = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0)),
+        _ => None,
+    });
+    match value {
+        Some(Some(text)) => Lsn::parse(text).ok_or_else(|| format!("not a WAL position: {text:?}")),
+        Some(None) => Err("not a standby (no replay position)".to_owned()),
+        None => Err("no row".to_owned()),
+    }
+}
+
+/// `host:port` of the URL's (first) server: how a replica is named in logs, metrics and
+/// health output, never by its URL.
+fn server_name(url: &DatabaseUrl) -> String {
+    let config = url.pg_config();
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+/// The guarded value even if a thread panicked while holding the lock: every value kept
+/// under these locks is valid at every point.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_parse_strictly_and_print_as_postgresql_does() {
+        assert_eq!(Lsn::parse("0/16B3748"), Some(Lsn(0x16B_3748)));
+        assert_eq!(Lsn::parse("1/0"), Some(Lsn(1 << 32)));
+        assert_eq!(Lsn::parse("FFFFFFFF/FFFFFFFF"), Some(Lsn(u64::MAX)));
+        for bad in [
+            "",
+            "0",
+            "/0",
+            "0/",
+            "0/16b3748",
+            "G/0",
+            "123456789/0",
+            " 0/1",
+            "0/1/2",
+            "+1/0",
+        ] {
+            assert_eq!(Lsn::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Lsn(0x16B_3748).to_string(), "0/16B3748");
+        assert_eq!(Lsn((3 << 32) | 0xA).to_string(), "3/A");
+    }
+
+    #[test]
+    fn a_page_header_alone_is_no_lag() {
+        assert!(Lsn(100).covers(Lsn(100)));
+        assert!(!Lsn(99).covers(Lsn(100)));
+        // The record before ended at the boundary; the insert position is past the header.
+        assert!(Lsn(8192).covers(Lsn(8192 + 24)));
+        assert!(Lsn(16 << 20).covers(Lsn((16 << 20) + 40)));
+        assert!(!Lsn(8192).covers(Lsn(8192 + 48)));
+        assert!(!Lsn(8184).covers(Lsn(8192 + 24)));
+    }
+}
