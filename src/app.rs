@@ -48,6 +48,7 @@ impl Application {
             config.db.session_config(config.http_workers == 1),
         )
         .observer(metrics.db().clone())
+        .replicas(config.db.replica_urls.clone(), config.db.replica_config())
         .render_errors(|e| actix_web::ResponseError::error_response(&ApiError::from(e)))
         .build()
         .map_err(io::Error::other)?;

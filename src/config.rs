@@ -27,12 +27,15 @@
 //! | `SHUTDOWN_TIMEOUT_SECS` | 30 s |
 //! | `HOST` / `PORT` | 127.0.0.1 / 8080 |
 //! | `HTTP_WORKERS` | the CPUs available (Actix's default) |
+//! | `DATABASE_REPLICA_URLS` | none (comma-separated URLs) |
+//! | `DB_REPLICA_POOL_SIZE` | `DB_POOL_SIZE` |
+//! | `DB_REPLICA_MAX_LAG` | 5000 ms |
 
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use actix_diesel_session::{DatabaseUrl, SessionConfig};
+use actix_diesel_session::{DatabaseUrl, ReplicaConfig, SessionConfig};
 
 pub const DEFAULT_POOL_SIZE: usize = 5;
 pub const DEFAULT_MAX_OVERFLOW: usize = 10;
@@ -50,6 +53,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 /// Off: it adds a statement to every transaction's BEGIN message (see the README,
 /// "The request id in the database").
 pub const DEFAULT_REQUEST_ID_SETTING: bool = false;
+/// A replica further behind than this serves no reads (contract section 10).
+pub const DEFAULT_REPLICA_MAX_LAG_MS: u64 = 5000;
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
 /// Upper bound of `DB_POOL_SIZE` and `DB_MAX_OVERFLOW` (contract section 6).
@@ -102,6 +107,12 @@ pub struct DbConfig {
     /// Put each request's `X-Request-Id` into its transaction as the setting
     /// `app.request_id` (`DB_REQUEST_ID_SETTING`).
     pub request_id_setting: bool,
+    /// Streaming replicas that serve reads (`DATABASE_REPLICA_URLS`); empty: none.
+    pub replica_urls: Vec<DatabaseUrl>,
+    /// Connections kept per replica (`DB_REPLICA_POOL_SIZE`).
+    pub replica_pool_size: usize,
+    /// A replica further behind than this serves no reads (`DB_REPLICA_MAX_LAG`).
+    pub replica_max_lag: Duration,
 }
 
 /// The `application_name` of pooled connections.
@@ -129,6 +140,14 @@ impl DbConfig {
         cfg.leak_warn = self.leak_warn;
         cfg.echo = self.echo;
         cfg.drive_on_callers_runtime = single_worker;
+        cfg
+    }
+
+    /// How the session layer uses the replicas, from these settings.
+    pub fn replica_config(&self) -> ReplicaConfig {
+        let mut cfg = ReplicaConfig::default();
+        cfg.pool_size = self.replica_pool_size;
+        cfg.max_lag = self.replica_max_lag;
         cfg
     }
 }
@@ -190,9 +209,10 @@ impl Config {
             var: "DATABASE_URL",
             problem,
         })?;
+        let pool_size = env.int_in("DB_POOL_SIZE", DEFAULT_POOL_SIZE, 1, MAX_POOL_SETTING)?;
         let db = DbConfig {
             url,
-            pool_size: env.int_in("DB_POOL_SIZE", DEFAULT_POOL_SIZE, 1, MAX_POOL_SETTING)?,
+            pool_size,
             max_overflow: env.int_in(
                 "DB_MAX_OVERFLOW",
                 DEFAULT_MAX_OVERFLOW,
@@ -230,6 +250,24 @@ impl Config {
             },
             echo: env.boolean("DB_ECHO", false)?,
             request_id_setting: env.boolean("DB_REQUEST_ID_SETTING", DEFAULT_REQUEST_ID_SETTING)?,
+            replica_urls: env.urls("DATABASE_REPLICA_URLS")?,
+            replica_pool_size: env.int_in(
+                "DB_REPLICA_POOL_SIZE",
+                pool_size,
+                1,
+                MAX_POOL_SETTING,
+            )?,
+            replica_max_lag: match env
+                .optional_millis("DB_REPLICA_MAX_LAG", DEFAULT_REPLICA_MAX_LAG_MS)?
+            {
+                Some(lag) => lag,
+                None => {
+                    return Err(ConfigError::new(
+                        "DB_REPLICA_MAX_LAG",
+                        "must be > 0 milliseconds",
+                    ))
+                }
+            },
         };
         Ok(Config {
             db,
@@ -387,6 +425,25 @@ impl Env<'_> {
         Ok((ms > 0).then(|| Duration::from_millis(ms)))
     }
 
+    /// Comma-separated database URLs; none when unset. The error names the position of
+    /// the bad one, never the URL (it may hold a password).
+    fn urls(&self, var: &'static str) -> Result<Vec<DatabaseUrl>, ConfigError> {
+        let Some(raw) = self.get(var) else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .enumerate()
+            .map(|(i, url)| {
+                let url = url.trim();
+                if url.is_empty() {
+                    return Err(ConfigError::new(var, format!("URL {} is empty", i + 1)));
+                }
+                DatabaseUrl::parse(url)
+                    .map_err(|problem| ConfigError::new(var, format!("URL {} {problem}", i + 1)))
+            })
+            .collect()
+    }
+
     fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         let Some(raw) = self.get(var) else {
             return Ok(default);
@@ -453,10 +510,40 @@ mod tests {
             ("HOST", "not-an-ip"),
             ("HTTP_WORKERS", "0"),
             ("DATABASE_URL", "mysql://x@y/z"),
+            ("DATABASE_REPLICA_URLS", "mysql://x@y/z"),
+            (
+                "DATABASE_REPLICA_URLS",
+                "postgres://a@b/c,,postgres://a@d/c",
+            ),
+            ("DB_REPLICA_POOL_SIZE", "0"),
+            ("DB_REPLICA_MAX_LAG", "0"),
+            ("DB_REPLICA_MAX_LAG", "soon"),
         ] {
             let err = config(&[URL, (var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{var}={value}");
         }
+    }
+
+    #[test]
+    fn replicas_are_a_comma_separated_list_whose_pool_defaults_to_the_primarys() {
+        let c = config(&[URL, ("DB_POOL_SIZE", "7")]).unwrap();
+        assert!(c.db.replica_urls.is_empty());
+        assert_eq!(c.db.replica_pool_size, 7);
+        assert_eq!(c.db.replica_max_lag, Duration::from_secs(5));
+        let c = config(&[
+            URL,
+            (
+                "DATABASE_REPLICA_URLS",
+                "postgres://app:s3cret@r1:5433/ledger, postgres://app@r2/ledger",
+            ),
+            ("DB_REPLICA_MAX_LAG", "500"),
+        ])
+        .unwrap();
+        assert_eq!(c.db.replica_urls.len(), 2);
+        assert_eq!(c.db.replica_max_lag, Duration::from_millis(500));
+        let err =
+            config(&[URL, ("DATABASE_REPLICA_URLS", "postgres://a:s3cret@h/d#x")]).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

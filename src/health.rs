@@ -12,12 +12,19 @@
 //!   after the round trip, so a probe that waited on a shared round trip while shutdown
 //!   began fails too).
 //!
+//! - With replicas, `/health` (and readiness when one is degraded) reports each one by
+//!   `host:port` (`componentId`): `postgres-replica:responseTime`, the background
+//!   measurement's round trip, and `postgres-replica:lag`, its replay lag in ms. A replica
+//!   down or behind `DB_REPLICA_MAX_LAG` makes the status `warn`, never `fail`: reads go to
+//!   the primary meanwhile. Nothing here queries a replica: the measurement is the
+//!   session layer's, made in the background.
+//!
 //! Bodies follow the IETF draft "Health Check Response Format for HTTP APIs"
 //! (`application/health+json`); `output` texts come from the driver and name no secret.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use actix_diesel_session::{Database, DbPool, Readiness};
+use actix_diesel_session::{Database, DbPool, Readiness, ReplicaStatus};
 use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpResponse};
@@ -38,6 +45,7 @@ const FAILED: u8 = 2;
 /// Probe state shared by all workers.
 pub struct Health {
     readiness: Readiness,
+    db: Database,
     pool: DbPool,
     schema_ready: AtomicBool,
     draining: AtomicBool,
@@ -50,6 +58,7 @@ impl Health {
     pub fn new(db: &Database) -> Self {
         Health {
             readiness: db.readiness(APPLICATION_NAME),
+            db: db.clone(),
             pool: db.pool().clone(),
             schema_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -146,8 +155,56 @@ impl Health {
             checks.insert("postgres:connections".into(), json!([conns]));
         }
 
+        let replicas = self.db.replicas();
+        let degraded = replicas.iter().any(|r| !r.eligible);
+        if degraded && status == Status::Pass {
+            status = Status::Warn;
+        }
+        if (detailed || degraded) && !replicas.is_empty() {
+            let (times, lags) = replica_checks(&replicas, &now);
+            checks.insert("postgres-replica:responseTime".into(), Value::Array(times));
+            checks.insert("postgres-replica:lag".into(), Value::Array(lags));
+        }
+
         respond(status, Some(Value::Object(checks)))
     }
+}
+
+/// One `responseTime` and one `lag` entry per replica, named by `host:port`.
+fn replica_checks(replicas: &[ReplicaStatus], now: &str) -> (Vec<Value>, Vec<Value>) {
+    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    let mut times = Vec::new();
+    let mut lags = Vec::new();
+    for r in replicas {
+        let mut time = json!({
+            "componentId": r.name,
+            "status": if r.up { "pass" } else { "warn" },
+            "observedValue": r.response_time.map(ms),
+            "observedUnit": "ms",
+            "time": now,
+        });
+        if let Some(error) = &r.error {
+            time["output"] = Value::String(error.clone());
+        }
+        times.push(time);
+        let mut lag = json!({
+            "componentId": r.name,
+            "status": if r.eligible { "pass" } else { "warn" },
+            "observedValue": r.lag.map(ms),
+            "observedUnit": "ms",
+            "time": now,
+        });
+        if !r.eligible {
+            let why = if r.up {
+                "behind DB_REPLICA_MAX_LAG: reads go to the primary"
+            } else {
+                "down: reads go to the primary"
+            };
+            lag["output"] = Value::String(why.into());
+        }
+        lags.push(lag);
+    }
+    (times, lags)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_diesel_session::{CloseReason, Outcome, Reason, SessionObserver, TimeoutKind};
+use actix_diesel_session::{
+    CloseReason, Outcome, ReadReason, ReadTarget, Reason, SessionObserver, TimeoutKind,
+};
 use actix_web::HttpRequest;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -56,6 +58,12 @@ struct KindLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    target: &'static str,
     reason: &'static str,
 }
 
@@ -121,6 +129,7 @@ struct Inner {
     rollbacks: [Counter; ROLLBACK_REASONS.len()],
     leak_warnings: Family<HolderLabels, Counter>,
     retries: Family<HolderLabels, Counter>,
+    reads: Family<ReadLabels, Counter>,
 }
 
 impl DbMetrics {
@@ -203,12 +212,28 @@ impl DbMetrics {
                 "Requests run again after a serialization failure or deadlock, by route",
                 Family::default(),
             ),
+            reads: registered(
+                registry,
+                "db_reads",
+                "Read-only sessions begun, by where they ran and why (contract section 10)",
+                Family::default(),
+            ),
         };
         for kind in TimeoutKind::ALL {
             drop(inner.timeouts.get_or_create(&kind_label(kind)));
         }
         for reason in CloseReason::ALL {
             drop(inner.closed.get_or_create(&reason_label(reason)));
+        }
+        for reason in ReadReason::ALL {
+            let target = match reason {
+                ReadReason::Replica => ReadTarget::Replica,
+                _ => ReadTarget::Primary,
+            };
+            drop(inner.reads.get_or_create(&ReadLabels {
+                target: target.as_str(),
+                reason: reason.as_str(),
+            }));
         }
         DbMetrics(Arc::new(inner))
     }
@@ -257,6 +282,16 @@ impl SessionObserver for DbMetrics {
 
     fn transaction_retried(&self, request: &HttpRequest, _failed: u32) {
         self.0.retries.get_or_create(&holder(request)).inc();
+    }
+
+    fn read_routed(&self, target: ReadTarget, reason: ReadReason) {
+        self.0
+            .reads
+            .get_or_create(&ReadLabels {
+                target: target.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     fn transaction_ended(&self, outcome: Outcome) {

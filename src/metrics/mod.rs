@@ -22,6 +22,10 @@
 //! | `http_request_duration_seconds` | histogram | `route` (template, or `unmatched`), `method`, `status` |
 //! | `health_check_status` | gauge | `check` = `postgres` (1 pass, 0 fail; absent before the first check) |
 //! | `app_draining` | gauge | |
+//! | `db_replica_lag_seconds` | gauge | `replica` (`host:port`); absent until first measured |
+//! | `db_reads_total` | counter | `target` = `primary`, `replica`; `reason` = `replica`, `no_replica`, `down`, `lagging`, `token` |
+
+use std::sync::atomic::AtomicU64;
 
 use actix_diesel_session::Database;
 use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
@@ -50,6 +54,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabel {
+    replica: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabel {
     check: &'static str,
 }
@@ -64,6 +73,7 @@ pub struct Metrics {
     pending: Gauge,
     checks: Family<CheckLabel, Gauge>,
     draining: Gauge,
+    replica_lag: Family<ReplicaLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -106,6 +116,12 @@ impl Metrics {
             "1 once shutdown has begun (readiness fails, requests are still served)",
             Gauge::default(),
         );
+        let replica_lag = registered(
+            &mut registry,
+            "db_replica_lag_seconds",
+            "Replay lag of each replica, as last measured in the background",
+            Family::<ReplicaLabel, Gauge<f64, AtomicU64>>::default(),
+        );
         connections_max.set(gauge_value(cfg.max_connections()));
         connections_min.set(gauge_value(cfg.pool_size));
         let db = DbMetrics::register(&mut registry);
@@ -118,6 +134,7 @@ impl Metrics {
             pending,
             checks,
             draining,
+            replica_lag,
         }
     }
 
@@ -141,6 +158,15 @@ impl Metrics {
             self.checks
                 .get_or_create(&CheckLabel { check: "postgres" })
                 .set(i64::from(passed));
+        }
+        for replica in db.replicas() {
+            if let Some(lag) = replica.lag {
+                self.replica_lag
+                    .get_or_create(&ReplicaLabel {
+                        replica: replica.name,
+                    })
+                    .set(lag.as_secs_f64());
+            }
         }
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry)

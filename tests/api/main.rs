@@ -17,6 +17,7 @@ mod lost_commit;
 mod metrics;
 mod migrations;
 mod pool;
+mod replicas;
 mod retry;
 mod serial;
 mod session;

@@ -48,7 +48,7 @@ impl Scrape {
         self.0.contains_key(series)
     }
 
-    fn delta(&self, before: &Scrape, series: &str) -> f64 {
+    pub fn delta(&self, before: &Scrape, series: &str) -> f64 {
         self.get(series) - before.get(series)
     }
 }

@@ -114,6 +114,62 @@ impl PgCluster {
         .expect("cluster start")
     }
 
+    /// A streaming replica of this cluster, as a new cluster: `pg_basebackup -R` (which
+    /// writes the standby signal and the primary's connection) into a new directory,
+    /// started as a hot standby on a free port with this cluster's settings. The
+    /// primary's defaults allow it (`wal_level=replica`, `max_wal_senders=10`, and
+    /// initdb's `replication` lines in `pg_hba.conf`, trusted like the rest).
+    pub async fn start_replica(&self) -> PgCluster {
+        let primary = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let port = free_port();
+            let dir = private_dir();
+            let options = primary
+                .options
+                .replace(&format!("-p {} ", primary.port), &format!("-p {port} "))
+                .replace(
+                    &primary.dir.display().to_string(),
+                    &dir.display().to_string(),
+                );
+            let replica = PgCluster(Server {
+                bin: primary.bin.clone(),
+                dir,
+                port,
+                options,
+            });
+            // Beside the real `pg_ctl`: a `PATH` directory may hold links to a few server
+            // binaries only.
+            let basebackup = std::fs::canonicalize(primary.bin.join("pg_ctl"))
+                .ok()
+                .and_then(|ctl| ctl.parent().map(|dir| dir.join("pg_basebackup")))
+                .filter(|path| path.is_file())
+                .unwrap_or_else(|| primary.bin.join("pg_basebackup"));
+            replica.0.run(
+                &basebackup.display().to_string(),
+                &[
+                    "-D",
+                    &replica.0.data(),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                ],
+            );
+            replica.0.start();
+            replica
+        })
+        .await
+        .expect("replica start")
+    }
+
     /// A URL for database `db` as the superuser.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.0.port)
