@@ -71,7 +71,9 @@ pub use crate::pool::{
     ping, spawn_periodic, DbPool, PingError, PoolError, PooledConnection, REAP_INTERVAL,
 };
 pub use crate::probe::{Check, Readiness};
-pub use crate::replica::{Lsn, ReadAfter, ReadReason, ReadTarget, ReplicaConfig, ReplicaStatus};
+pub use crate::replica::{
+    CommitPosition, Lsn, ReadAfter, ReadReason, ReadTarget, ReplicaConfig, ReplicaStatus,
+};
 pub use crate::session::{
     DbSession, ErrorRenderer, Isolation, Retry, SessionConn, SessionMiddleware, SessionService,
 };

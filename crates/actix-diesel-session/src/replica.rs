@@ -90,10 +90,16 @@ impl fmt::Display for Lsn {
 /// Put into a request's extensions (by the application, from a header of its choosing),
 /// it asks that the request's read-only session see at least this position: a replica
 /// serves it only if its last measured replay position is at or past it, else the primary
-/// does. What a client gets from [`crate::DbSession::consistency_position`] after a write
-/// is such a position.
+/// does. A write's [`CommitPosition`] is such a position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadAfter(pub Lsn);
+
+/// Put into a committed write's response extensions by a session middleware with
+/// [`crate::SessionMiddleware::commit_position`]: the primary's WAL insert position read
+/// after the COMMIT returned, so at or past the commit record. Hand it back to later
+/// requests as [`ReadAfter`] (the application chooses how: a header, say).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitPosition(pub Lsn);
 
 /// Where a read-only session ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

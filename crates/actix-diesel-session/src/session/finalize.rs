@@ -38,7 +38,7 @@ use super::tx::Finish;
 use super::watch::WatchHandle;
 use crate::error::SessionError;
 use crate::observe::Reason;
-use crate::replica::ReadAfter;
+use crate::replica::{CommitPosition, ReadAfter};
 
 /// The finalizing middleware: one transaction per request, committed before the response
 /// when the status is below 400, rolled back otherwise (see the crate docs for the whole
@@ -172,6 +172,18 @@ impl SessionMiddleware {
     /// ```
     pub fn retry(self, retry: Retry) -> Self {
         self.with(|o| o.retry = Some(retry))
+    }
+
+    /// After a read-write session commits, reads the primary's WAL insert position
+    /// (`pg_current_wal_insert_lsn()`, through the simple protocol, on a pooled connection:
+    /// the one just released, normally) and puts it into the response's extensions as a
+    /// [`crate::CommitPosition`]: a position at or past the transaction's commit record,
+    /// which a later request can hand back as [`crate::ReadAfter`] to be served only by a
+    /// replica that has replayed the write (read-your-writes). Costs a round trip per
+    /// write, after the COMMIT. If the position cannot be read the response goes out
+    /// without it (the write is committed all the same), and an error is logged.
+    pub fn commit_position(self) -> Self {
+        self.with(|o| o.commit_position = true)
     }
 }
 
@@ -529,7 +541,15 @@ async fn answer<B: MessageBody + 'static>(
                 Ok(()) => Ok(()),
             };
             match finished {
-                Ok(()) => Ok(res.map_into_boxed_body()),
+                Ok(()) => {
+                    let mut res = res.map_into_boxed_body();
+                    if let Some(position) = slot.position.get() {
+                        res.response_mut()
+                            .extensions_mut()
+                            .insert(CommitPosition(position));
+                    }
+                    Ok(res)
+                }
                 Err(e) => Ok(res.into_response(render(e))),
             }
         }

@@ -35,6 +35,9 @@ pub(crate) struct TxOptions {
     pub(crate) settings: Option<SettingsFn>,
     /// Whether, and how, a conflict runs the request again (`session::retry`).
     pub(crate) retry: Option<Retry>,
+    /// Whether a committed read-write session learns the WAL position after its COMMIT
+    /// ([`super::SessionMiddleware::commit_position`]).
+    pub(crate) commit_position: bool,
     /// [`TxOptions::begin_sql`], made once.
     pub(crate) begin: String,
 }
@@ -47,6 +50,7 @@ impl Default for TxOptions {
             deferrable: false,
             settings: None,
             retry: None,
+            commit_position: false,
             begin: "BEGIN".to_owned(),
         }
     }

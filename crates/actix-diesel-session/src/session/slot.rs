@@ -18,7 +18,9 @@ use super::settings::Settings;
 use super::tx::{abandon, CommitState, Finish, TxConn};
 use crate::error::{SessionError, LOST_BEFORE_COMMIT};
 use crate::observe::{Outcome, Reason};
-use crate::replica::{Lsn, Member, ReadReason, ReadTarget, Replicas};
+use crate::replica::{
+    current_position, Lsn, Member, ReadReason, ReadTarget, Replicas, INSERT_POSITION,
+};
 
 /// Where the request's session stands.
 pub(crate) enum State {
@@ -64,6 +66,8 @@ pub(crate) struct SlotInner {
     pub(crate) primary_only: Cell<bool>,
     /// Set once the session began on a replica.
     on_replica: Cell<bool>,
+    /// The primary's WAL position read after the COMMIT, when the options ask for it.
+    pub(crate) position: Cell<Option<Lsn>>,
 }
 
 /// An after-commit hook: its future, and what it says went wrong.
@@ -97,6 +101,7 @@ impl Slot {
             read_after: Cell::new(None),
             primary_only: Cell::new(false),
             on_replica: Cell::new(false),
+            position: Cell::new(None),
         }))
     }
 
@@ -303,6 +308,37 @@ impl Slot {
             .await
     }
 
+    /// Reads the primary's WAL insert position now, after the COMMIT returned: at or past
+    /// the commit record. On a pooled connection (LIFO: normally the one the COMMIT just
+    /// released, with no ping), through the simple protocol (no named statement), within
+    /// the check-out timeout. A failure leaves no position and is logged.
+    async fn read_commit_position(&self) {
+        let settings = &self.settings;
+        let asked = std::time::Instant::now();
+        let read = async {
+            let conn = settings.pool.get().await.map_err(|e| e.to_string())?;
+            let result = current_position(&conn, INSERT_POSITION).await;
+            if result.is_err() {
+                drop(deadpool::managed::Object::take(conn));
+            }
+            result
+        };
+        let result = Box::pin(tokio::time::timeout(settings.checkout_timeout, read))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", settings.checkout_timeout)));
+        match result {
+            Ok(lsn) => {
+                self.position.set(Some(lsn));
+                if let Some(replicas) = &settings.replicas {
+                    replicas.record_position(lsn, asked);
+                }
+            }
+            Err(e) => log::error!(
+                "the WAL position after a COMMIT could not be read ({e}); answering without it"
+            ),
+        }
+    }
+
     /// Whether the session began on a replica.
     pub(crate) fn ran_on_replica(&self) -> bool {
         self.on_replica.get()
@@ -360,6 +396,10 @@ impl Slot {
                         Ok(()) => {
                             self.committed.set(true);
                             self.ended(Outcome::Committed(Reason::Status));
+                            let options = self.options.borrow().clone();
+                            if options.commit_position && !read_only {
+                                self.read_commit_position().await;
+                            }
                         }
                         // Counted once resolved.
                         Err(Finish::AnswerLost) => {}
