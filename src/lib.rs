@@ -10,6 +10,8 @@ pub mod api;
 pub mod app;
 /// Typed configuration from the environment.
 pub mod config;
+/// `Consistency-Token`: read-your-writes across replicas.
+pub mod consistency;
 /// Migrations and queries.
 pub mod db;
 /// `ApiError` and its problem+json form.

@@ -49,7 +49,12 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, session: &Sess
     // too. This way either side's request matches one pattern (after cheap prefix checks).
     #[cfg(feature = "bench")]
     bench_routes::configure(cfg);
-    let write = session.clone().retry(write_retry(body_limit));
+    // Writes learn the WAL position after their COMMIT: the `Consistency-Token` of their
+    // answer (`crate::consistency`).
+    let write = session
+        .clone()
+        .retry(write_retry(body_limit))
+        .commit_position();
     accounts::configure(cfg, session, &write);
     transfers::configure(cfg, session, &write);
     #[cfg(feature = "test-routes")]

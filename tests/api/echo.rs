@@ -73,7 +73,7 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
     let id = created.json::<serde_json::Value>().await.unwrap()["id"]
         .as_i64()
         .unwrap();
-    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 4 }).await);
+    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 5 }).await);
     let after_create = sql_lines();
 
     for _ in 0..2 {
@@ -84,7 +84,7 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
             .unwrap();
         assert_eq!(got.status(), 200);
     }
-    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 10 }).await);
+    assert!(eventually(Duration::from_secs(2), || async { sql_lines().len() >= 11 }).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -114,15 +114,17 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
         .collect();
     // The transaction's id query is pipelined with COMMIT (no round trip of its own).
     let is_id_query = |s: &str| s.starts_with("SELECT pg_current_xact_id_if_assigned()::text");
+    // After the COMMIT, one more: the WAL position for the answer's Consistency-Token
+    // (the one round trip a write pays for read-your-writes; README, "Read replicas").
     assert_eq!(
         after_create.len(),
-        4,
-        "POST /accounts: BEGIN, INSERT, the id query, COMMIT:\n{}",
+        5,
+        "POST /accounts: BEGIN, INSERT, the id query, COMMIT, the WAL position:\n{}",
         statements.join("\n")
     );
     assert_eq!(
         statements.len(),
-        10,
+        11,
         "two reads in read-only transactions: BEGIN READ ONLY, SELECT, COMMIT each (no id \
          query: a read-only transaction has none), no ping:\n{}",
         statements.join("\n")
@@ -135,7 +137,8 @@ async fn echo_logs_statement_text_only_and_requests_cost_no_extra_round_trips() 
     );
     assert!(is_id_query(&statements[2]), "{}", statements[2]);
     assert_eq!(statements[3], "COMMIT");
-    for read in [&statements[4..7], &statements[7..10]] {
+    assert_eq!(statements[4], "SELECT pg_current_wal_insert_lsn()");
+    for read in [&statements[5..8], &statements[8..11]] {
         assert_eq!(read[0], "BEGIN READ ONLY");
         assert!(read[1].starts_with("SELECT"), "{}", read[1]);
         assert_eq!(read[2], "COMMIT");

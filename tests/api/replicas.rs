@@ -235,3 +235,142 @@ async fn stopping_the_replica_under_read_traffic_fails_no_read() {
     assert_eq!(app.get(&format!("/accounts/{a}")).await.status, 200);
     drop(primary);
 }
+
+const BY_TOKEN: &str = r#"db_reads_total{target="primary",reason="token"}"#;
+
+/// The `Consistency-Token` of a write's answer, checked against the contract's pattern.
+fn token_of(answer: &crate::support::Answer) -> String {
+    let token = answer
+        .header("consistency-token")
+        .unwrap_or_else(|| panic!("a write's 2xx carries a token: {:?}", answer.headers))
+        .to_owned();
+    let (high, low) = token.split_once('/').expect("X/Y");
+    for part in [high, low] {
+        assert!(
+            (1..=8).contains(&part.len())
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)),
+            "{token}"
+        );
+    }
+    token
+}
+
+async fn get_with_token(app: &TestApp, path: &str, token: &str) -> crate::support::Answer {
+    crate::support::Answer::from(
+        app.client
+            .get(app.url(path))
+            .header("consistency-token", token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn every_2xx_to_a_write_carries_a_consistency_token_and_a_malformed_one_is_400() {
+    let app = crate::support::spawn_app().await;
+    let a = app
+        .post_json(
+            "/accounts",
+            &serde_json::json!({ "name": "a", "balance": 10 }),
+        )
+        .await;
+    let first = token_of(&a);
+    let a = a.body["id"].as_i64().unwrap();
+    let b = app.account_id("b", 0).await;
+    let body = format!(r#"{{"from_account_id":{a},"to_account_id":{b},"amount":1}}"#);
+    let created = app.post_keyed("/transfers", Some("k-1"), &body).await;
+    assert_eq!(created.status, 201);
+    let second = token_of(&created);
+    let replay = app.post_keyed("/transfers", Some("k-1"), &body).await;
+    assert!(replay.status.is_success(), "{}", replay.text);
+    let third = token_of(&replay);
+    let lsn = |t: &str| {
+        let (h, l) = t.split_once('/').unwrap();
+        (u64::from_str_radix(h, 16).unwrap() << 32) | u64::from_str_radix(l, 16).unwrap()
+    };
+    assert!(lsn(&first) < lsn(&second) && lsn(&second) <= lsn(&third));
+    // Reads and failed writes carry none.
+    assert!(app
+        .get("/accounts")
+        .await
+        .header("consistency-token")
+        .is_none());
+    assert!(app
+        .transfer(a, b, 1_000)
+        .await
+        .header("consistency-token")
+        .is_none());
+
+    // A token the client kept is accepted without replicas; a malformed one is refused.
+    assert_eq!(get_with_token(&app, "/accounts", &first).await.status, 200);
+    for bad in [
+        "",
+        "0/16b3748",
+        "0-16B3748",
+        "123456789/0",
+        "0/1/2",
+        "token",
+    ] {
+        get_with_token(&app, "/accounts", bad)
+            .await
+            .assert_problem(400, "bad_request");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_with_the_writes_token_sees_it_also_while_replay_is_paused() {
+    let (primary, replica, app) = replicated(&[]).await;
+    // Current replica: the token's read is served there, and sees the write.
+    for i in 0..5 {
+        let created = app
+            .post_json("/accounts", &serde_json::json!({ "name": format!("c{i}") }))
+            .await;
+        let token = token_of(&created);
+        let id = created.body["id"].as_i64().unwrap();
+        let read = get_with_token(&app, &format!("/accounts/{id}"), &token).await;
+        assert_eq!(read.status, 200, "read-your-writes: {}", read.text);
+    }
+
+    let standby = replica.client("ledger").await;
+    standby
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = Scrape::take(&app).await;
+    let created = app
+        .post_json("/accounts", &serde_json::json!({ "name": "paused" }))
+        .await;
+    let token = token_of(&created);
+    let id = created.body["id"].as_i64().unwrap();
+    let path = format!("/accounts/{id}");
+    // With the token: the primary, which has it. Without: the (stale) replica.
+    assert_eq!(get_with_token(&app, &path, &token).await.status, 200);
+    assert_eq!(
+        app.get(&path).await.status,
+        404,
+        "served by the paused replica"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(after.delta(&before, BY_TOKEN), 1.0);
+    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
+
+    standby
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    let resumed = Scrape::take(&app).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            get_with_token(&app, &path, &token).await.status == 200
+                && Scrape::take(&app).await.delta(&resumed, ON_REPLICA) >= 1.0
+        })
+        .await,
+        "once replayed, the token's reads go to the replica again"
+    );
+    drop(primary);
+}
