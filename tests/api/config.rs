@@ -61,6 +61,10 @@ fn each_invalid_variable_exits_2_with_one_line_naming_it() {
         ("SHUTDOWN_TIMEOUT_SECS", "0"),
         ("HOST", "localhost:80"),
         ("PORT", "65536"),
+        ("DATABASE_REPLICA_URLS", "mysql://u:topsecret-pw@h/db"),
+        ("DATABASE_REPLICA_URLS", "postgres://u:topsecret-pw@h/db,"),
+        ("DB_REPLICA_POOL_SIZE", "0"),
+        ("DB_REPLICA_MAX_LAG", "0"),
     ];
     for (var, value) in cases {
         let (code, stderr) = run(&[("DATABASE_URL", URL), (var, value)]);
