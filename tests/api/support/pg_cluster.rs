@@ -9,7 +9,8 @@
 //! to run as root; the commands then run through `runuser -u postgres`), trust
 //! authentication, `fsync=off` and no synchronous commit (throwaway data), listening on
 //! 127.0.0.1 only. Unlike the script's, each cluster takes any free port and fewer
-//! connections. Dropping the value stops the server and deletes the directory.
+//! connections. Dropping the value stops the server and deletes the directory. A cluster
+//! can also be a streaming replica of another ([`PgCluster::start_replica`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
