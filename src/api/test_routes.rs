@@ -147,6 +147,13 @@ pub fn configure(
         "/_test/no-session",
         [(Method::GET, web::to(no_session))],
         session,
+    ))
+    // `pg-sleep` in a read-only session, which runs on a replica when there is one: a
+    // read that is in flight there for as long as a test needs.
+    .service(resource(
+        "/_test/read-sleep",
+        [(Method::GET, web::to(pg_sleep))],
+        &session.clone().read_only(),
     ));
 }
 

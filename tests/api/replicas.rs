@@ -374,3 +374,50 @@ async fn a_read_with_the_writes_token_sees_it_also_while_replay_is_paused() {
     );
     drop(primary);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_replica_connection_breaks_mid_statement_is_answered_by_the_primary() {
+    let (primary, replica, app) = replicated(&[]).await;
+    let before = Scrape::take(&app).await;
+    let started = Instant::now();
+    let read = {
+        let request = app.client.get(app.url("/_test/read-sleep?name=r&ms=1500"));
+        tokio::spawn(request.send())
+    };
+    // The read's statement is running on the replica: end its backend there, as a crash
+    // or a restart of the replica would.
+    let standby = replica.client("ledger").await;
+    let sleeping = "application_name = 'ledger' AND query LIKE '%pg_sleep%' AND state = 'active'";
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            standby
+                .query_one(
+                    &format!("SELECT count(*) FROM pg_stat_activity WHERE {sleeping}"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        })
+        .await,
+        "the read runs on the replica"
+    );
+    standby
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {sleeping}"
+        ))
+        .await
+        .unwrap();
+    let answer = read.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert_eq!(answer.status(), 200, "answered by the primary, once more");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "ran again in full: {took:?}"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
+    assert_eq!(after.delta(&before, DOWN), 1.0);
+    drop(primary);
+}
