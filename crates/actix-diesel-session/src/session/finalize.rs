@@ -175,8 +175,9 @@ impl SessionMiddleware {
     }
 
     /// After a read-write session commits, reads the primary's WAL insert position
-    /// (`pg_current_wal_insert_lsn()`, through the simple protocol, on a pooled connection:
-    /// the one just released, normally) and puts it into the response's extensions as a
+    /// (`pg_current_wal_insert_lsn()`, through the simple protocol, on the session's own
+    /// connection before it goes back to the pool, so no second wait for the pool under
+    /// load) and puts it into the response's extensions as a
     /// [`crate::CommitPosition`]: a position at or past the transaction's commit record,
     /// which a later request can hand back as [`crate::ReadAfter`] to be served only by a
     /// replica that has replayed the write (read-your-writes). Costs a round trip per

@@ -18,9 +18,7 @@ use super::settings::Settings;
 use super::tx::{abandon, CommitState, Finish, TxConn};
 use crate::error::{SessionError, LOST_BEFORE_COMMIT};
 use crate::observe::{Outcome, Reason};
-use crate::replica::{
-    current_position, Lsn, Member, ReadReason, ReadTarget, Replicas, INSERT_POSITION,
-};
+use crate::replica::{Lsn, Member, ReadReason, ReadTarget, Replicas};
 
 /// Where the request's session stands.
 pub(crate) enum State {
@@ -308,37 +306,6 @@ impl Slot {
             .await
     }
 
-    /// Reads the primary's WAL insert position now, after the COMMIT returned: at or past
-    /// the commit record. On a pooled connection (LIFO: normally the one the COMMIT just
-    /// released, with no ping), through the simple protocol (no named statement), within
-    /// the check-out timeout. A failure leaves no position and is logged.
-    async fn read_commit_position(&self) {
-        let settings = &self.settings;
-        let asked = std::time::Instant::now();
-        let read = async {
-            let conn = settings.pool.get().await.map_err(|e| e.to_string())?;
-            let result = current_position(&conn, INSERT_POSITION).await;
-            if result.is_err() {
-                drop(deadpool::managed::Object::take(conn));
-            }
-            result
-        };
-        let result = Box::pin(tokio::time::timeout(settings.checkout_timeout, read))
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {:?}", settings.checkout_timeout)));
-        match result {
-            Ok(lsn) => {
-                self.position.set(Some(lsn));
-                if let Some(replicas) = &settings.replicas {
-                    replicas.record_position(lsn, asked);
-                }
-            }
-            Err(e) => log::error!(
-                "the WAL position after a COMMIT could not be read ({e}); answering without it"
-            ),
-        }
-    }
-
     /// Whether the session began on a replica.
     pub(crate) fn ran_on_replica(&self) -> bool {
         self.on_replica.get()
@@ -391,14 +358,21 @@ impl Slot {
                 let timeout = self.settings.finish_deadline;
                 if commit {
                     let read_only = self.options.borrow().read_only;
-                    let result = Box::pin(tx.commit(timeout, &self.commit, read_only)).await;
+                    let committed_by = std::time::Instant::now();
+                    let position = (self.options.borrow().commit_position && !read_only)
+                        .then_some(&self.position);
+                    let result =
+                        Box::pin(tx.commit(timeout, &self.commit, read_only, position)).await;
                     match &result {
                         Ok(()) => {
                             self.committed.set(true);
                             self.ended(Outcome::Committed(Reason::Status));
-                            let options = self.options.borrow().clone();
-                            if options.commit_position && !read_only {
-                                self.read_commit_position().await;
+                            if let (Some(lsn), Some(replicas)) =
+                                (self.position.get(), &self.settings.replicas)
+                            {
+                                // Read after the COMMIT returned, so no later than now:
+                                // the time errs on the side of a larger lag.
+                                replicas.record_position(lsn, committed_by);
                             }
                         }
                         // Counted once resolved.

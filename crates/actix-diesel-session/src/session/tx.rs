@@ -21,6 +21,7 @@ use super::watch::{StatementWatch, WatchHandle};
 use crate::error::{SessionError, LOST_BEFORE_COMMIT};
 use crate::observe::{CloseReason, TimeoutKind};
 use crate::pool::PooledConnection;
+use crate::replica::{current_position, Lsn, INSERT_POSITION};
 
 /// A pooled connection whose transaction may be open; see the module docs.
 pub(crate) struct TxConn {
@@ -140,11 +141,17 @@ impl TxConn {
     /// the transaction's identity as soon as it is known, and `state.in_doubt` the
     /// connection when the COMMIT's answer is lost (here, or because this future is
     /// dropped mid-COMMIT by the deadline): the verification uses its place in the pool.
+    ///
+    /// With `position`, the primary's WAL insert position is read on the same connection
+    /// once the COMMIT has returned, before the connection goes back (simple protocol, no
+    /// named statement; a round trip, but no second wait for the pool), and stored there.
+    /// A failure leaves it empty and is logged; the COMMIT stands.
     pub(crate) async fn commit(
         mut self,
         timeout: Duration,
         state: &CommitState,
         read_only: bool,
+        position: Option<&Cell<Option<Lsn>>>,
     ) -> Result<(), Finish> {
         if !self.at_top_level() {
             // Dropping `self` closes the connection: the server rolls everything back.
@@ -178,6 +185,24 @@ impl TxConn {
         }
         match result {
             Ok(()) => {
+                if let Some(position) = position {
+                    let read = current_position(this.connection(), INSERT_POSITION);
+                    match tokio::time::timeout(timeout, read).await {
+                        Ok(Ok(lsn)) => position.set(Some(lsn)),
+                        Ok(Err(e)) => log::error!(
+                            "the WAL position after a COMMIT could not be read ({e}); answering without it"
+                        ),
+                        Err(_) => {
+                            log::error!(
+                                "the WAL position after a COMMIT got no answer within {timeout:?}; \
+                                 answering without it"
+                            );
+                            // Its query may still be running: dropping `this` closes the
+                            // connection instead of pooling it.
+                            return Ok(());
+                        }
+                    }
+                }
                 this.release();
                 Ok(())
             }
