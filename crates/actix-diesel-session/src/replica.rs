@@ -13,7 +13,7 @@
 //!   it has replayed the latest sample, else how long ago the oldest sample it has not
 //!   replayed was taken. (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
 //!   replica that is fully caught up.) Positions a write's session reads after its COMMIT
-//!   (see [`crate::DbSession`]'s consistency position) count as samples too.
+//!   ([`crate::SessionMiddleware::commit_position`]) count as samples too.
 //! - Every query here goes through the simple protocol: nothing outside a transaction
 //!   relies on a named prepared statement, which PgBouncer in transaction mode loses.
 //! - A read-only session that does not ask for `SERIALIZABLE` (a hot standby refuses it)
