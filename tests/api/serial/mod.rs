@@ -5,4 +5,5 @@
 
 mod connect;
 mod load;
+mod pgbouncer;
 mod probe_flood;
