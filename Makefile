@@ -56,7 +56,7 @@ package-check:
 	$(CARGO) package -p $(SESSION_CRATE) --allow-dirty $(PATCHED_DIESEL_ASYNC)
 	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --no-deps -p $(SESSION_CRATE)
 
-## bench: the benchmark (release build, its own PostgreSQL cluster, ~6 minutes of runs);
+## bench: the benchmark (release build, its own PostgreSQL cluster, ~7 minutes of runs);
 ## writes BENCHMARKS.md and docs/bench-concurrency.svg
 bench: check-tools
 	@scripts/bench.sh
