@@ -157,6 +157,14 @@ impl PgBouncer {
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        // Reaped here, within a second: the test process may exit before Tokio reaps it,
+        // and a child nobody reaps stays a zombie where the init process does not reap.
+        for _ in 0..100 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
