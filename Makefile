@@ -20,7 +20,7 @@ KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
 # serves the suite, k8s-check and the benchmark smoke run).
 TEST_FEATURES := test-routes,bench
 
-.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs k8s-check bench bench-smoke package-check
+.PHONY: run test lint fmt db-up db-down migrate check-tools pgbouncer-tool clean-test-dbs k8s-check bench bench-smoke package-check
 
 # The session layer's crate, and how its package is checked: `cargo package` builds the
 # packaged crate on its own, where the workspace's `[patch]` does not apply, so the
@@ -42,7 +42,7 @@ run: check-tools
 ## parallel tests' timing; the crate's example service against a throwaway database; its
 ## package and docs check; then a smoke run of the benchmark harness on the binary the
 ## suite built (its own private cluster, ~30 s)
-test: check-tools k8s-check
+test: check-tools pgbouncer-tool k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	DATABASE_URL=$$admin $(CARGO) test --workspace --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s:: --skip serial:: && \
 	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --test-threads 1 serial:: && \
@@ -56,7 +56,7 @@ package-check:
 	$(CARGO) package -p $(SESSION_CRATE) --allow-dirty $(PATCHED_DIESEL_ASYNC)
 	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --no-deps -p $(SESSION_CRATE)
 
-## bench: the benchmark (release build, its own PostgreSQL cluster, ~6 minutes of runs);
+## bench: the benchmark (release build, its own PostgreSQL cluster, ~7 minutes of runs);
 ## writes BENCHMARKS.md and docs/bench-concurrency.svg
 bench: check-tools
 	@scripts/bench.sh
@@ -109,6 +109,19 @@ clean-test-dbs:
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	for db in $$(psql "$$admin" -XAtqc "SELECT datname FROM pg_database WHERE datname LIKE 'ledger\_test\_%' OR datname LIKE 'ledger\_tpl\_%'"); do \
 	  psql "$$admin" -Xqc "ALTER DATABASE \"$$db\" IS_TEMPLATE false" -c "DROP DATABASE \"$$db\" WITH (FORCE)"; done
+
+## pgbouncer-tool: the PgBouncer that the pooler tests start (Debian's package), installed
+## with apt-get when missing, as scripts/bench.sh installs wrk. Where it cannot be had
+## (no apt-get, not root and no sudo) the tests skip with the reason; under CI=true they fail.
+pgbouncer-tool:
+	@if [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1; then exit 0; fi; \
+	command -v apt-get >/dev/null 2>&1 || { echo "pgbouncer not found and no apt-get: the PgBouncer tests will skip"; exit 0; }; \
+	sudo=; if [ "$$(id -u)" != 0 ]; then \
+	  sudo -n true 2>/dev/null || { echo "pgbouncer not found: the PgBouncer tests will skip (apt-get install pgbouncer)"; exit 0; }; \
+	  sudo="sudo -n"; fi; \
+	echo "installing pgbouncer"; \
+	$$sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq pgbouncer >/dev/null \
+	  || echo "installing pgbouncer failed: the PgBouncer tests will skip"
 
 check-tools:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)"; exit 1; }

@@ -17,7 +17,9 @@
 # create and migrate a fresh database; seed 1,000 accounts; then, interleaving repetitions
 # (A B C A B C ...):
 #   transfer  pgbench (the same SQL, no HTTP) | POST /transfers | POST /_bench/transfers
-#   read      GET /accounts/{id} | GET /_bench/accounts/{id}
+#             | POST /transfers with DB_STATEMENT_CACHE=false (as behind PgBouncer)
+#   read      GET /accounts/{id} | GET /_bench/accounts/{id} | the same with
+#             DB_STATEMENT_CACHE=false
 #   mix       90 % reads, 10 % transfers, through either
 #   sweep     POST /transfers at 1, 8, 32, 128 and 512 client connections
 # Every slice runs a fresh process of the same binary (the sides differ only in the routes
@@ -201,13 +203,14 @@ free_port() {
 }
 
 # A service process, ready to serve.
-start_service() { # name
+start_service() { # name [VAR=value...]: extra settings of this process only
   local name=$1 logfile=$OUT/run/service-$1.log i port
+  shift
   port=$(free_port)
   (cd "$OUT/run" && exec env -i PATH="$PATH" DATABASE_URL="$DB_URL" HOST=127.0.0.1 PORT="$port" \
     DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW="$MAX_OVERFLOW" HTTP_WORKERS="$WORKERS" \
     RUN_MIGRATIONS=false SHUTDOWN_DRAIN_SECS=0 SHUTDOWN_TIMEOUT_SECS=5 \
-    RUST_LOG="$SERVICE_LOG_LEVEL" "$BIN") >"$logfile" 2>&1 &
+    RUST_LOG="$SERVICE_LOG_LEVEL" "$@" "$BIN") >"$logfile" 2>&1 &
   SVC_PID[$name]=$!
   for i in $(seq 100); do
     kill -0 "${SVC_PID[$name]}" 2>/dev/null || { cat "$logfile" >&2; die "the service exited"; }
@@ -325,8 +328,9 @@ run_wrk() { # group side clients rep script args...
   RUN_NO=$((RUN_NO + 1))
   # A fresh process per slice: whatever one process's placement or history does to its
   # speed becomes noise spread over the repetitions instead of a bias of one side, and
-  # its VmHWM is the slice's own peak.
-  start_service slice
+  # its VmHWM is the slice's own peak. The `nocache` side is the same service with its
+  # prepared statement cache off, as PgBouncer in transaction mode needs it.
+  if [ "$side" = nocache ]; then start_service slice DB_STATEMENT_CACHE=false; else start_service slice; fi
   local url="http://127.0.0.1:${SVC_PORT[slice]}" pid=${SVC_PID[slice]}
   # One wrk thread: it drives far more requests per second than the service can answer
   # here, and every extra thread takes CPU from the service and the database.
@@ -430,17 +434,17 @@ in_order() { # rep first second...: the sides, reversed on even repetitions
 }
 for rep in $(seq "$REPS"); do
   if wanted transfer; then
-    for side in $(in_order "$rep" pgbench session baseline); do
+    for side in $(in_order "$rep" pgbench session baseline nocache); do
       case $side in
         pgbench) run_pgbench "$rep" ;;
-        session) run_wrk transfer session "$CLIENTS" "$rep" transfer.lua "$T" "$ACCOUNTS" ;;
+        session | nocache) run_wrk transfer "$side" "$CLIENTS" "$rep" transfer.lua "$T" "$ACCOUNTS" ;;
         baseline) run_wrk transfer baseline "$CLIENTS" "$rep" transfer.lua "$B" "$ACCOUNTS" ;;
       esac
     done
   fi
   if wanted read; then
-    for side in $(in_order "$rep" session baseline); do
-      if [ "$side" = session ]; then path=$RA; else path=$RB; fi
+    for side in $(in_order "$rep" session baseline nocache); do
+      if [ "$side" = baseline ]; then path=$RB; else path=$RA; fi
       run_wrk read "$side" "$CLIENTS" "$rep" read.lua "$path" "$ACCOUNTS"
     done
   fi
@@ -587,6 +591,14 @@ read -r MX_CAP MX_CAP_LO MX_CAP_HI < <(paired mix session "$CLIENTS" baseline "$
 read -r PG_CAP PG_CAP_LO PG_CAP_HI < <(paired transfer session "$CLIENTS" pgbench "$CONNS" capacity)
 read -r TX_SVC TX_SVC_LO TX_SVC_HI < <(paired transfer session "$CLIENTS" baseline "$CLIENTS" svc_diff)
 read -r RD_SVC RD_SVC_LO RD_SVC_HI < <(paired read session "$CLIENTS" baseline "$CLIENTS" svc_diff)
+# What DB_STATEMENT_CACHE=false (PgBouncer in transaction mode) costs: that side over the
+# session's, paired within each repetition like the others.
+read -r NC_TX_RATIO NC_TX_RATIO_LO NC_TX_RATIO_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" rps)
+read -r NC_TX_CAP NC_TX_CAP_LO NC_TX_CAP_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" capacity)
+read -r NC_TX_SVC NC_TX_SVC_LO NC_TX_SVC_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" svc_diff)
+read -r NC_RD_RATIO NC_RD_RATIO_LO NC_RD_RATIO_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" rps)
+read -r NC_RD_CAP NC_RD_CAP_LO NC_RD_CAP_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" capacity)
+read -r NC_RD_SVC NC_RD_SVC_LO NC_RD_SVC_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" svc_diff)
 ST_TX_S=$(get transfer session "$CLIENTS" stmts) ST_TX_B=$(get transfer baseline "$CLIENTS" stmts)
 ST_TX_P=$(get transfer pgbench "$CONNS" stmts)
 ST_RD_S=$(get read session "$CLIENTS" stmts) ST_RD_B=$(get read baseline "$CLIENTS" stmts)
@@ -627,6 +639,7 @@ table() {
     [ "$s" = pgbench ] && { label="pgbench (no HTTP)"; clients="–"; cs="–"; }
     [ "$s" = session ] && label="service (DbSession)"
     [ "$s" = baseline ] && label="hand-written baseline"
+    [ "$s" = nocache ] && label="service, \`DB_STATEMENT_CACHE=false\`"
     printf '| %s | %s | %s | %s | %.0f | %.0f – %.0f | %s | %.2f | %.2f | %s | %s | %s | %s | %s | %s | %s | %s %% |\n' \
       "$g" "$label" "$clients" "$conns" "$r" "$lo" "$hi" "$(spread "$lo" "$hi" "$r")" "$p50" "$p99" "$e" \
       "$(mib "$rss")" "$st" "$pg" "$cs" "$cp" "$cc" "$cf"
@@ -655,11 +668,19 @@ targets() {
   echo "| errors (non-2xx and socket) over the whole sweep | $SWEEP_ERRORS | 0 | $(verdict "$SWEEP_ERRORS" '<=' 0) |"
   echo "| req/s at $LAST_LEVEL clients / the peak of the same sweep repetition | $SWEEP_TAIL | ≥ 0.90 | $(verdict "${SWEEP_TAIL%% *}" '>=' 0.90) |"
   echo "| peak RSS at $LAST_LEVEL clients (MiB) | $RSS_LAST_MIB | ≤ 50 | $(verdict "$RSS_LAST_MIB" '<=' 50) |"
+  echo "| (the cost of PgBouncer's transaction mode) transfer req/s, \`DB_STATEMENT_CACHE=false\` / session | $NC_TX_RATIO ($NC_TX_RATIO_LO – $NC_TX_RATIO_HI) | | |"
+  echo "| in CPU time: transfer capacity, \`DB_STATEMENT_CACHE=false\` / session² | $NC_TX_CAP ($NC_TX_CAP_LO – $NC_TX_CAP_HI) | | |"
+  echo "| service CPU per transfer, \`DB_STATEMENT_CACHE=false\` − session, µs | $NC_TX_SVC ($NC_TX_SVC_LO – $NC_TX_SVC_HI) | | |"
+  echo "| read req/s, \`DB_STATEMENT_CACHE=false\` / session | $NC_RD_RATIO ($NC_RD_RATIO_LO – $NC_RD_RATIO_HI) | | |"
+  echo "| in CPU time: read capacity, \`DB_STATEMENT_CACHE=false\` / session² | $NC_RD_CAP ($NC_RD_CAP_LO – $NC_RD_CAP_HI) | | |"
+  echo "| service CPU per read, \`DB_STATEMENT_CACHE=false\` − session, µs | $NC_RD_SVC ($NC_RD_SVC_LO – $NC_RD_SVC_HI) | | |"
   echo
   echo "¹ The throughput a machine with no other load would reach if CPU is what limits it: the total CPU per"
   echo "request of the baseline over the session's, where the cluster's and wrk's share is the pair's mean (both"
   echo "sides send the same statements, below), so that only the service's own CPU differs."
-  echo "² The same with every share as measured: (PostgreSQL + pgbench) over (PostgreSQL + service + wrk)."
+  echo "² The same with every share as measured: (PostgreSQL + pgbench) over (PostgreSQL + service + wrk); for"
+  echo "\`DB_STATEMENT_CACHE=false\`, (PostgreSQL + service + wrk) of the session over the same of that side: the"
+  echo "server's extra work (a parse and a plan per statement) counts too."
 }
 
 statements() { # tag title

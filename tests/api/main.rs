@@ -16,6 +16,7 @@ mod k8s;
 mod lost_commit;
 mod metrics;
 mod migrations;
+mod pgbouncer;
 mod pool;
 mod retry;
 mod serial;

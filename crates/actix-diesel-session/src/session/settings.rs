@@ -32,6 +32,11 @@ pub(crate) struct Settings {
     pub(crate) leak_warn: Option<Duration>,
     pub(crate) after_commit_timeout: Duration,
     pub(crate) echo: bool,
+    /// See [`SessionConfig::statement_cache`].
+    pub(crate) statement_cache: bool,
+    /// Appended to every `BEGIN`, in its message: the timeouts' `SET LOCAL`s when they do
+    /// not travel in the start-up packet (see [`SessionConfig::startup_options`]).
+    pub(crate) begin_suffix: String,
 }
 
 impl Settings {
@@ -53,6 +58,8 @@ impl Settings {
             leak_warn: cfg.leak_warn,
             after_commit_timeout: cfg.after_commit_timeout,
             echo: cfg.echo,
+            statement_cache: cfg.statement_cache,
+            begin_suffix: cfg.begin_suffix(),
         }
     }
 }
