@@ -69,9 +69,9 @@ bench-smoke: check-tools
 ## manifests' probes, port and timings checked against the service itself
 k8s-check: check-tools $(OPS_TOOLS_STAMP)
 	@for v in $(KUBERNETES_VERSIONS); do \
-	  $(OPS_TOOLS)/bin/kubernetes-validate --strict --quiet --kubernetes-version $$v deploy/kubernetes/*.yaml || exit 1; \
+	  $(OPS_TOOLS)/bin/kubernetes-validate --strict --quiet --kubernetes-version $$v deploy/kubernetes/*.yaml deploy/kubernetes/pgbouncer/*.yaml || exit 1; \
 	done; echo "k8s-check: manifests valid for Kubernetes $(KUBERNETES_VERSIONS)"
-	$(OPS_TOOLS)/bin/hadolint Dockerfile
+	$(OPS_TOOLS)/bin/hadolint Dockerfile deploy/pgbouncer/Dockerfile
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --quiet k8s::
 
