@@ -108,7 +108,14 @@ pub struct ListParams {
         description = "The account",
         body = Account,
         headers(("Location" = String, description = "/accounts/{id} of the new account")),
-        links(("GetAccount" = (operation_id = "get_account", parameters(("id" = "$response.body#/id"))))),
+        links(
+            ("GetAccount" = (operation_id = "get_account", parameters(("id" = "$response.body#/id")))),
+            ("TransferFromAccount" = (
+                operation_id = "create_transfer",
+                request_body = json!({"from_account_id": "$response.body#/id"}),
+                description = "A transfer from the new account (its other fields as the client chooses)",
+            )),
+        ),
     )),
 )]
 async fn create(session: DbSession, body: Json<CreateAccount>) -> Result<HttpResponse, ApiError> {

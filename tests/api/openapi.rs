@@ -177,6 +177,10 @@ async fn openapi_every_documented_operation_is_routed_and_no_other_method_is() {
     }
 }
 
+fn created_links(op: &Value) -> &Value {
+    &op["responses"]["201"]["links"]
+}
+
 #[tokio::test]
 async fn openapi_lists_each_operations_problem_codes_and_headers() {
     let app = spawn_app().await;
@@ -212,6 +216,16 @@ async fn openapi_lists_each_operations_problem_codes_and_headers() {
     for header in ["Location", "Idempotent-Replayed", "X-Request-Id"] {
         assert!(created.get(header).is_some(), "201 lacks {header}");
     }
+    // The stateful chain the fuzzer follows: create an account, transfer from it, read it.
+    let account_links = &operation(&doc, "POST", "/accounts")["responses"]["201"]["links"];
+    assert_eq!(
+        account_links["TransferFromAccount"]["requestBody"]["from_account_id"],
+        "$response.body#/id"
+    );
+    assert_eq!(
+        created_links(post)["GetTransfer"]["operationId"],
+        "get_transfer"
+    );
     // Every response of every operation names X-Request-Id, and every 503 Retry-After.
     for (method, path) in operations(&doc) {
         let responses = operation(&doc, &method, &path)["responses"]
