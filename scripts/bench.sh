@@ -17,14 +17,20 @@
 # create and migrate a fresh database; seed 1,000 accounts; then, interleaving repetitions
 # (A B C A B C ...):
 #   transfer  pgbench (the same SQL, no HTTP) | POST /transfers | POST /_bench/transfers
-#   read      GET /accounts/{id} | GET /_bench/accounts/{id}
+#             | POST /transfers with DB_STATEMENT_CACHE=false (as behind PgBouncer)
+#             | the service with its defaults | the peer's POST /transfers
+#   read      GET /accounts/{id} | GET /_bench/accounts/{id} | the same with
+#             DB_STATEMENT_CACHE=false | the service with its defaults | the peer's
+#             GET /accounts/{id}
 #   mix       90 % reads, 10 % transfers, through either
 #   sweep     POST /transfers at 1, 8, 32, 128 and 512 client connections
 # Every slice runs a fresh process of the same binary (the sides differ only in the routes
-# they load), warms up, resets pg_stat_statements, measures (throughput, latency,
-# errors; the process's RSS and server connections, sampled; CPU time per request of the
-# service, the cluster and the load generator), then reads the statements the server
-# received.
+# they load; for the out-of-the-box comparison, full runs only, the service with no tuning
+# variables set, "defaults", and bench/peer, an axum + sqlx + axum-sqlx-tx service of the
+# same routes and SQL, "peer"), warms up, resets pg_stat_statements, measures (throughput,
+# latency, errors; the process's RSS and server connections, sampled; CPU time per request
+# of the service, the cluster and the load generator), then reads the statements the
+# server received.
 #
 # Knobs (environment): BENCH_DURATION (s per measured run), BENCH_WARMUP (s), BENCH_REPS
 # (repetitions of each comparison), BENCH_SWEEP_REPS,
@@ -144,6 +150,18 @@ fi
 BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
 [ -x "$BIN" ] || die "no binary at $BIN"
 
+# The out-of-the-box comparison: the service as a user starts it against the axum + sqlx +
+# axum-sqlx-tx peer (bench/peer, a Cargo project of its own with its own target directory).
+# A full run only: the smoke run in `make test` must not compile a second service.
+OUTSIDE_SIDES=
+if [ "$SMOKE" = 0 ]; then
+  log "building the peer (release, bench/peer)"
+  CARGO_TARGET_DIR=$ROOT/target/peer cargo build --quiet --release --manifest-path bench/peer/Cargo.toml
+  PEER_BIN=$ROOT/target/peer/release/ledger-peer
+  [ -x "$PEER_BIN" ] || die "no peer binary at $PEER_BIN"
+  OUTSIDE_SIDES="defaults peer"
+fi
+
 # --- cluster and database ---------------------------------------------------------------
 
 rm -rf "$OUT"
@@ -200,18 +218,38 @@ free_port() {
   done
 }
 
+# The command line of a side's process and the path that answers 200 once it is ready.
+# Sides without an entry run the service as configured for the comparisons.
+side_command() { # side port -> sets CMD and READY_PATH
+  # Start-up and shutdown only: none of these changes how a request is served.
+  local common=(PATH="$PATH" DATABASE_URL="$DB_URL" HOST=127.0.0.1 PORT="$2"
+    RUN_MIGRATIONS=false SHUTDOWN_DRAIN_SECS=0 SHUTDOWN_TIMEOUT_SECS=5)
+  READY_PATH=/health/ready
+  case $1 in
+    # Out of the box: no HTTP_WORKERS, DB_POOL_SIZE, DB_MAX_OVERFLOW or RUST_LOG.
+    defaults) CMD=(env -i "${common[@]}" "$BIN") ;;
+    # The peer has no health route; a seeded account answers once it serves.
+    peer) CMD=(env -i PATH="$PATH" DATABASE_URL="$DB_URL" HOST=127.0.0.1 PORT="$2" "$PEER_BIN")
+          READY_PATH=/accounts/1 ;;
+    # As configured for the comparisons, with the prepared statement cache off, as PgBouncer
+    # in transaction mode before 1.21 needs it.
+    nocache) CMD=(env -i "${common[@]}" DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW="$MAX_OVERFLOW"
+                  HTTP_WORKERS="$WORKERS" RUST_LOG="$SERVICE_LOG_LEVEL" DB_STATEMENT_CACHE=false "$BIN") ;;
+    *) CMD=(env -i "${common[@]}" DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW="$MAX_OVERFLOW"
+            HTTP_WORKERS="$WORKERS" RUST_LOG="$SERVICE_LOG_LEVEL" "$BIN") ;;
+  esac
+}
+
 # A service process, ready to serve.
-start_service() { # name
-  local name=$1 logfile=$OUT/run/service-$1.log i port
+start_service() { # name [side]
+  local name=$1 logfile=$OUT/run/service-$1.log i port CMD READY_PATH
   port=$(free_port)
-  (cd "$OUT/run" && exec env -i PATH="$PATH" DATABASE_URL="$DB_URL" HOST=127.0.0.1 PORT="$port" \
-    DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW="$MAX_OVERFLOW" HTTP_WORKERS="$WORKERS" \
-    RUN_MIGRATIONS=false SHUTDOWN_DRAIN_SECS=0 SHUTDOWN_TIMEOUT_SECS=5 \
-    RUST_LOG="$SERVICE_LOG_LEVEL" "$BIN") >"$logfile" 2>&1 &
+  side_command "${2:-}" "$port"
+  (cd "$OUT/run" && exec "${CMD[@]}") >"$logfile" 2>&1 &
   SVC_PID[$name]=$!
   for i in $(seq 100); do
     kill -0 "${SVC_PID[$name]}" 2>/dev/null || { cat "$logfile" >&2; die "the service exited"; }
-    if curl -sf -o /dev/null "http://127.0.0.1:$port/health/ready"; then
+    if curl -sf -o /dev/null "http://127.0.0.1:$port$READY_PATH"; then
       SVC_PORT[$name]=$port
       return 0
     fi
@@ -326,7 +364,7 @@ run_wrk() { # group side clients rep script args...
   # A fresh process per slice: whatever one process's placement or history does to its
   # speed becomes noise spread over the repetitions instead of a bias of one side, and
   # its VmHWM is the slice's own peak.
-  start_service slice
+  start_service slice "$side"
   local url="http://127.0.0.1:${SVC_PORT[slice]}" pid=${SVC_PID[slice]}
   # One wrk thread: it drives far more requests per second than the service can answer
   # here, and every extra thread takes CPU from the service and the database.
@@ -430,17 +468,18 @@ in_order() { # rep first second...: the sides, reversed on even repetitions
 }
 for rep in $(seq "$REPS"); do
   if wanted transfer; then
-    for side in $(in_order "$rep" pgbench session baseline); do
+    for side in $(in_order "$rep" pgbench session baseline nocache $OUTSIDE_SIDES); do
       case $side in
         pgbench) run_pgbench "$rep" ;;
-        session) run_wrk transfer session "$CLIENTS" "$rep" transfer.lua "$T" "$ACCOUNTS" ;;
+        session | nocache) run_wrk transfer "$side" "$CLIENTS" "$rep" transfer.lua "$T" "$ACCOUNTS" ;;
         baseline) run_wrk transfer baseline "$CLIENTS" "$rep" transfer.lua "$B" "$ACCOUNTS" ;;
+        defaults | peer) run_wrk transfer "$side" "$CLIENTS" "$rep" transfer.lua "$T" "$ACCOUNTS" ;;
       esac
     done
   fi
   if wanted read; then
-    for side in $(in_order "$rep" session baseline); do
-      if [ "$side" = session ]; then path=$RA; else path=$RB; fi
+    for side in $(in_order "$rep" session baseline nocache $OUTSIDE_SIDES); do
+      if [ "$side" = baseline ]; then path=$RB; else path=$RA; fi
       run_wrk read "$side" "$CLIENTS" "$rep" read.lua "$path" "$ACCOUNTS"
     done
   fi
@@ -587,6 +626,14 @@ read -r MX_CAP MX_CAP_LO MX_CAP_HI < <(paired mix session "$CLIENTS" baseline "$
 read -r PG_CAP PG_CAP_LO PG_CAP_HI < <(paired transfer session "$CLIENTS" pgbench "$CONNS" capacity)
 read -r TX_SVC TX_SVC_LO TX_SVC_HI < <(paired transfer session "$CLIENTS" baseline "$CLIENTS" svc_diff)
 read -r RD_SVC RD_SVC_LO RD_SVC_HI < <(paired read session "$CLIENTS" baseline "$CLIENTS" svc_diff)
+# What DB_STATEMENT_CACHE=false (PgBouncer in transaction mode) costs: that side over the
+# session's, paired within each repetition like the others.
+read -r NC_TX_RATIO NC_TX_RATIO_LO NC_TX_RATIO_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" rps)
+read -r NC_TX_CAP NC_TX_CAP_LO NC_TX_CAP_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" capacity)
+read -r NC_TX_SVC NC_TX_SVC_LO NC_TX_SVC_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" svc_diff)
+read -r NC_RD_RATIO NC_RD_RATIO_LO NC_RD_RATIO_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" rps)
+read -r NC_RD_CAP NC_RD_CAP_LO NC_RD_CAP_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" capacity)
+read -r NC_RD_SVC NC_RD_SVC_LO NC_RD_SVC_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" svc_diff)
 ST_TX_S=$(get transfer session "$CLIENTS" stmts) ST_TX_B=$(get transfer baseline "$CLIENTS" stmts)
 ST_TX_P=$(get transfer pgbench "$CONNS" stmts)
 ST_RD_S=$(get read session "$CLIENTS" stmts) ST_RD_B=$(get read baseline "$CLIENTS" stmts)
@@ -627,6 +674,9 @@ table() {
     [ "$s" = pgbench ] && { label="pgbench (no HTTP)"; clients="–"; cs="–"; }
     [ "$s" = session ] && label="service (DbSession)"
     [ "$s" = baseline ] && label="hand-written baseline"
+    [ "$s" = nocache ] && label="service, \`DB_STATEMENT_CACHE=false\`"
+    [ "$s" = defaults ] && label="service, defaults"
+    [ "$s" = peer ] && label="axum + sqlx + axum-sqlx-tx peer"
     printf '| %s | %s | %s | %s | %.0f | %.0f – %.0f | %s | %.2f | %.2f | %s | %s | %s | %s | %s | %s | %s | %s %% |\n' \
       "$g" "$label" "$clients" "$conns" "$r" "$lo" "$hi" "$(spread "$lo" "$hi" "$r")" "$p50" "$p99" "$e" \
       "$(mib "$rss")" "$st" "$pg" "$cs" "$cp" "$cc" "$cf"
@@ -655,11 +705,43 @@ targets() {
   echo "| errors (non-2xx and socket) over the whole sweep | $SWEEP_ERRORS | 0 | $(verdict "$SWEEP_ERRORS" '<=' 0) |"
   echo "| req/s at $LAST_LEVEL clients / the peak of the same sweep repetition | $SWEEP_TAIL | ≥ 0.90 | $(verdict "${SWEEP_TAIL%% *}" '>=' 0.90) |"
   echo "| peak RSS at $LAST_LEVEL clients (MiB) | $RSS_LAST_MIB | ≤ 50 | $(verdict "$RSS_LAST_MIB" '<=' 50) |"
+  echo "| (the cost of PgBouncer's transaction mode) transfer req/s, \`DB_STATEMENT_CACHE=false\` / session | $NC_TX_RATIO ($NC_TX_RATIO_LO – $NC_TX_RATIO_HI) | | |"
+  echo "| in CPU time: transfer capacity, \`DB_STATEMENT_CACHE=false\` / session² | $NC_TX_CAP ($NC_TX_CAP_LO – $NC_TX_CAP_HI) | | |"
+  echo "| service CPU per transfer, \`DB_STATEMENT_CACHE=false\` − session, µs | $NC_TX_SVC ($NC_TX_SVC_LO – $NC_TX_SVC_HI) | | |"
+  echo "| read req/s, \`DB_STATEMENT_CACHE=false\` / session | $NC_RD_RATIO ($NC_RD_RATIO_LO – $NC_RD_RATIO_HI) | | |"
+  echo "| in CPU time: read capacity, \`DB_STATEMENT_CACHE=false\` / session² | $NC_RD_CAP ($NC_RD_CAP_LO – $NC_RD_CAP_HI) | | |"
+  echo "| service CPU per read, \`DB_STATEMENT_CACHE=false\` − session, µs | $NC_RD_SVC ($NC_RD_SVC_LO – $NC_RD_SVC_HI) | | |"
   echo
   echo "¹ The throughput a machine with no other load would reach if CPU is what limits it: the total CPU per"
   echo "request of the baseline over the session's, where the cluster's and wrk's share is the pair's mean (both"
   echo "sides send the same statements, below), so that only the service's own CPU differs."
-  echo "² The same with every share as measured: (PostgreSQL + pgbench) over (PostgreSQL + service + wrk)."
+  echo "² The same with every share as measured: (PostgreSQL + pgbench) over (PostgreSQL + service + wrk); for"
+  echo "\`DB_STATEMENT_CACHE=false\`, (PostgreSQL + service + wrk) of the session over the same of that side: the"
+  echo "server's extra work (a parse and a plan per statement) counts too."
+}
+
+# Out of the box: the service with no tuning variables set against the peer (bench/peer),
+# paired within each repetition like the other comparisons. Full runs only.
+outside() {
+  local g what goal_rps rps rps_lo rps_hi p99 p99_lo p99_hi
+  if [ -z "$OUTSIDE_SIDES" ]; then
+    echo "(not measured in this run: a smoke run does not build the peer)"
+    return
+  fi
+  echo "| target | measured: median (range) over the $REPS repetitions | goal | |"
+  echo "|---|---:|---:|---|"
+  for g in transfer read; do
+    if [ "$g" = transfer ]; then what="transfer (\`POST /transfers\`)" goal_rps=1.10
+    else what="read (\`GET /accounts/{id}\`)" goal_rps=1.30; fi
+    read -r rps rps_lo rps_hi < <(paired "$g" defaults "$CLIENTS" peer "$CLIENTS" rps)
+    read -r p99 p99_lo p99_hi < <(paired "$g" defaults "$CLIENTS" peer "$CLIENTS" p99)
+    echo "| $what req/s, service defaults / peer | $rps ($rps_lo – $rps_hi) | ≥ $goal_rps | $(verdict "$rps" '>=' "$goal_rps") |"
+    echo "| $what p99, service defaults / peer | $p99 ($p99_lo – $p99_hi) | ≤ 1.00 | $(verdict "$p99" '<=' 1.00) |"
+  done
+  for g in transfer read; do
+    read -r rps rps_lo rps_hi < <(paired "$g" session "$CLIENTS" peer "$CLIENTS" rps)
+    echo "| (for reference) $g req/s, service as configured above / peer | $rps ($rps_lo – $rps_hi) | | |"
+  done
 }
 
 statements() { # tag title
@@ -712,6 +794,16 @@ fi
   echo
   targets
   echo
+  echo "### Out of the box: the service against an axum + sqlx + axum-sqlx-tx peer"
+  echo
+  echo "\`service, defaults\`: the same binary with no \`HTTP_WORKERS\`, \`DB_POOL_SIZE\`, \`DB_MAX_OVERFLOW\` or"
+  echo "\`RUST_LOG\` set ($(nproc) workers here, 5 + 10 connections, access log on), as a user starts it. \`peer\`:"
+  echo "bench/peer, the same routes and SQL on axum, sqlx and axum-sqlx-tx as their documentation shows (sqlx pool"
+  echo "5 to 15 connections, Tokio's default runtime, no per-request logging), release build. Both run in the"
+  echo "same interleaved slices as the sides above; the ratios are paired within each repetition."
+  echo
+  outside
+  echo
   echo "### The pgbench ratio in CPU time"
   echo
   cpu_budget
@@ -723,6 +815,8 @@ fi
   statements "transfer-pgbench-c$CONNS" "Transfer through pgbench"
   statements "read-session-c$CLIENTS" "Read through the service (\`GET /accounts/{id}\`)"
   statements "read-baseline-c$CLIENTS" "Read through the hand-written baseline"
+  statements "transfer-peer-c$CLIENTS" "Transfer through the peer"
+  statements "read-peer-c$CLIENTS" "Read through the peer"
   echo "\\* Counted from pgbench's transactions: PostgreSQL 15's pg_stat_statements counts a BEGIN or COMMIT"
   echo "that pgbench prepared only at its first execution on each connection."
   echo
@@ -745,6 +839,8 @@ echo
 table
 echo
 targets
+echo
+outside
 echo
 log "report: $REPORT; chart: $CHART; raw results: $RESULTS (took ${ELAPSED} s)"
 

@@ -13,6 +13,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServerHandle, ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
+use utoipa_actix_web::AppExt;
 
 use actix_diesel_session::{Database, DbPool};
 
@@ -22,7 +23,7 @@ use crate::db::{self, migrate};
 use crate::error::ApiError;
 use crate::health::{self, Health};
 use crate::metrics::{self, Metrics};
-use crate::{api, consistency, request_id};
+use crate::{api, consistency, openapi, request_id};
 
 /// Access log: peer, request line, status, size, duration and the request id.
 const ACCESS_LOG_FORMAT: &str = r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#;
@@ -160,16 +161,22 @@ pub fn app(
                 .unwrap_or_default()
         });
     }
-    App::new()
+    // Every documented route is registered here, and the document is made of exactly
+    // those registrations (see `openapi`).
+    let (app, doc) = App::new()
+        .into_utoipa_app()
+        .configure(health::configure)
+        .configure(metrics::configure)
+        .configure(openapi::configure)
+        .configure(|cfg| api::configure(cfg, state.body_limit, &session))
+        .split_for_parts();
+    app.app_data(web::Data::new(openapi::document(doc)))
         .app_data(state.db)
         .app_data(state.health)
         .app_data(state.metrics)
         .app_data(web::Data::new(IdempotencySettings {
             ttl: state.idempotency_ttl,
         }))
-        .configure(health::configure)
-        .configure(metrics::configure)
-        .configure(|cfg| api::configure(cfg, state.body_limit, &session))
         .default_service(web::to(crate::http::not_found))
         // Inside the request id's scope, so a 400 for a malformed token carries it.
         .wrap(from_fn(consistency::token))

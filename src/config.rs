@@ -20,6 +20,8 @@
 //! | `DB_LEAK_WARN_SECS` | 10 s |
 //! | `DB_ECHO` | false |
 //! | `DB_REQUEST_ID_SETTING` | false |
+//! | `DB_STATEMENT_CACHE` | true |
+//! | `DB_STARTUP_OPTIONS` | true |
 //! | `RUN_MIGRATIONS` | true |
 //! | `HTTP_BODY_LIMIT` | 65536 bytes |
 //! | `IDEMPOTENCY_TTL_SECS` | 86400 s |
@@ -113,6 +115,12 @@ pub struct DbConfig {
     pub replica_pool_size: usize,
     /// A replica further behind than this serves no reads (`DB_REPLICA_MAX_LAG`).
     pub replica_max_lag: Duration,
+    /// Keep prepared statements across transactions; `false` behind a transaction pooler
+    /// that does not track them (PgBouncer in transaction mode before 1.21).
+    pub statement_cache: bool,
+    /// Send the timeouts in the start-up packet; `false` behind a pooler that refuses the
+    /// `options` start-up parameter (PgBouncer): they are then set with each `BEGIN`.
+    pub startup_options: bool,
 }
 
 /// The `application_name` of pooled connections.
@@ -140,6 +148,8 @@ impl DbConfig {
         cfg.leak_warn = self.leak_warn;
         cfg.echo = self.echo;
         cfg.drive_on_callers_runtime = single_worker;
+        cfg.statement_cache = self.statement_cache;
+        cfg.startup_options = self.startup_options;
         cfg
     }
 
@@ -268,6 +278,8 @@ impl Config {
                     ))
                 }
             },
+            statement_cache: env.boolean("DB_STATEMENT_CACHE", true)?,
+            startup_options: env.boolean("DB_STARTUP_OPTIONS", true)?,
         };
         Ok(Config {
             db,
@@ -486,6 +498,8 @@ mod tests {
         assert_eq!(c.port, 8080);
         assert!(c.run_migrations);
         assert!(!c.db.echo);
+        assert!(c.db.statement_cache);
+        assert!(c.db.startup_options);
         assert!(c.http_workers >= 1);
         assert_eq!(
             config(&[URL, ("HTTP_WORKERS", "1")]).unwrap().http_workers,
@@ -504,6 +518,8 @@ mod tests {
             ("DB_POOL_RECYCLE", "1.5"),
             ("DB_STATEMENT_TIMEOUT", "-5"),
             ("DB_ECHO", "maybe"),
+            ("DB_STATEMENT_CACHE", "disabled"),
+            ("DB_STARTUP_OPTIONS", "2"),
             ("RUN_MIGRATIONS", "2"),
             ("HTTP_BODY_LIMIT", "0"),
             ("PORT", "70000"),

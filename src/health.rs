@@ -26,12 +26,15 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use actix_diesel_session::{Database, DbPool, Readiness, ReplicaStatus};
 use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
 
+use utoipa_actix_web::service_config::ServiceConfig;
+
 use crate::http::resource;
+use crate::openapi::Endpoint;
 
 /// The `application_name` of the readiness connection.
 pub const APPLICATION_NAME: &str = "ledger-health";
@@ -231,25 +234,76 @@ fn respond(status: Status, checks: Option<Value>) -> HttpResponse {
 }
 
 /// Liveness: the process answers. Never touches the database.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    operation_id = "live",
+    tag = "health",
+    responses(
+        (status = 200, description = "Serving", content_type = "application/health+json", body = HealthReport,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+    ),
+)]
 async fn live() -> HttpResponse {
     respond(Status::Pass, None)
 }
 
 /// Readiness: the database answered a round trip in time and the service is not draining.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    operation_id = "ready",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready (`pass`, or `warn` while every pooled connection is in use)", content_type = "application/health+json", body = HealthReport,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 503, description = "Not ready: the database did not answer in time, migrations are pending, or the service is shutting down", content_type = "application/health+json", body = HealthReport,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+    ),
+)]
 async fn ready(health: web::Data<Health>) -> HttpResponse {
     health.report(false).await
 }
 
 /// Readiness with full detail (pool figures always included).
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready, with the pool's figures", content_type = "application/health+json", body = HealthReport,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 503, description = "Not ready, with the pool's figures", content_type = "application/health+json", body = HealthReport,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+    ),
+)]
 async fn detail(health: web::Data<Health>) -> HttpResponse {
     health.report(true).await
 }
 
-/// Registers the probe routes.
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/health/live", [(Method::GET, web::to(live))]))
-        .service(resource("/livez", [(Method::GET, web::to(live))]))
-        .service(resource("/health/ready", [(Method::GET, web::to(ready))]))
-        .service(resource("/readyz", [(Method::GET, web::to(ready))]))
-        .service(resource("/health", [(Method::GET, web::to(detail))]));
+/// Registers the probe routes. `/livez` and `/readyz` are the same operations under the
+/// Kubernetes API server's names.
+pub fn configure(cfg: &mut ServiceConfig) {
+    let live_at = |id: &str| Endpoint::new::<__path_live>(web::to(live)).operation_id(id);
+    let ready_at = |id: &str| Endpoint::new::<__path_ready>(web::to(ready)).operation_id(id);
+    cfg.service(resource("/health/live", [live_at("live")]))
+        .service(resource("/livez", [live_at("livez")]))
+        .service(resource("/health/ready", [ready_at("ready")]))
+        .service(resource("/readyz", [ready_at("readyz")]))
+        .service(resource(
+            "/health",
+            [Endpoint::new::<__path_detail>(web::to(detail))],
+        ));
+}
+
+/// A health report (IETF draft "Health Check Response Format for HTTP APIs").
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "a schema only: the body is built in `respond`")]
+struct HealthReport {
+    /// `pass`, `warn` (serving, but degraded) or `fail`.
+    #[schema(pattern = "^(pass|warn|fail)$")]
+    status: String,
+    /// Each check's outcomes, by `component:measurement`.
+    checks: Option<std::collections::HashMap<String, Vec<serde_json::Value>>>,
 }

@@ -6,10 +6,34 @@ use actix_web::http::Method;
 use actix_web::{web, HttpRequest, Resource, Route};
 
 use crate::error::ApiError;
+use crate::openapi::{Documented, Endpoint};
 
-/// A resource that answers `methods` and 405 `method_not_allowed` (with `Allow`) to
-/// anything else: Actix's route macros would fall through to 404.
+/// A documented resource: answers `endpoints` and 405 `method_not_allowed` (with `Allow`)
+/// to anything else, and carries its part of the OpenAPI document, built from the same
+/// endpoints (see [`crate::openapi`]).
 pub fn resource<const N: usize>(
+    path: &str,
+    endpoints: [Endpoint; N],
+) -> Documented<
+    Resource<
+        impl ServiceFactory<
+            ServiceRequest,
+            Config = (),
+            Response = ServiceResponse<impl MessageBody>,
+            Error = actix_web::Error,
+            InitError = (),
+        >,
+    >,
+> {
+    Documented::build(path, endpoints, |routes| {
+        undocumented_resource(path, routes)
+    })
+}
+
+/// A resource left out of the OpenAPI document (test and benchmark routes): answers
+/// `methods` and 405 `method_not_allowed` (with `Allow`) to anything else; Actix's route
+/// macros would fall through to 404.
+pub fn undocumented_resource<const N: usize>(
     path: &str,
     methods: [(Method, Route); N],
 ) -> Resource<

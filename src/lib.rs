@@ -24,6 +24,8 @@ pub mod http;
 pub mod ledger;
 /// `GET /metrics` and the metrics behind it.
 pub mod metrics;
+/// The OpenAPI document, built from the route registrations (`GET /openapi.json`).
+pub mod openapi;
 /// `X-Request-Id` handling.
 pub mod request_id;
 /// The diesel schema (generated).

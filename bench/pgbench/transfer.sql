@@ -17,3 +17,5 @@ SELECT "accounts"."id", "accounts"."balance" FROM "accounts" WHERE (("accounts".
 UPDATE accounts AS a SET balance = a.balance + v.delta FROM unnest(ARRAY[:from, :to]::bigint[], ARRAY[:debit, :amount]::bigint[]) AS v(id, delta) WHERE a.id = v.id;
 INSERT INTO "transfers" ("from_account_id", "to_account_id", "amount") VALUES (:from, :to, :amount) RETURNING "transfers"."id", "transfers"."from_account_id", "transfers"."to_account_id", "transfers"."amount", "transfers"."created_at";
 COMMIT;
+-- The Consistency-Token of the answer: the insert position after the COMMIT returned.
+SELECT pg_current_wal_insert_lsn();

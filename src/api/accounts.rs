@@ -1,25 +1,24 @@
 //! `/accounts` (contract section 3).
 
-use actix_web::http::{header, Method};
+use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
 
 use super::json::Json;
 use super::{find_by_id, page_limit, resource, Page};
 use crate::db::accounts::{self, Account};
 use crate::error::{ApiError, FieldError};
+use crate::openapi::{Endpoint, BODY_CODES, SESSION_CODES};
 use actix_diesel_session::{DbSession, SessionMiddleware};
+use utoipa_actix_web::service_config::ServiceConfig;
 
 /// Longest account name, in characters, after trimming.
 const MAX_NAME_CHARS: usize = 100;
 
 /// Registers the account routes; the reads run in read-only transactions (contract
 /// section 10).
-pub fn configure(
-    cfg: &mut web::ServiceConfig,
-    session: &SessionMiddleware,
-    write: &SessionMiddleware,
-) {
+pub fn configure(cfg: &mut ServiceConfig, session: &SessionMiddleware, write: &SessionMiddleware) {
     let read = session.clone().read_only();
     // Each method its own session middleware, and none around the resource: a request
     // then passes through one session layer only (a second, nested one cost a transfer
@@ -27,23 +26,34 @@ pub fn configure(
     cfg.service(crate::http::resource(
         "/accounts",
         [
-            (Method::GET, web::to(list).wrap(read.clone())),
-            (Method::POST, web::to(create).wrap(write.clone())),
+            Endpoint::new::<__path_list>(web::to(list).wrap(read.clone()))
+                .problems(&[&["bad_request", "validation_failed"], SESSION_CODES]),
+            Endpoint::new::<__path_create>(web::to(create).wrap(write.clone())).problems(&[
+                BODY_CODES,
+                &["validation_failed", "commit_unknown"],
+                SESSION_CODES,
+            ]),
         ],
     ))
     .service(resource(
         "/accounts/{id}",
-        [(Method::GET, web::to(get))],
+        [Endpoint::new::<__path_get>(web::to(get))
+            .problems(&[&["bad_request", "not_found"], SESSION_CODES])],
         &read,
     ));
 }
 
-/// `POST /accounts` body.
-#[derive(Debug, Deserialize)]
+/// A new account.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAccount {
+    /// 1 to 100 characters after trimming surrounding whitespace, without U+0000; stored
+    /// trimmed.
+    #[schema(min_length = 1)]
     pub name: String,
+    /// The opening balance, in minor units.
     #[serde(default)]
+    #[schema(minimum = 0, default = 0)]
     pub balance: i64,
 }
 
@@ -75,13 +85,39 @@ impl CreateAccount {
 
 /// Query of `GET /accounts`. Unknown parameters are rejected (400), as for transfers: a
 /// misspelt `limit` must not silently give the default page.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 50)]
     pub limit: Option<i64>,
+    /// Start after this id (the previous page's `next_after_id`).
     pub after_id: Option<i64>,
 }
 
+/// Create an account
+#[utoipa::path(
+    post,
+    path = "/accounts",
+    operation_id = "create_account",
+    tag = "accounts",
+    request_body = CreateAccount,
+    responses((
+        status = 201,
+        description = "The account",
+        body = Account,
+        headers(("Location" = String, description = "/accounts/{id} of the new account")),
+        links(
+            ("GetAccount" = (operation_id = "get_account", parameters(("id" = "$response.body#/id")))),
+            ("TransferFromAccount" = (
+                operation_id = "create_transfer",
+                request_body = json!({"from_account_id": "$response.body#/id"}),
+                description = "A transfer from the new account (its other fields as the client chooses)",
+            )),
+        ),
+    )),
+)]
 async fn create(session: DbSession, body: Json<CreateAccount>) -> Result<HttpResponse, ApiError> {
     let name = body.validate()?;
     let mut conn = session.conn().await?;
@@ -91,10 +127,28 @@ async fn create(session: DbSession, body: Json<CreateAccount>) -> Result<HttpRes
         .json(account))
 }
 
+/// Read an account
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}",
+    operation_id = "get_account",
+    tag = "accounts",
+    params(("id" = i64, Path, minimum = 1, description = "The account's id")),
+    responses((status = 200, description = "The account", body = Account)),
+)]
 async fn get(session: DbSession, id: web::Path<i64>) -> Result<web::Json<Account>, ApiError> {
     find_by_id(&session, "account", id.into_inner(), accounts::find).await
 }
 
+/// List accounts by ascending id
+#[utoipa::path(
+    get,
+    path = "/accounts",
+    operation_id = "list_accounts",
+    tag = "accounts",
+    params(ListParams),
+    responses((status = 200, description = "A page of accounts", body = Page<Account>)),
+)]
 async fn list(
     session: DbSession,
     params: web::Query<ListParams>,

@@ -104,7 +104,18 @@ async fn create_transfer(
             })
         })
         .await?;
-    Ok(match posted {
+    // The contract's `Consistency-Token`, as the real route gives it: the insert position
+    // after the COMMIT, on the same connection, through the simple protocol.
+    let token = conn
+        .simple_query("SELECT pg_current_wal_insert_lsn()")
+        .await?
+        .into_iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| ApiError::internal("no WAL position"))?;
+    let mut response = match posted {
         Posted::Replay(stored) => {
             let id = serde_json::from_str::<serde_json::Value>(&stored.body)
                 .ok()
@@ -117,5 +128,11 @@ async fn create_transfer(
             Some(format!("/transfers/{id}")),
             false,
         ),
-    })
+    };
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&token) {
+        response
+            .headers_mut()
+            .insert(crate::consistency::HEADER, value);
+    }
+    Ok(response)
 }

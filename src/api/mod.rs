@@ -16,8 +16,10 @@ use actix_web::{web, HttpRequest, Resource, Route};
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use serde::Serialize;
+use utoipa_actix_web::service_config::ServiceConfig;
 
 use crate::error::ApiError;
+use crate::openapi::{Documented, Endpoint};
 use actix_diesel_session::{DbSession, Retry, SessionMiddleware};
 
 /// `/accounts`.
@@ -37,18 +39,23 @@ pub mod transfers;
 
 /// Registers the API routes, each inside `session` (one transaction per request), and
 /// the extractor configuration. The routes that write run again after a deadlock or a
-/// serialization failure ([`write_retry`]).
-pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, session: &SessionMiddleware) {
-    json::configure(cfg, body_limit);
-    // `web::Json` is left to the benchmark baselines; the API's bodies use `json::Json`.
-    cfg.app_data(json_config(body_limit))
-        .app_data(web::PathConfig::default().error_handler(path_error))
-        .app_data(web::QueryConfig::default().error_handler(query_error));
-    // First, as one scope: Actix tries resources in order, matching the dynamic ones with
-    // a regex, so a baseline registered after the real routes would pay for matching them
-    // too. This way either side's request matches one pattern (after cheap prefix checks).
-    #[cfg(feature = "bench")]
-    bench_routes::configure(cfg);
+/// serialization failure ([`write_retry`]). The test and benchmark routes go through
+/// `map`, which leaves them out of the OpenAPI document.
+pub fn configure(cfg: &mut ServiceConfig, body_limit: usize, session: &SessionMiddleware) {
+    cfg.map(|cfg| {
+        json::configure(cfg, body_limit);
+        // `web::Json` is left to the benchmark baselines; the API's bodies use `json::Json`.
+        cfg.app_data(json_config(body_limit))
+            .app_data(web::PathConfig::default().error_handler(path_error))
+            .app_data(web::QueryConfig::default().error_handler(query_error));
+        // First, as one scope: Actix tries resources in order, matching the dynamic ones
+        // with a regex, so a baseline registered after the real routes would pay for
+        // matching them too. This way either side's request matches one pattern (after
+        // cheap prefix checks).
+        #[cfg(feature = "bench")]
+        bench_routes::configure(cfg);
+        cfg
+    });
     // Writes learn the WAL position after their COMMIT: the `Consistency-Token` of their
     // answer (`crate::consistency`).
     let write = session
@@ -58,7 +65,10 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize, session: &Sess
     accounts::configure(cfg, session, &write);
     transfers::configure(cfg, session, &write);
     #[cfg(feature = "test-routes")]
-    test_routes::configure(cfg, session, &write);
+    cfg.map(|cfg| {
+        test_routes::configure(cfg, session, &write);
+        cfg
+    });
 }
 
 /// How the routes that write retry a transaction that ended in a deadlock (40P01) or a
@@ -75,6 +85,26 @@ pub fn write_retry(body_limit: usize) -> Retry {
 /// at all.
 pub fn resource<const N: usize>(
     path: &str,
+    endpoints: [Endpoint; N],
+    session: &SessionMiddleware,
+) -> Documented<
+    Resource<
+        impl ServiceFactory<
+            ServiceRequest,
+            Config = (),
+            Response = ServiceResponse<impl MessageBody>,
+            Error = actix_web::Error,
+            InitError = (),
+        >,
+    >,
+> {
+    crate::http::resource(path, endpoints).map(|resource| resource.wrap(session.clone()))
+}
+
+/// [`resource`] for the test routes, which the OpenAPI document leaves out.
+#[cfg(feature = "test-routes")]
+pub fn undocumented_resource<const N: usize>(
+    path: &str,
     methods: [(Method, Route); N],
     session: &SessionMiddleware,
 ) -> Resource<
@@ -86,7 +116,7 @@ pub fn resource<const N: usize>(
         InitError = (),
     >,
 > {
-    crate::http::resource(path, methods).wrap(session.clone())
+    crate::http::undocumented_resource(path, methods).wrap(session.clone())
 }
 
 fn json_config(limit: usize) -> web::JsonConfig {
@@ -152,10 +182,11 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 }
 
 /// A page of a keyset-paginated list.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
-    /// The last item's id when the page is full, else `null`.
+    /// The last item's id when the page is full (a following page may be empty), else `null`.
+    #[schema(required = true)]
     pub next_after_id: Option<i64>,
 }
 

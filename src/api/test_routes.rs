@@ -14,7 +14,7 @@ use diesel::sql_types::BigInt;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde::Deserialize;
 
-use super::resource;
+use super::undocumented_resource as resource;
 use crate::db::accounts;
 use crate::error::ApiError;
 use actix_diesel_session::{DbSession, SessionMiddleware};

@@ -4,9 +4,9 @@
 //! [`super::idempotency`]. Handlers check what needs no database first, so a request that
 //! is bound to fail that way never checks out a connection.
 
-use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::idempotency::{self, Claimed, IdempotencyKey, IdempotencySettings, Idempotent};
 use super::json::Json;
@@ -14,7 +14,9 @@ use super::{find_by_id, page_limit, resource, Page};
 use crate::db::transfers::{self, NewTransfer, Transfer};
 use crate::error::ApiError;
 use crate::ledger;
+use crate::openapi::{Endpoint, BODY_CODES, SESSION_CODES};
 use actix_diesel_session::{DbSession, SessionMiddleware};
+use utoipa_actix_web::service_config::ServiceConfig;
 
 /// Most items in one batch (contract section 4).
 pub const MAX_BATCH_ITEMS: usize = 100;
@@ -25,40 +27,60 @@ const BATCH_ENDPOINT: &str = "POST /transfers/batch";
 /// Registers the transfer routes. `/transfers/batch` comes before `/transfers/{id}`, which
 /// would otherwise match it.
 /// The reads run in read-only transactions (contract section 10).
-pub fn configure(
-    cfg: &mut web::ServiceConfig,
-    session: &SessionMiddleware,
-    write: &SessionMiddleware,
-) {
+pub fn configure(cfg: &mut ServiceConfig, session: &SessionMiddleware, write: &SessionMiddleware) {
     let read = session.clone().read_only();
     // Each method its own session middleware, and none around the resource: a request
     // then passes through one session layer only (a second, nested one cost a transfer
     // some 2 % of its instructions: BENCHMARKS.md), and a 405 takes no session.
+    let transfer_codes: &[&str] = &[
+        "validation_failed",
+        "not_found",
+        "insufficient_funds",
+        "idempotency_conflict",
+        "commit_unknown",
+    ];
+    let list_codes: &[&[&str]] = &[&["bad_request", "validation_failed"], SESSION_CODES];
     cfg.service(crate::http::resource(
         "/transfers",
         [
-            (Method::GET, web::to(list).wrap(read.clone())),
-            (Method::POST, web::to(create).wrap(write.clone())),
+            Endpoint::new::<__path_list>(web::to(list).wrap(read.clone())).problems(list_codes),
+            Endpoint::new::<__path_create>(web::to(create).wrap(write.clone())).problems(&[
+                BODY_CODES,
+                transfer_codes,
+                SESSION_CODES,
+            ]),
         ],
     ))
     .service(resource(
         "/transfers/batch",
-        [(Method::POST, web::to(create_batch))],
+        [
+            Endpoint::new::<__path_create_batch>(web::to(create_batch)).problems(&[
+                BODY_CODES,
+                transfer_codes,
+                SESSION_CODES,
+            ]),
+        ],
         write,
     ))
     .service(resource(
         "/transfers/{id}",
-        [(Method::GET, web::to(get))],
+        [Endpoint::new::<__path_get>(web::to(get))
+            .problems(&[&["bad_request", "not_found"], SESSION_CODES])],
         &read,
     ));
 }
 
-/// A transfer request: the body of `POST /transfers` and an item of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+/// A transfer to make: `amount` moves from one account to another (not the same one), and
+/// the sender's balance must cover it and the receiver's must not overflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferRequest {
+    #[schema(minimum = 1)]
     pub from_account_id: i64,
+    #[schema(minimum = 1)]
     pub to_account_id: i64,
+    /// In minor units.
+    #[schema(minimum = 1)]
     pub amount: i64,
 }
 
@@ -72,11 +94,14 @@ impl From<TransferRequest> for NewTransfer {
     }
 }
 
-/// `POST /transfers/batch` body. A malformed item's 400 names its index like any other
-/// failing item: the body extractor ([`Json`]) tracks the element being read.
-#[derive(Debug, Deserialize)]
+/// Transfers applied together, in order, or not at all.
+//
+// A malformed item's 400 names its index like any other failing item: the body extractor
+// (`Json`) tracks the element being read.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
+    #[schema(min_items = 1, max_items = 100)]
     pub transfers: Vec<TransferRequest>,
 }
 
@@ -97,19 +122,24 @@ struct ParsedBatch<'a> {
     transfers: &'a [TransferRequest],
 }
 
-/// The `POST /transfers/batch` answer.
-#[derive(Debug, Serialize)]
+/// The transfers of a batch, in request order.
+#[derive(Debug, Serialize, ToSchema)]
 struct BatchResponse {
     items: Vec<Transfer>,
 }
 
 /// Query of `GET /transfers`. Unknown parameters are rejected: a misspelt `account_id`
 /// must not silently widen the list to every transfer.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only the transfers from or to this account.
     pub account_id: Option<i64>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 50)]
     pub limit: Option<i64>,
+    /// Start after this id (the previous page's `next_after_id`).
     pub after_id: Option<i64>,
 }
 
@@ -123,6 +153,27 @@ fn location(id: i64) -> String {
     format!("/transfers/{id}")
 }
 
+/// Move an amount between two accounts
+#[utoipa::path(
+    post,
+    path = "/transfers",
+    operation_id = "create_transfer",
+    tag = "transfers",
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
+        description = "1 to 255 visible ASCII characters. A repeat with the same body replays \
+                       the first answer; with another body it is refused (409)")),
+    request_body = TransferRequest,
+    responses((
+        status = 201,
+        description = "The transfer",
+        body = Transfer,
+        headers(
+            ("Location" = String, description = "/transfers/{id} of the new transfer"),
+            ("Idempotent-Replayed" = String, description = "`true` on a replayed answer"),
+        ),
+        links(("GetTransfer" = (operation_id = "get_transfer", parameters(("id" = "$response.body#/id"))))),
+    )),
+)]
 async fn create(
     session: DbSession,
     key: IdempotencyKey,
@@ -154,6 +205,23 @@ async fn create(
     .await
 }
 
+/// Make up to 100 transfers atomically
+#[utoipa::path(
+    post,
+    path = "/transfers/batch",
+    operation_id = "create_transfer_batch",
+    tag = "transfers",
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
+        description = "1 to 255 visible ASCII characters. A repeat with the same body replays \
+                       the first answer; with another body it is refused (409)")),
+    request_body = BatchRequest,
+    responses((
+        status = 201,
+        description = "The transfers, in request order. A failing item's problem names its `index`",
+        body = BatchResponse,
+        headers(("Idempotent-Replayed" = String, description = "`true` on a replayed answer")),
+    )),
+)]
 async fn create_batch(
     session: DbSession,
     key: IdempotencyKey,
@@ -179,10 +247,28 @@ async fn create_batch(
     idempotency::created(idempotent.as_ref(), &mut conn, body, None).await
 }
 
+/// Read a transfer
+#[utoipa::path(
+    get,
+    path = "/transfers/{id}",
+    operation_id = "get_transfer",
+    tag = "transfers",
+    params(("id" = i64, Path, minimum = 1, description = "The transfer's id")),
+    responses((status = 200, description = "The transfer", body = Transfer)),
+)]
 async fn get(session: DbSession, id: web::Path<i64>) -> Result<web::Json<Transfer>, ApiError> {
     find_by_id(&session, "transfer", id.into_inner(), transfers::find).await
 }
 
+/// List transfers by ascending id
+#[utoipa::path(
+    get,
+    path = "/transfers",
+    operation_id = "list_transfers",
+    tag = "transfers",
+    params(ListParams),
+    responses((status = 200, description = "A page of transfers", body = Page<Transfer>)),
+)]
 async fn list(
     session: DbSession,
     params: web::Query<ListParams>,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::schema::accounts;
 
 /// An account, as stored and as served.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = accounts)]
 pub struct Account {
     pub id: i64,

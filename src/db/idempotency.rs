@@ -24,7 +24,7 @@ use std::time::Duration;
 use deadpool::managed::{TimeoutType, Timeouts};
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Double, Int2, Text};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use crate::schema::idempotency_keys;
 use actix_diesel_session::{spawn_periodic, DbPool};
@@ -179,8 +179,11 @@ pub async fn purge_batch(conn: &mut AsyncPgConnection, ttl: Duration) -> QueryRe
     .await
 }
 
-/// Deletes expired keys in bounded batches on one pooled connection (autocommit: each
-/// batch is its own short transaction). Returns how many it deleted.
+/// Deletes expired keys in bounded batches on one pooled connection, each batch in a short
+/// transaction of its own: an explicit one, because its statement carries parameters and
+/// is therefore prepared under a name, which a transaction pooler (PgBouncer in
+/// transaction mode) keeps on one server connection only within a transaction. Returns
+/// how many it deleted.
 ///
 /// It never queues for a connection: when traffic holds every pooled connection, this run
 /// is skipped (returns 0) and the next one tries again. Expired keys are already ignored
@@ -201,7 +204,9 @@ pub async fn purge_expired(pool: &DbPool, ttl: Duration) -> Result<usize, String
     let work = async {
         let mut total = 0;
         for _ in 0..PURGE_MAX_BATCHES {
-            let deleted = purge_batch(&mut conn, ttl).await?;
+            let deleted = conn
+                .transaction(async |conn| purge_batch(conn, ttl).await)
+                .await?;
             total += deleted;
             if i64::try_from(deleted).map_or(true, |n| n < PURGE_BATCH) {
                 break;

@@ -29,7 +29,9 @@ use serde::Serialize;
 use crate::schema::{accounts, transfers};
 
 /// A transfer, as stored and as served.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable, Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable, Serialize, utoipa::ToSchema,
+)]
 #[diesel(table_name = transfers)]
 pub struct Transfer {
     pub id: i64,

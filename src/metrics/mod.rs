@@ -29,17 +29,18 @@ use std::sync::atomic::AtomicU64;
 
 use actix_diesel_session::Database;
 use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
-use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Metric, Registry};
+use utoipa_actix_web::service_config::ServiceConfig;
 
 use crate::config::DbConfig;
 use crate::error::ApiError;
 use crate::health::Health;
+use crate::openapi::Endpoint;
 
 /// Pool, transaction and leak metrics.
 pub mod db;
@@ -186,7 +187,17 @@ fn gauge_value(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// `GET /metrics`. Takes no `DbSession`: it never checks out a connection.
+/// Prometheus metrics
+///
+/// The Prometheus text exposition format. Never touches the database.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "metrics",
+    responses((status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)),
+)]
+// Takes no `DbSession`: it never checks out a connection.
 async fn scrape(
     metrics: web::Data<Metrics>,
     db: web::Data<Database>,
@@ -200,9 +211,9 @@ async fn scrape(
 }
 
 /// Registers `GET /metrics`.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub fn configure(cfg: &mut ServiceConfig) {
     cfg.service(crate::http::resource(
         "/metrics",
-        [(Method::GET, web::to(scrape))],
+        [Endpoint::new::<__path_scrape>(web::to(scrape)).problems(&[&["internal"]])],
     ));
 }

@@ -54,6 +54,8 @@ fn each_invalid_variable_exits_2_with_one_line_naming_it() {
         ("DB_HEALTH_TIMEOUT", "0"),
         ("DB_LEAK_WARN_SECS", "soon"),
         ("DB_ECHO", "perhaps"),
+        ("DB_STATEMENT_CACHE", "sometimes"),
+        ("DB_STARTUP_OPTIONS", "2"),
         ("RUN_MIGRATIONS", "2"),
         ("HTTP_BODY_LIMIT", "0"),
         ("IDEMPOTENCY_TTL_SECS", "0"),

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
 use serde_yaml::Value;
 
 use crate::support::spawn_app;
@@ -203,5 +204,142 @@ async fn the_manifests_probe_the_paths_and_port_the_service_serves() {
             .get("prometheus.io/port")
             .and_then(Value::as_str),
         Some(config.port.to_string().as_str())
+    );
+}
+
+/// Every document of a multi-document manifest.
+fn manifests(name: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(&read(&format!("deploy/kubernetes/{name}")))
+        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("a {kind} named {name}"))
+}
+
+/// `key = value` of an ini text, the first occurrence.
+fn ini(text: &str, key: &str) -> String {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("{key} in pgbouncer.ini"))
+}
+
+#[test]
+fn the_optional_pgbouncer_pools_in_transaction_mode_within_both_connection_budgets() {
+    let docs = manifests("pgbouncer/pgbouncer.yaml");
+    let ledger = manifest("deployment.yaml");
+    let container = &ledger["spec"]["template"]["spec"]["containers"][0];
+
+    // The settings the pooler needs reach the ledger pods, and the service accepts them.
+    let settings = of_kind(&docs, "ConfigMap", "ledger-pooler-settings");
+    let env_from = container["envFrom"].as_sequence().expect("envFrom");
+    assert!(
+        env_from
+            .iter()
+            .any(|e| e["configMapRef"]["name"] == "ledger-pooler-settings"
+                && e["configMapRef"]["optional"] == true),
+        "the ledger pods read the pooler settings when they exist, and start without them"
+    );
+    let config = ledger::Config::from_lookup(|name| match name {
+        "DATABASE_URL" => Some("postgres://ledger@ledger-pgbouncer:6432/ledger".to_owned()),
+        _ => settings["data"][name].as_str().map(str::to_owned),
+    })
+    .expect("the pooler settings are valid");
+    // PgBouncer 1.18 (the image's) refuses `options` and keeps no prepared statements
+    // across transactions: both must be off (contract section 12).
+    assert!(
+        read("deploy/pgbouncer/Dockerfile").contains("'pgbouncer=1.18.*'"),
+        "the image's PgBouncer is the one these settings are for"
+    );
+    assert!(!config.db.startup_options, "DB_STARTUP_OPTIONS=false");
+    assert!(!config.db.statement_cache, "DB_STATEMENT_CACHE=false");
+
+    let ini_text = of_kind(&docs, "ConfigMap", "ledger-pgbouncer")["data"]["pgbouncer.ini"]
+        .as_str()
+        .expect("pgbouncer.ini")
+        .to_owned();
+    assert_eq!(ini(&ini_text, "pool_mode"), "transaction");
+
+    // Clients: every ledger connection, during a rolling update, may land on one pooler pod.
+    let ledger_settings = |name: &str| {
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| text(e, "value"))
+    };
+    let ledger_config = ledger::Config::from_lookup(|name| match name {
+        "DATABASE_URL" => Some("postgres://ledger@ledger-pgbouncer:6432/ledger".to_owned()),
+        _ => ledger_settings(name),
+    })
+    .expect("the ledger's settings");
+    let ledger_pods =
+        number(&ledger, "spec.replicas") + number(&ledger, "spec.strategy.rollingUpdate.maxSurge");
+    let clients = ledger_pods * (ledger_config.db.max_connections() + 1) as f64;
+    let max_client_conn: f64 = ini(&ini_text, "max_client_conn").parse().unwrap();
+    assert!(
+        clients <= max_client_conn,
+        "{clients} client connections > max_client_conn {max_client_conn}"
+    );
+
+    // Server: every pooler pod, during its own rolling update, at its limit.
+    let pooler = of_kind(&docs, "Deployment", "ledger-pgbouncer");
+    let pooler_pods =
+        number(pooler, "spec.replicas") + number(pooler, "spec.strategy.rollingUpdate.maxSurge");
+    let per_pooler: f64 = ini(&ini_text, "max_db_connections").parse().unwrap();
+    let pool_size: f64 = ini(&ini_text, "default_pool_size").parse().unwrap();
+    assert!(
+        pool_size <= per_pooler,
+        "default_pool_size <= max_db_connections"
+    );
+    assert!(
+        pooler_pods * per_pooler < DEFAULT_SERVER_CONNECTIONS,
+        "{pooler_pods} pooler pods x {per_pooler} server connections"
+    );
+
+    // The Service reaches the port PgBouncer listens on, and selects only its pods.
+    let listen_port: f64 = ini(&ini_text, "listen_port").parse().unwrap();
+    let pooler_container = &pooler["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        number(pooler_container, "ports.0.containerPort"),
+        listen_port
+    );
+    let service = of_kind(&docs, "Service", "ledger-pgbouncer");
+    assert_eq!(
+        text(service, "spec.ports.0.targetPort"),
+        text(pooler_container, "ports.0.name")
+    );
+    let labels = &pooler["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_mapping().expect("selector") {
+        assert_eq!(&labels[key], value, "Service selector {key:?}");
+    }
+    assert_ne!(
+        labels["app.kubernetes.io/component"],
+        ledger["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
+        "the ledger's Service must not select the pooler's pods"
+    );
+    // The configuration and the user list are where the image's command looks.
+    let dockerfile = read("deploy/pgbouncer/Dockerfile");
+    let mounts = pooler_container["volumeMounts"].as_sequence().unwrap();
+    let config_dir = mounts
+        .iter()
+        .find(|m| m["name"] == "config")
+        .map(|m| text(m, "mountPath"))
+        .expect("config mount");
+    assert!(dockerfile.contains(&format!("\"{config_dir}/pgbouncer.ini\"")));
+    let auth_dir = mounts
+        .iter()
+        .find(|m| m["name"] == "auth")
+        .map(|m| text(m, "mountPath"))
+        .expect("auth mount");
+    assert_eq!(
+        ini(&ini_text, "auth_file"),
+        format!("{auth_dir}/userlist.txt")
     );
 }

@@ -16,6 +16,8 @@ mod k8s;
 mod lost_commit;
 mod metrics;
 mod migrations;
+mod openapi;
+mod pgbouncer;
 mod pool;
 mod replicas;
 mod retry;

@@ -37,8 +37,8 @@ pub struct SessionConfig {
     /// Bound on the ping before reuse (together with a quarter of `checkout_timeout`) and
     /// on every step of a readiness check (2 s).
     pub probe_timeout: Duration,
-    /// The server's `statement_timeout` for pooled connections, sent at start-up (`None`:
-    /// no limit, the default). The client-side statement deadline is this plus
+    /// The server's `statement_timeout` for pooled connections, sent at start-up or with
+    /// each `BEGIN` (see `startup_options`; `None`: no limit, the default). The client-side statement deadline is this plus
     /// [`DEADLINE_MARGIN`].
     pub statement_timeout: Option<Duration>,
     /// The server's `idle_in_transaction_session_timeout` (60 s; `None`: no limit).
@@ -60,6 +60,21 @@ pub struct SessionConfig {
     /// shutdown an idle worker stops first, so connections it had opened would die under
     /// the requests other workers are still finishing.
     pub drive_on_callers_runtime: bool,
+    /// Keep each connection's prepared statements for its later transactions (true).
+    /// Turn it off behind a transaction pooler that does not track prepared statements
+    /// (PgBouncer in transaction mode before 1.21, or without `max_prepared_statements`):
+    /// a statement prepared in one transaction is gone, or another client's, in the next.
+    /// Every statement is then prepared, used and closed within its transaction (a round
+    /// trip more per statement), and a COMMIT waits for the transaction id query before
+    /// it is sent instead of being pipelined with it.
+    pub statement_cache: bool,
+    /// Send `statement_timeout` and `idle_in_transaction_session_timeout` in the start-up
+    /// packet's `options` (true). Turn it off behind a pooler that refuses `options`, or
+    /// drops it (PgBouncer): the timeouts are then set with `SET LOCAL` in the same
+    /// message as each `BEGIN`, so they hold whichever server connection runs the
+    /// transaction. (The readiness and verification connections have client-side bounds
+    /// of their own.)
+    pub startup_options: bool,
 }
 
 impl Default for SessionConfig {
@@ -79,6 +94,8 @@ impl Default for SessionConfig {
             after_commit_timeout: Duration::from_secs(5),
             echo: false,
             drive_on_callers_runtime: false,
+            statement_cache: true,
+            startup_options: true,
         }
     }
 }
@@ -119,5 +136,43 @@ impl SessionConfig {
     /// request's whole check-out budget, so give up on it early and open a fresh one.
     pub fn ping_timeout(&self) -> Duration {
         self.probe_timeout.min(self.checkout_timeout / 4)
+    }
+
+    /// What follows every `BEGIN` in its message: nothing when the timeouts travel in the
+    /// start-up packet; otherwise `SET LOCAL` of both (0, PostgreSQL's "no limit", for
+    /// `None`, as at start-up), so that a server connection's own defaults never apply.
+    pub(crate) fn begin_suffix(&self) -> String {
+        if self.startup_options {
+            return String::new();
+        }
+        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis());
+        format!(
+            "; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+            ms(self.statement_timeout),
+            ms(self.idle_in_transaction_timeout)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_startup_options_the_timeouts_follow_every_begin() {
+        let mut cfg = SessionConfig::default();
+        assert_eq!(cfg.begin_suffix(), "", "they travel in the start-up packet");
+        cfg.startup_options = false;
+        cfg.statement_timeout = Some(Duration::from_millis(1500));
+        assert_eq!(
+            cfg.begin_suffix(),
+            "; SET LOCAL statement_timeout = 1500; \
+             SET LOCAL idle_in_transaction_session_timeout = 60000"
+        );
+        // No limit is 0, never the server connection's own default.
+        cfg.idle_in_transaction_timeout = None;
+        assert!(cfg
+            .begin_suffix()
+            .ends_with("SET LOCAL idle_in_transaction_session_timeout = 0"));
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Session settings travel in the start-up packet (`application_name`, and
 //! `statement_timeout` / `idle_in_transaction_session_timeout` through `options`), so a new
-//! connection costs no extra `SET` round trips. TLS follows the URL's `sslmode` (see
+//! connection costs no extra `SET` round trips. Behind a pooler that refuses `options`
+//! ([`Connector::without_startup_options`]) the timeouts are left out, and the session
+//! sets them with each `BEGIN` instead (see [`crate::SessionConfig::startup_options`]). TLS follows the URL's `sslmode` (see
 //! [`crate::tls`]), set up once per URL: connectors for other purposes (the readiness
 //! check, an application's migrations) are made from the pool's with
 //! [`Connector::with_settings`], sharing it.
@@ -17,8 +19,9 @@
 
 use std::time::Duration;
 
+use diesel::connection::CacheSize;
 use diesel::ConnectionError;
-use diesel_async::AsyncPgConnection;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
 
 use crate::tls::{self, Tls};
 use crate::url::DatabaseUrl;
@@ -52,6 +55,13 @@ pub struct Connector {
     io: Option<tokio::runtime::Handle>,
     /// The bound on a whole attempt.
     attempt_timeout: Duration,
+    /// `config` without the timeouts in `options` (the URL's own `options` kept), for
+    /// [`Connector::without_startup_options`].
+    plain: tokio_postgres::Config,
+    /// Whether `config` carries the timeouts.
+    startup_options: bool,
+    /// Whether connections keep prepared statements across transactions.
+    statement_cache: bool,
 }
 
 /// Aborts the spawned attempt when the caller stops waiting for it: a dropped
@@ -96,8 +106,9 @@ impl Connector {
         idle_in_tx_timeout: Option<Duration>,
         connect_timeout: Duration,
     ) -> Self {
-        Connector {
+        let made = Connector {
             io: self.io.clone(),
+            statement_cache: self.statement_cache,
             ..Connector::configure(
                 self.url.clone(),
                 self.tls.clone(),
@@ -106,7 +117,33 @@ impl Connector {
                 idle_in_tx_timeout,
                 connect_timeout,
             )
+        };
+        if self.startup_options {
+            made
+        } else {
+            made.without_startup_options()
         }
+    }
+
+    /// Leaves the timeouts out of the start-up packet (the URL's own `options`, if any,
+    /// still go): PgBouncer refuses the `options` start-up parameter, or drops it when told
+    /// to ignore it. Connectors made from this one with [`Connector::with_settings`] leave
+    /// them out too. Whoever uses the connections then sets the timeouts itself: the
+    /// session does, with `SET LOCAL` in each `BEGIN`'s message.
+    pub fn without_startup_options(mut self) -> Self {
+        self.config = self.plain.clone();
+        self.startup_options = false;
+        self
+    }
+
+    /// Turns diesel-async's prepared statement cache off on every connection this
+    /// connector opens (and those of connectors made from it with
+    /// [`Connector::with_settings`]): each statement is prepared, used and closed in turn,
+    /// so that none outlives the transaction it was prepared in (see
+    /// [`crate::SessionConfig::statement_cache`]).
+    pub fn without_statement_cache(mut self) -> Self {
+        self.statement_cache = false;
+        self
     }
 
     fn configure(
@@ -125,6 +162,16 @@ impl Connector {
             .keepalives_idle(KEEPALIVE_IDLE)
             .keepalives_interval(KEEPALIVE_INTERVAL)
             .keepalives_retries(KEEPALIVE_RETRIES);
+        // The driver's own negotiation does the `prefer` fallback and refuses a server
+        // without TLS for `require`; certificate checks are the TLS connector's.
+        config.ssl_mode(match &tls {
+            Tls::Enabled {
+                required: false, ..
+            } => tokio_postgres::config::SslMode::Prefer,
+            Tls::Enabled { required: true, .. } => tokio_postgres::config::SslMode::Require,
+            Tls::Disabled | Tls::Broken(_) => tokio_postgres::config::SslMode::Disable,
+        });
+        let plain = config.clone();
         let mut options: Vec<String> = config
             .get_options()
             .map(str::to_owned)
@@ -138,21 +185,15 @@ impl Connector {
             ms(idle_in_tx_timeout)
         ));
         config.options(options.join(" "));
-        // The driver's own negotiation does the `prefer` fallback and refuses a server
-        // without TLS for `require`; certificate checks are the TLS connector's.
-        config.ssl_mode(match &tls {
-            Tls::Enabled {
-                required: false, ..
-            } => tokio_postgres::config::SslMode::Prefer,
-            Tls::Enabled { required: true, .. } => tokio_postgres::config::SslMode::Require,
-            Tls::Disabled | Tls::Broken(_) => tokio_postgres::config::SslMode::Disable,
-        });
         Connector {
             url,
             config,
             tls,
             io: tokio::runtime::Handle::try_current().ok(),
             attempt_timeout: connect_timeout,
+            plain,
+            startup_options: true,
+            statement_cache: true,
         }
     }
 
@@ -221,6 +262,14 @@ impl Connector {
     }
 
     async fn establish_here(&self) -> Result<AsyncPgConnection, ConnectionError> {
+        let mut conn = self.open().await?;
+        if !self.statement_cache {
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+        }
+        Ok(conn)
+    }
+
+    async fn open(&self) -> Result<AsyncPgConnection, ConnectionError> {
         match &self.tls {
             Tls::Disabled => {
                 let (client, connection) = self

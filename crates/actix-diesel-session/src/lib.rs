@@ -216,6 +216,12 @@ impl DatabaseBuilder {
         if cfg.drive_on_callers_runtime {
             connector = connector.on_callers_runtime();
         }
+        if !cfg.startup_options {
+            connector = connector.without_startup_options();
+        }
+        if !cfg.statement_cache {
+            connector = connector.without_statement_cache();
+        }
         let pool = pool::build(&cfg, connector.clone(), self.observer.clone())
             .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
         pool::spawn_reaper(&pool, &cfg, self.observer.clone());

@@ -44,7 +44,7 @@ use deadpool::Runtime;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
 
 use crate::config::SessionConfig;
@@ -134,9 +134,11 @@ pub(crate) fn build(
 
 /// One `SELECT 1` round trip within `timeout`: the check before reusing a long-idle
 /// connection, and the readiness check. (deadpool runs hooks without its recycle timeout,
-/// so the ping carries its own.)
+/// so the ping carries its own.) Through the simple protocol: outside a transaction a
+/// prepared statement is named, and a transaction pooler may run its execution on another
+/// server connection than its preparation.
 pub async fn ping(conn: &mut AsyncPgConnection, timeout: Duration) -> Result<(), PingError> {
-    match tokio::time::timeout(timeout, diesel::sql_query("SELECT 1").execute(conn)).await {
+    match tokio::time::timeout(timeout, conn.batch_execute("SELECT 1")).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(PingError::Failed(e.to_string())),
         Err(_) => Err(PingError::TimedOut(timeout)),

@@ -5,5 +5,6 @@
 
 mod connect;
 mod load;
+mod pgbouncer;
 mod probe_flood;
 mod rolling_update;

@@ -6,6 +6,7 @@ pub mod app;
 pub mod binary;
 pub mod db;
 pub mod pg_cluster;
+pub mod pgbouncer;
 pub mod pgwire;
 pub mod proxy;
 pub mod traffic;

@@ -171,6 +171,11 @@ impl PgCluster {
         .expect("replica start")
     }
 
+    /// The port the server listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.0.port
+    }
+
     /// A URL for database `db` as the superuser.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.0.port)
@@ -299,13 +304,13 @@ impl Drop for PgCluster {
     }
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
 /// A fresh directory for a cluster, as `scripts/pg.sh` makes one.
-fn private_dir() -> PathBuf {
+pub fn private_dir() -> PathBuf {
     if is_root() {
         let account = Command::new("id").arg("postgres").output();
         assert!(
@@ -325,7 +330,7 @@ fn private_dir() -> PathBuf {
 }
 
 /// Hands `path` to the cluster's owner: `postgres` when we are root.
-fn give_to_owner(path: &Path) {
+pub fn give_to_owner(path: &Path) {
     if is_root() {
         let status = Command::new("chown")
             .arg("postgres")

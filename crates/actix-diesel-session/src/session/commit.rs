@@ -158,7 +158,7 @@ fn server_error(error: &DieselError) -> bool {
 /// COMMIT of a connection asks for it and waits for the answer before it sends COMMIT (a
 /// round trip, once per connection): its prepare would be a round trip during which a
 /// pipelined COMMIT would overtake it. Every later COMMIT pipelines. (With diesel's
-/// statement cache turned off, every COMMIT would have to wait.)
+/// statement cache turned off, every COMMIT waits: the caller passes `false`.)
 ///
 /// `sent` is set once the COMMIT has been sent: a COMMIT cut off before is not in doubt.
 pub async fn commit(
@@ -320,11 +320,13 @@ pub async fn resolve(
                         let fresh = connector.establish().await.map_err(|e| e.to_string())?;
                         // The broken connection is closed here; the fresh one takes its place.
                         let conn = place.replace(fresh).ok_or("no connection to ask on")?;
-                        ask(conn, id, deadline).await.map_err(|e| e.to_string())
+                        ask_in_transaction(conn, id, deadline)
+                            .await
+                            .map_err(|e| e.to_string())
                     }
                     None => {
                         let mut pooled = pool.get().await.map_err(|e| e.to_string())?;
-                        ask(&mut pooled, id, deadline)
+                        ask_in_transaction(&mut pooled, id, deadline)
                             .await
                             .map_err(|e| e.to_string())
                     }
@@ -375,6 +377,25 @@ impl Drop for Detached {
             drop(deadpool::managed::Object::take(*conn));
         }
     }
+}
+
+/// [`ask`] inside a transaction of its own, rolled back (it writes nothing): its queries
+/// carry parameters, so they are prepared under a name, and behind a transaction pooler a
+/// named statement prepared outside a transaction may be executed on another server
+/// connection, or not at all. Through diesel's transaction manager, so that a pooled
+/// connection left inside it (the bound cut the verification off) is discarded, never
+/// reused.
+async fn ask_in_transaction(
+    conn: &mut AsyncPgConnection,
+    id: &TxIdentity,
+    deadline: Instant,
+) -> Result<Resolution, DieselError> {
+    AnsiTransactionManager::begin_transaction(conn).await?;
+    let asked = ask(conn, id, deadline).await;
+    // The answer stands whatever the ROLLBACK does: a connection it failed on is broken
+    // in diesel's eyes, so the pool discards it, and a verification place is closed anyway.
+    let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+    asked
 }
 
 /// One verification on one connection. The server's final "in progress", or an id it

@@ -70,16 +70,18 @@ pub struct SessionMiddleware {
 
 impl SessionMiddleware {
     pub(crate) fn new(settings: Arc<Settings>) -> Self {
+        let mut options = TxOptions::default();
+        options.begin = options.begin_sql() + &settings.begin_suffix;
         SessionMiddleware {
             settings,
-            options: Arc::new(TxOptions::default()),
+            options: Arc::new(options),
         }
     }
 
     fn with(mut self, change: impl FnOnce(&mut TxOptions)) -> Self {
         let options = Arc::make_mut(&mut self.options);
         change(options);
-        options.begin = options.begin_sql();
+        options.begin = options.begin_sql() + &self.settings.begin_suffix;
         self
     }
 

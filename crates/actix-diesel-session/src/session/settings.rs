@@ -37,6 +37,11 @@ pub(crate) struct Settings {
     pub(crate) replicas: Option<Arc<Replicas>>,
     /// Bound on a replica's check-out plus BEGIN before the read goes to the primary.
     pub(crate) replica_checkout_timeout: Duration,
+    /// See [`SessionConfig::statement_cache`].
+    pub(crate) statement_cache: bool,
+    /// Appended to every `BEGIN`, in its message: the timeouts' `SET LOCAL`s when they do
+    /// not travel in the start-up packet (see [`SessionConfig::startup_options`]).
+    pub(crate) begin_suffix: String,
 }
 
 impl Settings {
@@ -62,6 +67,8 @@ impl Settings {
             // A replica that does not hand out a connection within the probe timeout is
             // treated like one that is down: the primary can still serve the read in time.
             replica_checkout_timeout: cfg.checkout_timeout.min(cfg.probe_timeout),
+            statement_cache: cfg.statement_cache,
+            begin_suffix: cfg.begin_suffix(),
         }
     }
 }

@@ -165,7 +165,9 @@ impl TxConn {
             return Err(Finish::Failed(swallowed_error()));
         }
         state.committing.set(true);
-        let prepared = self.watch.xid_prepared();
+        // Without the statement cache the id query is prepared anew at every COMMIT, a
+        // round trip during which a pipelined COMMIT would overtake it: never pipeline.
+        let prepared = self.settings.statement_cache && self.watch.xid_prepared();
         let mut this = InDoubt {
             tx: self,
             state,

@@ -631,14 +631,17 @@ impl AsyncPgConnection {
     }
 
     async fn set_config_options(&mut self) -> QueryResult<()> {
-        use crate::run_query_dsl::RunQueryDsl;
-
-        futures_util::future::try_join(
-            diesel::sql_query("SET TIME ZONE 'UTC'").execute(&mut &*self),
-            diesel::sql_query("SET CLIENT_ENCODING TO 'UTF8'").execute(&mut &*self),
+        // One simple-protocol message: one round trip, and no prepared statement. Each of
+        // the two `sql_query`s used before was prepared under a name first (tokio-postgres
+        // names every statement it prepares), outside any transaction, which a transaction
+        // pooler (PgBouncer in transaction mode) may route to another server connection
+        // than the statement's execution, or leave behind on a server connection that the
+        // next client's `s0` then collides with.
+        SimpleAsyncConnection::batch_execute(
+            &mut &*self,
+            "SET TIME ZONE 'UTC'; SET CLIENT_ENCODING TO 'UTF8'",
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     fn run_with_connection_future<'a, R: 'a>(
