@@ -105,6 +105,9 @@ migrate: check-tools
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --features $(TEST_FEATURES) -- -D warnings
+	@# The binary as `make run` and the image build it, without the test and bench features:
+	@# an import only those use would otherwise warn there and nowhere else.
+	$(CARGO) clippy --workspace -- -D warnings
 
 ## fmt: format the code
 fmt:

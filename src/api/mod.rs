@@ -11,8 +11,7 @@
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
-use actix_web::http::Method;
-use actix_web::{web, HttpRequest, Resource, Route};
+use actix_web::{web, HttpRequest, Resource};
 use diesel::QueryResult;
 use diesel_async::AsyncPgConnection;
 use serde::Serialize;
@@ -105,7 +104,7 @@ pub fn resource<const N: usize>(
 #[cfg(feature = "test-routes")]
 pub fn undocumented_resource<const N: usize>(
     path: &str,
-    methods: [(Method, Route); N],
+    methods: [(actix_web::http::Method, actix_web::Route); N],
     session: &SessionMiddleware,
 ) -> Resource<
     impl ServiceFactory<
