@@ -69,7 +69,7 @@ async fn the_manifests_probe_the_paths_and_port_the_service_serves() {
         .as_sequence()
         .unwrap()
         .iter()
-        .filter(|e| e["name"] != "DATABASE_URL")
+        .filter(|e| e["valueFrom"].is_null())
         .map(|e| (text(e, "name"), text(e, "value")))
         .collect();
     let config = ledger::Config::from_lookup(|name| match name {
@@ -90,6 +90,14 @@ async fn the_manifests_probe_the_paths_and_port_the_service_serves() {
         database_url["valueFrom"]["secretKeyRef"]["name"].is_string(),
         "DATABASE_URL comes from a Secret"
     );
+    // Replicas too carry credentials; a cluster without them starts without the key.
+    let replicas = &env(container, "DATABASE_REPLICA_URLS").expect("DATABASE_REPLICA_URLS")
+        ["valueFrom"]["secretKeyRef"];
+    assert!(
+        replicas["name"].is_string(),
+        "replica URLs come from a Secret"
+    );
+    assert_eq!(replicas["optional"], true, "replicas are optional");
 
     // One port, named http, the one the service listens on.
     let ports = container["ports"].as_sequence().expect("ports");
@@ -147,6 +155,12 @@ async fn the_manifests_probe_the_paths_and_port_the_service_serves() {
     assert!(
         (replicas + surge) * per_pod < DEFAULT_SERVER_CONNECTIONS,
         "{replicas}+{surge} pods x {per_pod} connections"
+    );
+    // And each read replica's, with its pool and the pod's lag monitor on it.
+    let per_pod_on_replica = (config.db.replica_pool_size + config.db.max_overflow + 1) as f64;
+    assert!(
+        (replicas + surge) * per_pod_on_replica < DEFAULT_SERVER_CONNECTIONS,
+        "{replicas}+{surge} pods x {per_pod_on_replica} connections on each replica"
     );
 
     // The Service and the PodDisruptionBudget select these pods, on the named port.
@@ -271,7 +285,7 @@ fn the_optional_pgbouncer_pools_in_transaction_mode_within_both_connection_budge
             .as_sequence()
             .unwrap()
             .iter()
-            .find(|e| e["name"] == name)
+            .find(|e| e["name"] == name && e["valueFrom"].is_null())
             .map(|e| text(e, "value"))
     };
     let ledger_config = ledger::Config::from_lookup(|name| match name {
