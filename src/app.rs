@@ -23,7 +23,7 @@ use crate::db::{self, migrate};
 use crate::error::ApiError;
 use crate::health::{self, Health};
 use crate::metrics::{self, Metrics};
-use crate::{api, consistency, openapi, request_id};
+use crate::{api, openapi, request_id};
 
 /// Access log: peer, request line, status, size, duration and the request id.
 const ACCESS_LOG_FORMAT: &str = r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#;
@@ -178,8 +178,6 @@ pub fn app(
             ttl: state.idempotency_ttl,
         }))
         .default_service(web::to(crate::http::not_found))
-        // Inside the request id's scope, so a 400 for a malformed token carries it.
-        .wrap(from_fn(consistency::token))
         // The session middleware wraps each API resource (see `api::resource`), inside these.
         // The access log is outermost so that it sees the stamped X-Request-Id.
         .wrap(from_fn(request_id::assign))

@@ -8,8 +8,10 @@
 //!   runs on a replica only if that replica's last measured replay position is at or past
 //!   it, otherwise on the primary. Without replicas it changes nothing.
 //! - A token that does not match `^[0-9A-F]{1,8}/[0-9A-F]{1,8}$` is 400 `bad_request`,
-//!   before any handler runs (on every route: a client that sends a broken token has a
-//!   bug worth hearing about).
+//!   before any handler runs, on every documented route (a client that sends a broken
+//!   token has a bug worth hearing about). The check wraps each route, not the app (see
+//!   `crate::http::resource`): routing comes first, so an unknown path is still 404 and
+//!   an undeclared method 405.
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};

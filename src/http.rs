@@ -3,6 +3,7 @@
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
+use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest, Resource, Route};
 
 use crate::error::ApiError;
@@ -25,6 +26,12 @@ pub fn resource<const N: usize>(
         >,
     >,
 > {
+    // The token check sits on each documented route, outermost: after routing, so an
+    // unknown path is 404 and an undeclared method 405 whatever the header says, and
+    // around the session middleware, whose commit position it turns into the answer's
+    // token.
+    let endpoints = endpoints
+        .map(|endpoint| endpoint.map_route(|route| route.wrap(from_fn(crate::consistency::token))));
     Documented::build(path, endpoints, |routes| {
         undocumented_resource(path, routes)
     })

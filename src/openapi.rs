@@ -81,6 +81,12 @@ impl Endpoint {
         }
     }
 
+    /// The same endpoint with its route changed by `f` (wrapped in a middleware).
+    pub fn map_route(mut self, f: impl FnOnce(Route) -> Route) -> Self {
+        self.route = f(self.route);
+        self
+    }
+
     /// Overrides the operation id (a handler served on two paths needs two).
     pub fn operation_id(mut self, id: &str) -> Self {
         self.operation.operation_id = Some(id.to_owned());

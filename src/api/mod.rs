@@ -97,7 +97,11 @@ pub fn resource<const N: usize>(
         >,
     >,
 > {
-    crate::http::resource(path, endpoints).map(|resource| resource.wrap(session.clone()))
+    // On each route rather than the resource: inside the `Consistency-Token` check that
+    // `crate::http::resource` puts around every route, so that it sees the commit position.
+    let endpoints =
+        endpoints.map(|endpoint| endpoint.map_route(|route| route.wrap(session.clone())));
+    crate::http::resource(path, endpoints)
 }
 
 /// [`resource`] for the test routes, which the OpenAPI document leaves out.

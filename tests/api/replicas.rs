@@ -321,6 +321,31 @@ async fn every_2xx_to_a_write_carries_a_consistency_token_and_a_malformed_one_is
     }
 }
 
+/// The token is checked after routing: a path no route knows stays 404 and a method the
+/// resource does not declare stays 405, whatever the header holds (found by the fuzzer:
+/// `TRACE /accounts` with a malformed token was answered 400).
+#[tokio::test]
+async fn a_malformed_token_does_not_hide_404_or_405() {
+    let app = crate::support::spawn_app().await;
+    get_with_token(&app, "/nowhere", "token")
+        .await
+        .assert_problem(404, "not_found");
+    let trace = crate::support::Answer::from(
+        app.client
+            .request(reqwest::Method::TRACE, app.url("/accounts"))
+            .header("consistency-token", "token")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    trace.assert_problem(405, "method_not_allowed");
+    // On a declared method it is still refused, probes included.
+    get_with_token(&app, "/health/live", "token")
+        .await
+        .assert_problem(400, "bad_request");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_with_the_writes_token_sees_it_also_while_replay_is_paused() {
     let (primary, replica, app) = replicated(&[]).await;
