@@ -68,6 +68,14 @@ async fn a_commit_that_landed_but_whose_answer_was_lost_gets_the_handlers_201() 
     assert_eq!(answer.status, 201, "{}", answer.text);
     assert_eq!(answer.body["name"], "landed");
     assert_eq!(app.db.accounts_named("landed").await, 1);
+    // The position after the COMMIT was never read: the answer still carries a token, the
+    // highest there is, so that a read sending it back goes to the primary (contract
+    // section 10) rather than trusting an older write's token.
+    assert_eq!(
+        answer.header("consistency-token"),
+        Some("FFFFFFFF/FFFFFFFF"),
+        "a committed write answers with a token"
+    );
     let after = Scrape::take(&app).await;
     assert_eq!(
         transactions(&before, &after, "commit", "commit_verified"),

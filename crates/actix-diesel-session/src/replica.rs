@@ -274,6 +274,13 @@ impl Replicas {
             if cfg.drive_on_callers_runtime {
                 connector = connector.on_callers_runtime();
             }
+            // Replicas sit behind the same kind of pooler as the primary, if any.
+            if !cfg.startup_options {
+                connector = connector.without_startup_options();
+            }
+            if !cfg.statement_cache {
+                connector = connector.without_statement_cache();
+            }
             let pool = pool::build(&pool_cfg, connector.clone(), observer.clone())?;
             pool::spawn_reaper(&pool, &pool_cfg, observer.clone());
             let monitor = connector.with_settings(

@@ -546,7 +546,7 @@ async fn answer<B: MessageBody + 'static>(
             match finished {
                 Ok(()) => {
                     let mut res = res.map_into_boxed_body();
-                    if let Some(position) = slot.position.get() {
+                    if let Some(position) = slot.answer_position() {
                         res.response_mut()
                             .extensions_mut()
                             .insert(CommitPosition(position));
@@ -586,7 +586,15 @@ async fn after_deadline(
         );
         match (slot.resolve_lost_commit().await, outcome) {
             // Only a successful response is ever committed.
-            (Ok(()), Some(Ok(Ok(res)))) => return Ok(res.map_into_boxed_body()),
+            (Ok(()), Some(Ok(Ok(res)))) => {
+                let mut res = res.map_into_boxed_body();
+                if let Some(position) = slot.answer_position() {
+                    res.response_mut()
+                        .extensions_mut()
+                        .insert(CommitPosition(position));
+                }
+                return Ok(res);
+            }
             // A COMMIT the handler made early and the deadline cut off: it committed,
             // but the handler's response is gone. The only 5xx that may answer a write
             // that committed says it may have.

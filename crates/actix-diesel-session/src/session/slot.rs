@@ -103,6 +103,22 @@ impl Slot {
         }))
     }
 
+    /// The position a committed write's answer carries ([`crate::CommitPosition`]): the one
+    /// read after its COMMIT; or, when that could not be read (the read failed or timed
+    /// out, or the COMMIT's answer was lost and the commit confirmed on another
+    /// connection), the highest position there is. A read that sends it back then goes to
+    /// the primary, which has every commit, until the client's next write brings a real
+    /// one: answering without a token would leave the client holding an older write's,
+    /// which a replica may cover without having replayed this write.
+    pub(crate) fn answer_position(&self) -> Option<Lsn> {
+        if let Some(position) = self.position.get() {
+            return Some(position);
+        }
+        let options = self.options.borrow();
+        (options.commit_position && !options.read_only && self.commit.sent.get())
+            .then_some(Lsn(u64::MAX))
+    }
+
     /// Keeps a handle on `request` (the first extraction's) for the rest of the request;
     /// never once the middleware is done (an extraction from the response, say), when
     /// nothing would drop the handle again.
