@@ -22,7 +22,7 @@
 //! | `http_request_duration_seconds` | histogram | `route` (template, or `unmatched`), `method`, `status` |
 //! | `health_check_status` | gauge | `check` = `postgres` (1 pass, 0 fail; absent before the first check) |
 //! | `app_draining` | gauge | |
-//! | `db_replica_lag_seconds` | gauge | `replica` (`host:port`); absent until first measured |
+//! | `db_replica_lag_seconds` | gauge | `replica` (`host:port`); `+Inf` while unknown (not yet measured, down, or behind every sample kept) |
 //! | `db_reads_total` | counter | `target` = `primary`, `replica`; `reason` = `replica`, `no_replica`, `down`, `lagging`, `token` |
 
 use std::sync::atomic::AtomicU64;
@@ -161,13 +161,17 @@ impl Metrics {
                 .set(i64::from(passed));
         }
         for replica in db.replicas() {
-            if let Some(lag) = replica.lag {
-                self.replica_lag
-                    .get_or_create(&ReplicaLabel {
-                        replica: replica.name,
-                    })
-                    .set(lag.as_secs_f64());
-            }
+            // Unknown (down, or behind every sample kept) is +Inf rather than the last value:
+            // an alert on the lag must fire for a replica that stopped answering.
+            let lag = match replica.lag {
+                Some(lag) if replica.up => lag.as_secs_f64(),
+                _ => f64::INFINITY,
+            };
+            self.replica_lag
+                .get_or_create(&ReplicaLabel {
+                    replica: replica.name,
+                })
+                .set(lag);
         }
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry)

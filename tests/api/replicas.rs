@@ -233,6 +233,19 @@ async fn stopping_the_replica_under_read_traffic_fails_no_read() {
     assert_eq!(health.body["status"], "warn", "{}", health.text);
     assert_eq!(app.get("/health/ready").await.status, 200);
     assert_eq!(app.get(&format!("/accounts/{a}")).await.status, 200);
+    // And its lag is unknown, not the last value measured: an alert on it fires.
+    let port = url::Url::parse(&replica.url("ledger"))
+        .unwrap()
+        .port()
+        .unwrap();
+    let lag_series = format!(r#"db_replica_lag_seconds{{replica="127.0.0.1:{port}"}}"#);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            Scrape::take(&app).await.get(&lag_series).is_infinite()
+        })
+        .await,
+        "the lag of a stopped replica is +Inf"
+    );
     drop(primary);
 }
 
