@@ -47,10 +47,9 @@ impl DatabaseUrl {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let mut url = url::Url::parse(raw).map_err(|e| format!("is not a valid URL ({e})"))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(format!(
-                "must start with postgres:// or postgresql://, not {}://",
-                url.scheme()
-            ));
+            // The scheme is not echoed: in a list split on commas (DATABASE_REPLICA_URLS),
+            // a piece of a password can look like one (`u:a,b:c@h` gives `b:c@h`).
+            return Err("must start with postgres:// or postgresql://".to_owned());
         }
         if url.fragment().is_some() {
             // The driver would take the `#` and what follows into the last value, which may
@@ -224,6 +223,9 @@ mod tests {
     fn rejects_other_schemes_and_bad_sslmodes_without_echoing_the_url() {
         let err = DatabaseUrl::parse("mysql://u:secret@h/db").unwrap_err();
         assert!(!err.contains("secret"));
+        // A password's tail after a comma, parsed as a URL of its own, shows nothing.
+        let err = DatabaseUrl::parse("pw3cret:x@h/db").unwrap_err();
+        assert!(!err.contains("pw3cret"), "{err}");
         let err = DatabaseUrl::parse("postgres://u:secret@h/db?sslmode=bogus").unwrap_err();
         assert!(err.contains("sslmode") && !err.contains("secret"));
         // An unescaped `#` in a password parameter would otherwise show its tail.
