@@ -97,6 +97,30 @@ impl Connector {
         )
     }
 
+    /// The connector of a session pool to `url` as `cfg` says: its application name,
+    /// timeouts, the runtime that drives its connections, and what a pooler in front needs
+    /// ([`crate::SessionConfig::startup_options`], [`crate::SessionConfig::statement_cache`]).
+    /// One place for the primary's pool and every replica's, so that they cannot differ.
+    pub(crate) fn for_sessions(url: &DatabaseUrl, cfg: &crate::SessionConfig) -> Self {
+        let mut connector = Connector::new(
+            url,
+            &cfg.application_name,
+            cfg.statement_timeout,
+            cfg.idle_in_transaction_timeout,
+            cfg.checkout_timeout,
+        );
+        if cfg.drive_on_callers_runtime {
+            connector = connector.on_callers_runtime();
+        }
+        if !cfg.startup_options {
+            connector = connector.without_startup_options();
+        }
+        if !cfg.statement_cache {
+            connector = connector.without_statement_cache();
+        }
+        connector
+    }
+
     /// A connector to the same server with the same TLS set-up (not made again) and other
     /// session settings; it drives its connections where this one does.
     pub fn with_settings(

@@ -206,22 +206,7 @@ impl DatabaseBuilder {
             ));
         }
         let cfg = self.config;
-        let mut connector = Connector::new(
-            &self.url,
-            &cfg.application_name,
-            cfg.statement_timeout,
-            cfg.idle_in_transaction_timeout,
-            cfg.checkout_timeout,
-        );
-        if cfg.drive_on_callers_runtime {
-            connector = connector.on_callers_runtime();
-        }
-        if !cfg.startup_options {
-            connector = connector.without_startup_options();
-        }
-        if !cfg.statement_cache {
-            connector = connector.without_statement_cache();
-        }
+        let connector = Connector::for_sessions(&self.url, &cfg);
         let pool = pool::build(&cfg, connector.clone(), self.observer.clone())
             .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
         pool::spawn_reaper(&pool, &cfg, self.observer.clone());

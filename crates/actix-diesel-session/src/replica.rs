@@ -264,23 +264,9 @@ impl Replicas {
         pool_cfg.pool_size = replica_cfg.pool_size;
         let mut members = Vec::with_capacity(urls.len());
         for url in urls {
-            let mut connector = Connector::new(
-                url,
-                &cfg.application_name,
-                cfg.statement_timeout,
-                cfg.idle_in_transaction_timeout,
-                cfg.checkout_timeout,
-            );
-            if cfg.drive_on_callers_runtime {
-                connector = connector.on_callers_runtime();
-            }
-            // Replicas sit behind the same kind of pooler as the primary, if any.
-            if !cfg.startup_options {
-                connector = connector.without_startup_options();
-            }
-            if !cfg.statement_cache {
-                connector = connector.without_statement_cache();
-            }
+            // The primary's settings, pooler flags included: replicas sit behind the same
+            // kind of pooler as the primary, if any.
+            let connector = Connector::for_sessions(url, cfg);
             let pool = pool::build(&pool_cfg, connector.clone(), observer.clone())?;
             pool::spawn_reaper(&pool, &pool_cfg, observer.clone());
             let monitor = connector.with_settings(
