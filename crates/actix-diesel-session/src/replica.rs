@@ -5,15 +5,20 @@
 //!   size may differ: [`ReplicaConfig::pool_size`]), and a dedicated monitoring connection
 //!   outside it.
 //! - A background task measures every replica each [`ReplicaConfig::sample_interval`]
-//!   (100 ms): requests never pay for a measurement. It samples the primary's insert
-//!   position (`pg_current_wal_insert_lsn()`, on a pooled connection checked out for the
+//!   (100 ms): requests never pay for a measurement. It samples the primary's flush
+//!   position (`pg_current_wal_flush_lsn()`, on a pooled connection checked out for the
 //!   moment, so the primary's connection budget does not grow) with the time it was asked,
 //!   keeping the samples a replica may not have replayed yet, and asks each replica for
 //!   its replay position (`pg_last_wal_replay_lsn()`). A replica's lag is a time: 0 when
 //!   it has replayed the latest sample, else how long ago the oldest sample it has not
 //!   replayed was taken. (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
-//!   replica that is fully caught up.) Positions a write's session reads after its COMMIT
-//!   ([`crate::SessionMiddleware::commit_position`]) count as samples too.
+//!   replica that is fully caught up.) The flush position, not the insert position: a
+//!   record no commit follows (a hint bit's full-page image, say) may sit unflushed past
+//!   the insert position for as long as the primary stays idle, and a replica can only
+//!   replay what was flushed, so an idle, caught-up replica would look ever more behind.
+//!   (A write's `Consistency-Token` is its insert position after the COMMIT: at or past its
+//!   commit record, whatever `synchronous_commit` says; it is checked against the replay
+//!   position, never taken as a sample.)
 //! - Every query here goes through the simple protocol: nothing outside a transaction
 //!   relies on a named prepared statement, which PgBouncer in transaction mode loses.
 //! - A read-only session that does not ask for `SERIALIZABLE` (a hot standby refuses it)
@@ -497,7 +502,7 @@ async fn measure_all(
     replicas.prune();
 }
 
-/// The primary's insert position, on a pooled connection held for the query only.
+/// The primary's flush position, on a pooled connection held for the query only.
 async fn sample_primary(primary: &DbPool, timeout: Duration) -> Result<Lsn, String> {
     let timeouts = Timeouts {
         wait: Some(SAMPLE_CHECKOUT_WAIT),
@@ -508,7 +513,7 @@ async fn sample_primary(primary: &DbPool, timeout: Duration) -> Result<Lsn, Stri
         .timeout_get(&timeouts)
         .await
         .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(timeout, current_position(&conn, INSERT_POSITION)).await {
+    match tokio::time::timeout(timeout, current_position(&conn, FLUSH_POSITION)).await {
         Ok(result) => result,
         Err(_) => {
             // The query may still be running: the connection must not serve anyone else.
@@ -546,6 +551,8 @@ async fn replay_position(
 
 /// Where the primary inserts its next WAL record.
 pub(crate) const INSERT_POSITION: &str = "SELECT pg_current_wal_insert_lsn()";
+/// How far the primary has flushed its WAL: what a replica can have received.
+const FLUSH_POSITION: &str = "SELECT pg_current_wal_flush_lsn()";
 /// How far a replica has replayed; NULL on a server that is not a standby.
 const REPLAY_POSITION: &str = "SELECT pg_last_wal_replay_lsn()";
 

@@ -183,8 +183,10 @@ impl SessionMiddleware {
     /// [`crate::CommitPosition`]: a position at or past the transaction's commit record,
     /// which a later request can hand back as [`crate::ReadAfter`] to be served only by a
     /// replica that has replayed the write (read-your-writes). Costs a round trip per
-    /// write, after the COMMIT. If the position cannot be read the response goes out
-    /// without it (the write is committed all the same), and an error is logged.
+    /// write, after the COMMIT. If the position cannot be read (or the COMMIT's answer was
+    /// lost and the commit confirmed elsewhere), an error is logged and the response
+    /// carries the highest position there is instead, which sends reads that hand it
+    /// back to the primary: the write is committed all the same.
     pub fn commit_position(self) -> Self {
         self.with(|o| o.commit_position = true)
     }

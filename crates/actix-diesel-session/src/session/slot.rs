@@ -374,7 +374,6 @@ impl Slot {
                 let timeout = self.settings.finish_deadline;
                 if commit {
                     let read_only = self.options.borrow().read_only;
-                    let committed_by = std::time::Instant::now();
                     let position = (self.options.borrow().commit_position && !read_only)
                         .then_some(&self.position);
                     let result =
@@ -383,13 +382,6 @@ impl Slot {
                         Ok(()) => {
                             self.committed.set(true);
                             self.ended(Outcome::Committed(Reason::Status));
-                            if let (Some(lsn), Some(replicas)) =
-                                (self.position.get(), &self.settings.replicas)
-                            {
-                                // Read after the COMMIT returned, so no later than now:
-                                // the time errs on the side of a larger lag.
-                                replicas.record_position(lsn, committed_by);
-                            }
                         }
                         // Counted once resolved.
                         Err(Finish::AnswerLost) => {}
