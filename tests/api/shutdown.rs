@@ -39,21 +39,8 @@ impl Service {
         ];
         all.extend_from_slice(vars);
         let service = Service(Binary::start(&all).await);
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                service.status("/health/ready").await == Some(200)
-            })
-            .await,
-            "the service became ready:\n{}",
-            service.log()
-        );
+        service.wait_ready().await;
         service
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = self.child.id().expect("running") as libc::pid_t;
-        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill failed");
     }
 
     async fn get(&self, path: &str) -> Answer {

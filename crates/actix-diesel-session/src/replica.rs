@@ -60,6 +60,11 @@ const WAL_PAGE: u64 = 8192;
 const WAL_PAGE_HEADER_MAX: u64 = 40;
 
 impl Lsn {
+    /// The highest position there is (`FFFFFFFF/FFFFFFFF`): no replica covers it, so a
+    /// read that must see it goes to the primary. A committed write whose own position
+    /// is unknown answers with it.
+    pub const MAX: Lsn = Lsn(u64::MAX);
+
     /// Parses PostgreSQL's text form, strictly: `^[0-9A-F]{1,8}/[0-9A-F]{1,8}$`.
     pub fn parse(text: &str) -> Option<Lsn> {
         let (high, low) = text.split_once('/')?;

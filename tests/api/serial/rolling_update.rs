@@ -83,21 +83,8 @@ async fn start_service(db: &TestDb) -> Binary {
         ("SHUTDOWN_TIMEOUT_SECS", timeout.as_str()),
     ])
     .await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            service.status("/health/ready").await == Some(200)
-        })
-        .await,
-        "the new process became ready:\n{}",
-        service.log()
-    );
+    service.wait_ready().await;
     service
-}
-
-fn sigterm(service: &Binary) {
-    let pid = service.child.id().expect("running") as libc::pid_t;
-    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill failed");
 }
 
 /// One client: transfers between the test's accounts, each retried with its key after a
@@ -248,7 +235,7 @@ async fn a_rolling_update_under_keyed_transfers_applies_each_exactly_once_within
         endpoints.add(successor.port);
         served_by.push(successor.port);
         let mut old = running.remove(0);
-        sigterm(&old);
+        old.signal(libc::SIGTERM);
         assert!(
             eventually(Duration::from_secs(2), || async {
                 old.status("/health/ready").await != Some(200)

@@ -66,6 +66,25 @@ impl Binary {
         binary
     }
 
+    /// Waits until readiness answers 200 (the database reached, migrations done).
+    pub async fn wait_ready(&self) {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                self.status("/health/ready").await == Some(200)
+            })
+            .await,
+            "the service became ready:\n{}",
+            self.log()
+        );
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id().expect("running") as libc::pid_t;
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill failed");
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }

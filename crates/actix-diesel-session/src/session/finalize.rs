@@ -546,19 +546,22 @@ async fn answer<B: MessageBody + 'static>(
                 Ok(()) => Ok(()),
             };
             match finished {
-                Ok(()) => {
-                    let mut res = res.map_into_boxed_body();
-                    if let Some(position) = slot.answer_position() {
-                        res.response_mut()
-                            .extensions_mut()
-                            .insert(CommitPosition(position));
-                    }
-                    Ok(res)
-                }
+                Ok(()) => Ok(with_position(slot, res.map_into_boxed_body())),
                 Err(e) => Ok(res.into_response(render(e))),
             }
         }
     })
+}
+
+/// A committed answer with the write's position in its extensions, if it has one
+/// ([`Slot::answer_position`]).
+fn with_position(slot: &Slot, mut res: ServiceResponse<BoxBody>) -> ServiceResponse<BoxBody> {
+    if let Some(position) = slot.answer_position() {
+        res.response_mut()
+            .extensions_mut()
+            .insert(CommitPosition(position));
+    }
+    res
 }
 
 /// Whether the handler's answer commits: a status below 400 that is not an error.
@@ -589,13 +592,7 @@ async fn after_deadline(
         match (slot.resolve_lost_commit().await, outcome) {
             // Only a successful response is ever committed.
             (Ok(()), Some(Ok(Ok(res)))) => {
-                let mut res = res.map_into_boxed_body();
-                if let Some(position) = slot.answer_position() {
-                    res.response_mut()
-                        .extensions_mut()
-                        .insert(CommitPosition(position));
-                }
-                return Ok(res);
+                return Ok(with_position(slot, res.map_into_boxed_body()))
             }
             // A COMMIT the handler made early and the deadline cut off: it committed,
             // but the handler's response is gone. The only 5xx that may answer a write

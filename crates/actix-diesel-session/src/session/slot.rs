@@ -116,7 +116,7 @@ impl Slot {
         }
         let options = self.options.borrow();
         (options.commit_position && !options.read_only && self.commit.sent.get())
-            .then_some(Lsn(u64::MAX))
+            .then_some(Lsn::MAX)
     }
 
     /// Keeps a handle on `request` (the first extraction's) for the rest of the request;
