@@ -301,10 +301,6 @@ async fn every_2xx_to_a_write_carries_a_consistency_token_and_a_malformed_one_is
     let replay = app.post_keyed("/transfers", Some("k-1"), &body).await;
     assert!(replay.status.is_success(), "{}", replay.text);
     let third = token_of(&replay);
-    let lsn = |t: &str| {
-        let (h, l) = t.split_once('/').unwrap();
-        (u64::from_str_radix(h, 16).unwrap() << 32) | u64::from_str_radix(l, 16).unwrap()
-    };
     assert!(lsn(&first) < lsn(&second) && lsn(&second) <= lsn(&third));
     // Reads and failed writes carry none.
     assert!(app
@@ -332,6 +328,51 @@ async fn every_2xx_to_a_write_carries_a_consistency_token_and_a_malformed_one_is
             .await
             .assert_problem(400, "bad_request");
     }
+}
+
+/// A write's token is at or past its own commit record, found in the write-ahead log by
+/// the transaction's id (`pg_walinspect`): the position is read after the COMMIT, not
+/// before it (it is pipelined behind the COMMIT, on the same connection).
+#[tokio::test]
+async fn a_writes_token_is_at_or_past_its_commit_record_in_the_wal() {
+    let app = crate::support::spawn_app().await;
+    let a = app.account_id("a", 100).await;
+    let b = app.account_id("b", 0).await;
+    let db = app.db.client().await;
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let start: String = db
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let created = app.transfer(a, b, 1).await;
+        assert_eq!(created.status, 201, "{}", created.text);
+        let token = token_of(&created);
+        let id = created.body["id"].as_i64().unwrap();
+        let commit_end: String = db
+            .query_one(
+                "SELECT r.end_lsn::text FROM transfers t, \
+                 pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn()) r \
+                 WHERE t.id = $2 AND r.resource_manager = 'Transaction' \
+                 AND r.record_type = 'COMMIT' AND r.xid::text = t.xmin::text",
+                &[&start, &id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            lsn(&token) >= lsn(&commit_end),
+            "token {token} before the end of the commit record, {commit_end}"
+        );
+    }
+}
+
+fn lsn(t: &str) -> u64 {
+    let (h, l) = t.split_once('/').unwrap();
+    (u64::from_str_radix(h, 16).unwrap() << 32) | u64::from_str_radix(l, 16).unwrap()
 }
 
 /// The token is checked after routing: a path no route knows stays 404 and a method the

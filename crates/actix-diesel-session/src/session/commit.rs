@@ -70,6 +70,7 @@ use tokio_postgres::error::{Severity, SqlState};
 
 use crate::connect::Connector;
 use crate::pool::{DbPool, PooledConnection};
+use crate::replica::{current_position, Lsn, INSERT_POSITION};
 
 /// The transaction's identity, asked for with its COMMIT: its id, when it began, and which
 /// run of the server gave it the id: when the postmaster started, and when the shared
@@ -161,11 +162,22 @@ fn server_error(error: &DieselError) -> bool {
 /// statement cache turned off, every COMMIT waits: the caller passes `false`.)
 ///
 /// `sent` is set once the COMMIT has been sent: a COMMIT cut off before is not in doubt.
+///
+/// With `position`, the primary's WAL insert position is read after the COMMIT and stored
+/// there when the COMMIT succeeded (`SELECT pg_current_wal_insert_lsn()`, simple protocol:
+/// no statement is prepared, named or unnamed). It is pipelined behind the COMMIT, on the
+/// same connection: no round trip of its own. It is sent after the COMMIT for sure (the
+/// COMMIT's first poll writes its message into the driver's queue, as above, before the
+/// position's first poll), and the server runs it only once the COMMIT is done, so the
+/// position is at or past the commit record. (A COMMIT that fails leaves the position
+/// query to run on its own, outside any transaction: its answer is ignored.) A failed
+/// read leaves `position` empty and is logged; the COMMIT stands.
 pub async fn commit(
     conn: &mut AsyncPgConnection,
     xid: &RefCell<TxId>,
     prepared: bool,
     sent: &Cell<bool>,
+    position: Option<&Cell<Option<Lsn>>>,
 ) -> Result<(), CommitError> {
     let result = {
         let shared: &AsyncPgConnection = conn;
@@ -189,20 +201,31 @@ pub async fn commit(
             }
             answer
         };
-        let (id, committed) = if prepared {
+        // The COMMIT and, behind it, the position query: polled in this order, so sent in
+        // this order.
+        let commit_then_position = async {
+            let read = async {
+                match position {
+                    Some(_) => Some(current_position(shared, INSERT_POSITION).await),
+                    None => None,
+                }
+            };
+            futures_util::future::join(for_commit.batch_execute("COMMIT"), read).await
+        };
+        let (id, (committed, read)) = if prepared {
             sent.set(true);
-            futures_util::future::join(id, for_commit.batch_execute("COMMIT")).await
+            futures_util::future::join(id, commit_then_position).await
         } else {
             match id.await {
                 // Nothing was committed: the COMMIT is not sent on a connection that broke.
                 Err(e) if answer_lost(&e) => return Err(CommitError::NotCommitted(e)),
                 id => {
                     sent.set(true);
-                    (id, for_commit.batch_execute("COMMIT").await)
+                    (id, commit_then_position.await)
                 }
             }
         };
-        match (id, committed) {
+        let outcome = match (id, committed) {
             // The server answers in order: an error for the id query means that the
             // COMMIT after it could only roll back, whether its answer came or not.
             (Err(id_error), Err(_)) if server_error(&id_error) => {
@@ -214,7 +237,16 @@ pub async fn commit(
                 Err(CommitError::WasRollback(id_error))
             }
             (_, Ok(())) => Ok(()),
+        };
+        if let (Ok(()), Some(read), Some(position)) = (&outcome, read, position) {
+            match read {
+                Ok(lsn) => position.set(Some(lsn)),
+                Err(e) => log::error!(
+                    "the WAL position after a COMMIT could not be read ({e}); answering without it"
+                ),
+            }
         }
+        outcome
     };
     transaction_over(conn);
     result

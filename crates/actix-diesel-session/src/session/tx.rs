@@ -21,7 +21,7 @@ use super::watch::{StatementWatch, WatchHandle};
 use crate::error::{SessionError, LOST_BEFORE_COMMIT};
 use crate::observe::{CloseReason, TimeoutKind};
 use crate::pool::PooledConnection;
-use crate::replica::{current_position, Lsn, INSERT_POSITION};
+use crate::replica::Lsn;
 
 /// A pooled connection whose transaction may be open; see the module docs.
 pub(crate) struct TxConn {
@@ -142,10 +142,9 @@ impl TxConn {
     /// connection when the COMMIT's answer is lost (here, or because this future is
     /// dropped mid-COMMIT by the deadline): the verification uses its place in the pool.
     ///
-    /// With `position`, the primary's WAL insert position is read on the same connection
-    /// once the COMMIT has returned, before the connection goes back (simple protocol, no
-    /// named statement; a round trip, but no second wait for the pool), and stored there.
-    /// A failure leaves it empty and is logged; the COMMIT stands.
+    /// With `position`, the primary's WAL insert position is read on the same connection,
+    /// pipelined behind the COMMIT (see `session::commit`), and stored there. A failure
+    /// leaves it empty and is logged; the COMMIT stands.
     pub(crate) async fn commit(
         mut self,
         timeout: Duration,
@@ -177,7 +176,14 @@ impl TxConn {
             // A read-only transaction has no id to learn (it cannot write).
             commit::commit_alone(this.tx.connection(), &state.xid, &state.sent).await
         } else {
-            commit::commit(this.tx.connection(), &state.xid, prepared, &state.sent).await
+            commit::commit(
+                this.tx.connection(),
+                &state.xid,
+                prepared,
+                &state.sent,
+                position,
+            )
+            .await
         };
         this.armed = false;
         let this = &mut this.tx;
@@ -187,24 +193,6 @@ impl TxConn {
         }
         match result {
             Ok(()) => {
-                if let Some(position) = position {
-                    let read = current_position(this.connection(), INSERT_POSITION);
-                    match tokio::time::timeout(timeout, read).await {
-                        Ok(Ok(lsn)) => position.set(Some(lsn)),
-                        Ok(Err(e)) => log::error!(
-                            "the WAL position after a COMMIT could not be read ({e}); answering without it"
-                        ),
-                        Err(_) => {
-                            log::error!(
-                                "the WAL position after a COMMIT got no answer within {timeout:?}; \
-                                 answering without it"
-                            );
-                            // Its query may still be running: dropping `this` closes the
-                            // connection instead of pooling it.
-                            return Ok(());
-                        }
-                    }
-                }
                 this.release();
                 Ok(())
             }
