@@ -23,6 +23,9 @@ KUBERNETES_VERSIONS ?= 1.30.0 1.37.0
 # serves the suite, k8s-check and the benchmark smoke run).
 TEST_FEATURES := test-routes,bench
 
+# The benchmark's statistics and report (scripts/bench_report.py), tested on their own.
+BENCH_REPORT_TEST := python3 -m unittest scripts/test_bench_report.py
+
 .PHONY: run test lint fmt db-up db-down migrate check-tools pgbouncer-tool clean-test-dbs k8s-check api-check bench bench-smoke package-check
 
 # The session layer's crate, and how its package is checked: `cargo package` builds the
@@ -43,8 +46,8 @@ run: check-tools
 ## the session crate's own tests and the ledger's parallel tests, then the load and flood
 ## tests (`serial::`) one at a time, so that they neither disturb nor are disturbed by the
 ## parallel tests' timing; the crate's example service against a throwaway database; its
-## package and docs check; then a smoke run of the benchmark harness on the binary the
-## suite built (its own private cluster, ~30 s)
+## package and docs check; then the benchmark report's unit tests and a smoke run of the
+## benchmark harness on the binary the suite built (its own private cluster, ~30 s)
 test: check-tools pgbouncer-tool k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	DATABASE_URL=$$admin $(CARGO) test --workspace --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s:: --skip serial:: && \
@@ -52,6 +55,7 @@ test: check-tools pgbouncer-tool k8s-check
 	if [ -x scripts/example-check.sh ]; then DATABASE_URL=$$admin scripts/example-check.sh; fi
 	@$(MAKE) --no-print-directory package-check
 	@$(MAKE) --no-print-directory api-check
+	$(BENCH_REPORT_TEST)
 	@scripts/bench.sh --smoke --bin target/debug/ledger
 
 ## api-check: the OpenAPI document validated, Schemathesis against the service (every
@@ -101,13 +105,15 @@ migrate: check-tools
 	else scripts/pg.sh ensure-db "$$admin" ledger && url=$${admin%/*}/ledger; fi; \
 	DATABASE_URL=$$url $(CARGO) run --release --bin ledger -- migrate
 
-## lint: formatting check and clippy with warnings as errors
+## lint: formatting check and clippy with warnings as errors; the benchmark report's unit
+## tests (Python, no database)
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --features $(TEST_FEATURES) -- -D warnings
 	@# The binary as `make run` and the image build it, without the test and bench features:
 	@# an import only those use would otherwise warn there and nowhere else.
 	$(CARGO) clippy --workspace -- -D warnings
+	$(BENCH_REPORT_TEST)
 
 ## fmt: format the code
 fmt:

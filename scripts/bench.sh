@@ -32,6 +32,10 @@
 # of the service, the cluster and the load generator), then reads the statements the
 # server received.
 #
+# This script starts things and writes what they produce under $OUT (results.tsv, one
+# line per slice; meta.tsv; stmts/); scripts/bench_report.py reads each slice's output,
+# computes the medians, ranges and ratios, writes the report and runs the smoke checks.
+#
 # Knobs (environment): BENCH_DURATION (s per measured run), BENCH_WARMUP (s), BENCH_REPS
 # (repetitions of each comparison), BENCH_SWEEP_REPS,
 # BENCH_CLIENTS (HTTP connections for the comparisons), BENCH_SWEEP ("1 8 32 128 512"),
@@ -270,21 +274,6 @@ stats_read() {
     ORDER BY s.calls DESC, s.query"
 }
 
-# Requests, statements per request and pings per request from a stats_read file. A request
-# is anchored on the one statement each kind runs exactly once: the INSERT of a transfer,
-# the single-account SELECT of a read.
-stats_per_request() { # file -> "requests stmts_per_req pings_per_req"
-  awk -F'\t' '
-    { total += $1 }
-    $2 ~ /^INSERT INTO "transfers"/ { req += $1 }
-    $2 ~ /FROM "accounts" WHERE \("accounts"\."id" = \$1\)/ { req += $1 }
-    $2 == "SELECT $1" { ping += $1 }
-    END {
-      if (req == 0) { print "0 - -"; exit }
-      printf "%d %.3f %.4f\n", req, total / req, ping / req
-    }' "$1"
-}
-
 # The most server connections the process held while a run goes on (its established
 # sockets to the cluster's port).
 sample_connections() { # pid seconds
@@ -295,15 +284,6 @@ sample_connections() { # pid seconds
     sleep 0.25
   done
   echo "$conns"
-}
-
-wrk_line() { # file -> "rps p50 p99 non2xx+socket_errors requests"
-  local line
-  line=$(grep '^WRK ' "$1" | tail -n 1) || { cat "$1" >&2; die "no summary line from wrk"; }
-  awk '{
-    for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-    print v["rps"], v["p50_ms"], v["p99_ms"], v["non2xx"] + v["socket_errors"], v["requests"]
-  }' <<<"$line"
 }
 
 # CPU accounting. Throughput on a shared machine moves with everyone else's load; the CPU
@@ -326,32 +306,19 @@ cpu_snapshot() { # service-pid (or 0) -> "service_ticks service_sys_ticks cluste
   busy=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat)
   echo "$svc $pg $busy"
 }
-# -> "service_us cluster_us client_us foreign_pct service_sys_us" per request, from two
-# snapshots, the client's CPU seconds (user + sys) and the request count.
-cpu_per_request() { # "before" "after" client_seconds requests
-  awk -v b="$1" -v a="$2" -v client="$3" -v n="$4" -v tck="$CLK_TCK" 'BEGIN {
-    split(b, x, " "); split(a, y, " ")
-    svc = (y[1] - x[1]) / tck; sys = (y[2] - x[2]) / tck; pg = (y[3] - x[3]) / tck
-    busy = (y[4] - x[4]) / tck
-    foreign = busy - svc - pg - client; if (foreign < 0) foreign = 0
-    if (n + 0 == 0 || busy <= 0) { print "- - - - -"; exit }
-    printf "%.0f %.0f %.0f %.0f %.0f\n", svc * 1e6 / n, pg * 1e6 / n, client * 1e6 / n,
-      100 * foreign / busy, sys * 1e6 / n
-  }'
-}
-# Runs a command with its CPU time (user + sys seconds) written to the named file.
+# Runs a command with its CPU time ("user sys" seconds, the file's last line; the
+# command's own stderr comes before it) written to the named file.
 timed() { # file command...
   local file=$1 TIMEFORMAT='%3U %3S'
   shift
-  { time "$@"; } 2>"$file.time"
-  awk '{ print $1 + $2 }' "$file.time" >"$file"
+  { time "$@"; } 2>"$file"
 }
 
+# One slice's line of results.tsv, from its raw files (scripts/bench_report.py slice).
 RUN_NO=0
-record() { # group side clients rep rps p50 p99 errors rss_kib conns stmts pings requests
-           # service_us cluster_us client_us foreign_pct service_sys_us
-  local IFS=$'\t'
-  echo "$*" >>"$RESULTS"
+record() { # wrk|pgbench group side clients rep --output F --stmts F --before S --after S ...
+  python3 scripts/bench_report.py slice "$@" --client-cpu "$OUT/run/client-cpu" \
+    --clk-tck "$CLK_TCK" >>"$RESULTS" || die "could not read the results of $2 $3"
 }
 
 # One measured slice against a running service: warm-up, reset, measure, read the
@@ -382,19 +349,12 @@ run_wrk() { # group side clients rep script args...
   # Let requests still in flight when wrk stopped finish before the statements are read.
   sleep 0.2
   stats_read >"$OUT/stmts/$tag.tsv"
-  local rps p50 p99 errors requests counted per ping rss conns svc_us pg_us client_us foreign sys_us
-  read -r rps p50 p99 errors requests < <(wrk_line "$OUT/run/$tag.wrk")
-  read -r counted per ping < <(stats_per_request "$OUT/stmts/$tag.tsv")
-  conns=$(cat "$OUT/run/conns.txt")
-  rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")
+  local rss
+  rss=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$pid/status")
   stop_services
-  read -r svc_us pg_us client_us foreign sys_us < <(cpu_per_request "$before" "$after" \
-    "$(cat "$OUT/run/client-cpu")" "$requests")
-  record "$group" "$side" "$clients" "$rep" "$rps" "$p50" "$p99" "$errors" "$rss" "$conns" \
-    "$per" "$ping" "$counted" "$svc_us" "$pg_us" "$client_us" "$foreign" "$sys_us"
-  log "$(printf '%-8s %-8s c=%-4s rep %s: %7.0f req/s p50 %6.2f p99 %7.2f ms err %s stmts %s RSS %s KiB conns %s CPU us/req svc %s pg %s wrk %s foreign %s%%' \
-    "$group" "$side" "$clients" "$rep" "$rps" "$p50" "$p99" "$errors" "$per" "$rss" "$conns" \
-    "$svc_us" "$pg_us" "$client_us" "$foreign")"
+  record wrk "$group" "$side" "$clients" "$rep" --output "$OUT/run/$tag.wrk" \
+    --stmts "$OUT/stmts/$tag.tsv" --before "$before" --after "$after" \
+    --conns "$(cat "$OUT/run/conns.txt")" --rss "$rss"
 }
 
 # The database's own limit: the transfer's SQL through pgbench, same connection count.
@@ -418,38 +378,11 @@ run_pgbench() { # rep
   after=$(cpu_snapshot 0)
   [ "$status" = 0 ] || { cat "$OUT/run/$tag.txt" >&2; die "pgbench failed ($tag)"; }
   sleep 0.2
-  # PostgreSQL 15's pg_stat_statements counts a utility statement that pgbench prepared
-  # (BEGIN, COMMIT) only at its first execution on each connection; the script runs each
-  # once per transaction, so those two are counted from the transactions instead.
-  stats_read | awk -F'\t' -v OFS='\t' '
-    { calls[NR] = $1; query[NR] = $2 }
-    $2 ~ /^INSERT INTO "transfers"/ { tx = $1 }
-    END {
-      for (i = 1; i <= NR; i++) {
-        if ((query[i] == "BEGIN" || query[i] == "COMMIT") && calls[i] < tx) {
-          calls[i] = tx; query[i] = query[i] " *"
-        }
-        print calls[i], query[i]
-      }
-    }' >"$OUT/stmts/$tag.tsv"
-  local tps failed p50 p99 counted per ping
-  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$OUT/run/$tag.txt" | head -n 1)
-  [ -n "$tps" ] || { cat "$OUT/run/$tag.txt" >&2; die "no tps from pgbench"; }
-  failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$OUT/run/$tag.txt")
-  # Per-transaction log: client, transaction, latency (µs), ...
-  read -r p50 p99 < <(cat "$OUT/run/pgb"/log* | awk '{ print $3 }' | sort -n | awk '
-    { v[NR] = $1 }
-    END { i50 = int(NR * 0.50); i99 = int(NR * 0.99); if (i50 < 1) i50 = 1; if (i99 < 1) i99 = 1
-          printf "%.3f %.3f\n", v[i50] / 1000, v[i99] / 1000 }')
-  read -r counted per ping < <(stats_per_request "$OUT/stmts/$tag.tsv")
-  local done svc_us pg_us client_us foreign sys_us
-  done=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$OUT/run/$tag.txt")
-  read -r svc_us pg_us client_us foreign sys_us < <(cpu_per_request "$before" "$after" \
-    "$(cat "$OUT/run/client-cpu")" "${done:-0}")
-  record transfer pgbench "$CONNS" "$rep" "$tps" "$p50" "$p99" "${failed:-0}" - "$CONNS" \
-    "$per" "$ping" "$counted" 0 "$pg_us" "$client_us" "$foreign" 0
-  log "$(printf '%-8s %-8s c=%-4s rep %s: %7.0f tx/s  p50 %6.2f p99 %7.2f ms err %s stmts %s CPU us/tx pg %s pgbench %s foreign %s%%' \
-    transfer pgbench "$CONNS" "$rep" "$tps" "$p50" "$p99" "${failed:-0}" "$per" "$pg_us" "$client_us" "$foreign")"
+  # The BEGIN and COMMIT counts are corrected there (see pgbench_statements).
+  stats_read >"$OUT/stmts/$tag.tsv"
+  record pgbench transfer pgbench "$CONNS" "$rep" --output "$OUT/run/$tag.txt" \
+    --stmts "$OUT/stmts/$tag.tsv" --before "$before" --after "$after" \
+    --latency-log-dir "$OUT/run/pgb"
 }
 
 # --- the runs ---------------------------------------------------------------------------
@@ -502,374 +435,55 @@ ELAPSED=$(($(date +%s) - STARTED_AT))
 
 # --- report -----------------------------------------------------------------------------
 
-export LC_ALL=C
-SUMMARY=$OUT/summary.tsv
-# One line per configuration, in order of first appearance:
-# group side clients n rps_med rps_min rps_max p50_med p99_med errors_sum rss_max conns_max
-# stmts_med pings_med service_us_med cluster_us_med client_us_med foreign_pct_med
-# service_sys_us_med
-awk -F'\t' -v OFS='\t' '
-  function median(list,   n, a, i, j, t) {
-    n = split(list, a, " ")
-    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
-    return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-  }
-  {
-    k = $1 OFS $2 OFS $3
-    if (!(k in n)) { order[++keys] = k; min[k] = $5; max[k] = $5; rss[k] = $9; conns[k] = $10 }
-    n[k]++
-    rps[k] = rps[k] " " $5; p50[k] = p50[k] " " $6; p99[k] = p99[k] " " $7
-    st[k] = st[k] " " $11; pg[k] = pg[k] " " $12
-    cs[k] = cs[k] " " $14; cp[k] = cp[k] " " $15; cc[k] = cc[k] " " $16; cf[k] = cf[k] " " $17
-    cy[k] = cy[k] " " $18
-    err[k] += $8
-    if ($5 + 0 < min[k] + 0) min[k] = $5
-    if ($5 + 0 > max[k] + 0) max[k] = $5
-    if ($9 != "-" && $9 + 0 > rss[k] + 0) rss[k] = $9
-    if ($10 + 0 > conns[k] + 0) conns[k] = $10
-  }
-  END {
-    for (i = 1; i <= keys; i++) {
-      k = order[i]
-      print k, n[k], median(rps[k]), min[k], max[k], median(p50[k]), median(p99[k]), err[k],
-        rss[k], conns[k], median(st[k]), median(pg[k]), median(cs[k]), median(cp[k]),
-        median(cc[k]), median(cf[k]), median(cy[k])
-    }
-  }' "$RESULTS" >"$SUMMARY"
+# The run's settings and the machine, for the report (key<TAB>value).
+meta() { printf '%s\t%s\n' "$1" "$2" >>"$OUT/meta.tsv"; }
+: >"$OUT/meta.tsv"
+meta measured_at "$(date -u '+%Y-%m-%d %H:%M UTC')"
+meta nproc "$(nproc)"
+meta cpu_model "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
+meta mem_mib "$(free -m | awk '/^Mem:/ { print $2 }')"
+meta uname "$(uname -sr)"
+meta pg_version "$PG_VERSION"
+meta wrk_version "$(wrk --version 2>&1 | head -n 1 | cut -d' ' -f1-2)"
+meta commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+meta local_changes "$(git diff --quiet HEAD -- src 2>/dev/null && echo 0 || echo 1)"
+meta load_before "$LOAD_BEFORE"
+meta load_after "$LOAD_AFTER"
+meta elapsed "$ELAPSED"
+meta runs "$RUN_NO"
+meta reps "$REPS"
+meta sweep_reps "$SWEEP_REPS"
+meta duration "$DURATION"
+meta warmup "$WARMUP"
+meta clients "$CLIENTS"
+meta sweep "$SWEEP"
+meta conns "$CONNS"
+meta pool_size "$POOL_SIZE"
+meta max_overflow "$MAX_OVERFLOW"
+meta workers "$WORKERS"
+meta log_level "$SERVICE_LOG_LEVEL"
+meta outside_sides "$OUTSIDE_SIDES"
+meta report "$REPORT"
+meta chart "$CHART"
+meta chart_link "$CHART_LINK"
 
-get() { # group side clients column-name -> value from the summary
-  awk -F'\t' -v g="$1" -v s="$2" -v c="$3" -v col="$4" '
-    BEGIN { split("group side clients n rps rps_min rps_max p50 p99 errors rss conns stmts pings svc_us pg_us client_us foreign sys_us", names, " ")
-            for (i in names) idx[names[i]] = i }
-    $1 == g && $2 == s && $3 == c { print $idx[col]; found = 1; exit }
-    END { if (!found) print "" }' "$SUMMARY"
-}
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.3f", a / b }'; }
-verdict() { # value op target -> yes/no
-  awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
-    if (v == "-" || v == "") { print "n/a"; exit }
-    ok = (op == ">=") ? (v + 0 >= t + 0) : (op == "<=") ? (v + 0 <= t + 0) : (v + 0 == t + 0)
-    print ok ? "met" : "**missed**" }'
-}
-
-# Sweep: throughput peak, 512 versus peak, errors, RSS at the largest level.
-LAST_LEVEL=${SWEEP##* }
-PEAK=0 SWEEP_ERRORS=0
-for c in $SWEEP; do
-  r=$(get sweep session "$c" rps)
-  PEAK=$(awk -v a="$PEAK" -v b="$r" 'BEGIN { print (b + 0 > a + 0) ? b : a }')
-  e=$(get sweep session "$c" errors)
-  SWEEP_ERRORS=$((SWEEP_ERRORS + ${e:-0}))
-done
-# The tail ratio is taken within each repetition (its last level over its own peak), then
-# the median over the repetitions: the levels of one repetition run back to back, so a slow
-# spell of the machine that hits one repetition does not pit its 512 against another's peak.
-SWEEP_TAIL=$(awk -F'\t' -v last="$LAST_LEVEL" '
-  $1 == "sweep" { seen[$4] = 1; if ($5 + 0 > peak[$4] + 0) peak[$4] = $5; if ($3 == last) tail[$4] = $5 }
-  END {
-    n = 0
-    for (r in seen) if (peak[r] + 0 > 0 && (r in tail)) v[++n] = tail[r] / peak[r]
-    if (n == 0) { print "-"; exit }
-    for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
-    med = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-    printf "%.3f (%.3f – %.3f)\n", med, v[1], v[n]
-  }' "$RESULTS")
-RSS_LAST_MIB=$(awk -v k="$(get sweep session "$LAST_LEVEL" rss)" 'BEGIN { printf "%.1f", k / 1024 }')
-
-# Paired ratios: side A over side B within each repetition (adjacent slices), then the
-# median and the range over the repetitions.
-paired() { # group sideA clientsA sideB clientsB measure -> "median min max"
-  # measure: rps, p99 (ratios A / B); capacity (B's total CPU per request over A's: the
-  # throughput ratio a machine with no other load would see if CPU is what limits);
-  # layer (the same, for two sides that send the same statements: the cluster's and the
-  # client's CPU per request are taken as the pair's mean, so that only the service's own
-  # CPU differs and their noise does not swamp it); svc_diff (A's service CPU per request
-  # minus B's, µs).
-  awk -F'\t' -v g="$1" -v a="$2" -v ca="$3" -v b="$4" -v cb="$5" -v m="$6" '
-    function value(    ) {
-      if (m == "rps") return $5
-      if (m == "p99") return $7
-      if (m == "svc_diff") return $14
-      return $14 + $15 + $16
-    }
-    $1 == g && $2 == a && $3 == ca { va[$4] = value(); sa[$4] = $14 }
-    $1 == g && $2 == b && $3 == cb { vb[$4] = value(); sb[$4] = $14 }
-    END {
-      for (r in va) {
-        if (!(r in vb)) continue
-        if (m == "svc_diff") x[++n] = va[r] - vb[r]
-        else if (m == "capacity") { if (va[r] + 0 > 0) x[++n] = vb[r] / va[r] }
-        else if (m == "layer") {
-          rest = (va[r] - sa[r] + vb[r] - sb[r]) / 2
-          if (sa[r] + rest > 0) x[++n] = (sb[r] + rest) / (sa[r] + rest)
-        }
-        else if (vb[r] + 0 > 0) x[++n] = va[r] / vb[r]
-      }
-      if (n == 0) { print "- - -"; exit }
-      for (i = 2; i <= n; i++) { t = x[i]; for (j = i - 1; j >= 1 && x[j] > t; j--) x[j + 1] = x[j]; x[j + 1] = t }
-      md = n % 2 ? x[(n + 1) / 2] : (x[n / 2] + x[n / 2 + 1]) / 2
-      f = (m == "svc_diff") ? "%.0f %.0f %.0f\n" : "%.3f %.3f %.3f\n"
-      printf f, md, x[1], x[n]
-    }' "$RESULTS"
-}
-read -r TX_RATIO TX_RATIO_LO TX_RATIO_HI < <(paired transfer session "$CLIENTS" baseline "$CLIENTS" rps)
-read -r TX_P99 TX_P99_LO TX_P99_HI < <(paired transfer session "$CLIENTS" baseline "$CLIENTS" p99)
-read -r RD_RATIO RD_RATIO_LO RD_RATIO_HI < <(paired read session "$CLIENTS" baseline "$CLIENTS" rps)
-read -r RD_P99 RD_P99_LO RD_P99_HI < <(paired read session "$CLIENTS" baseline "$CLIENTS" p99)
-read -r MX_RATIO MX_RATIO_LO MX_RATIO_HI < <(paired mix session "$CLIENTS" baseline "$CLIENTS" rps)
-read -r MX_P99 MX_P99_LO MX_P99_HI < <(paired mix session "$CLIENTS" baseline "$CLIENTS" p99)
-read -r PG_RATIO PG_RATIO_LO PG_RATIO_HI < <(paired transfer session "$CLIENTS" pgbench "$CONNS" rps)
-read -r BP_RATIO BP_RATIO_LO BP_RATIO_HI < <(paired transfer baseline "$CLIENTS" pgbench "$CONNS" rps)
-read -r TX_CAP TX_CAP_LO TX_CAP_HI < <(paired transfer session "$CLIENTS" baseline "$CLIENTS" layer)
-read -r RD_CAP RD_CAP_LO RD_CAP_HI < <(paired read session "$CLIENTS" baseline "$CLIENTS" layer)
-read -r MX_CAP MX_CAP_LO MX_CAP_HI < <(paired mix session "$CLIENTS" baseline "$CLIENTS" layer)
-read -r PG_CAP PG_CAP_LO PG_CAP_HI < <(paired transfer session "$CLIENTS" pgbench "$CONNS" capacity)
-read -r TX_SVC TX_SVC_LO TX_SVC_HI < <(paired transfer session "$CLIENTS" baseline "$CLIENTS" svc_diff)
-read -r RD_SVC RD_SVC_LO RD_SVC_HI < <(paired read session "$CLIENTS" baseline "$CLIENTS" svc_diff)
-# What DB_STATEMENT_CACHE=false (PgBouncer in transaction mode) costs: that side over the
-# session's, paired within each repetition like the others.
-read -r NC_TX_RATIO NC_TX_RATIO_LO NC_TX_RATIO_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" rps)
-read -r NC_TX_CAP NC_TX_CAP_LO NC_TX_CAP_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" capacity)
-read -r NC_TX_SVC NC_TX_SVC_LO NC_TX_SVC_HI < <(paired transfer nocache "$CLIENTS" session "$CLIENTS" svc_diff)
-read -r NC_RD_RATIO NC_RD_RATIO_LO NC_RD_RATIO_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" rps)
-read -r NC_RD_CAP NC_RD_CAP_LO NC_RD_CAP_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" capacity)
-read -r NC_RD_SVC NC_RD_SVC_LO NC_RD_SVC_HI < <(paired read nocache "$CLIENTS" session "$CLIENTS" svc_diff)
-ST_TX_S=$(get transfer session "$CLIENTS" stmts) ST_TX_B=$(get transfer baseline "$CLIENTS" stmts)
-ST_TX_P=$(get transfer pgbench "$CONNS" stmts)
-ST_RD_S=$(get read session "$CLIENTS" stmts) ST_RD_B=$(get read baseline "$CLIENTS" stmts)
-PING_RD_S=$(get read session "$CLIENTS" pings) PING_TX_S=$(get transfer session "$CLIENTS" pings)
-TX_EXTRA=$(awk -v s="$ST_TX_S" -v b="$ST_TX_B" 'BEGIN { if (s == "" || b == "" || s == "-" || b == "-") print "-"; else printf "%.3f", s - b }')
-
-# The pgbench comparison in CPU time (medians, µs per transfer): what each side costs the
-# machine, and what the service could spend for the 0.85 target.
-CPU_PG_P=$(get transfer pgbench "$CONNS" pg_us) CPU_CL_P=$(get transfer pgbench "$CONNS" client_us)
-CPU_PG_S=$(get transfer session "$CLIENTS" pg_us) CPU_SVC_S=$(get transfer session "$CLIENTS" svc_us)
-CPU_SYS_S=$(get transfer session "$CLIENTS" sys_us) CPU_CL_S=$(get transfer session "$CLIENTS" client_us)
-cpu_budget() {
-  awk -v pp="$CPU_PG_P" -v cp="$CPU_CL_P" -v ps="$CPU_PG_S" -v ss="$CPU_SVC_S" -v ys="$CPU_SYS_S" \
-      -v cs="$CPU_CL_S" -v cores="$(nproc)" 'BEGIN {
-    if (pp == "" || ps == "" || pp == "-" || ps == "-") { print "(not measured in this run)"; exit }
-    tp = pp + cp; ts = ps + ss + cs; budget = tp / 0.85 - ps - cs
-    print "| per transfer, CPU µs (medians) | PostgreSQL | client side | total | capacity of " cores " cores |"
-    print "|---|---:|---:|---:|---:|"
-    printf "| pgbench | %d | %d (pgbench) | %d | %.0f tx/s |\n", pp, cp, tp, cores * 1e6 / tp
-    printf "| service | %d | %d (service, %d of it in the kernel) + %d (wrk) | %d | %.0f req/s |\n", \
-      ps, ss, ys, cs, ts, cores * 1e6 / ts
-    print ""
-    printf "CPU-bound ratio: %.2f. For 0.85 the service could spend at most %d µs per transfer (%d µs / 0.85,\n", tp / ts, budget, tp
-    printf "minus PostgreSQL'"'"'s and wrk'"'"'s share); it spends %d µs, %d µs of them in the kernel alone (the HTTP\n", ss, ys
-    print "socket and five PostgreSQL round trips). pgbench has neither HTTP, JSON nor a load generator of its own"
-    print "in front, and on this machine all three share the same cores with PostgreSQL."
-  }'
-}
-
-mib() { awk -v k="$1" 'BEGIN { if (k == "-" || k == "") print "-"; else printf "%.1f", k / 1024 }'; }
-spread() { awk -v lo="$1" -v hi="$2" -v m="$3" 'BEGIN { if (m + 0 == 0) print "-"; else printf "±%.1f %%", 50 * (hi - lo) / m }'; }
-
-table() {
-  echo "| workload | side | HTTP clients | DB conns | req/s (median) | min – max | spread | p50 ms | p99 ms | non-2xx | peak RSS MiB | statements/req | pings/req | CPU µs/req: service | PostgreSQL | client | foreign CPU |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  while IFS=$'\t' read -r g s c n r lo hi p50 p99 e rss conns st pg cs cp cc cf _; do
-    local label=$s clients=$c
-    [ "$s" = pgbench ] && { label="pgbench (no HTTP)"; clients="–"; cs="–"; }
-    [ "$s" = session ] && label="service (DbSession)"
-    [ "$s" = baseline ] && label="hand-written baseline"
-    [ "$s" = nocache ] && label="service, \`DB_STATEMENT_CACHE=false\`"
-    [ "$s" = defaults ] && label="service, defaults"
-    [ "$s" = peer ] && label="axum + sqlx + axum-sqlx-tx peer"
-    printf '| %s | %s | %s | %s | %.0f | %.0f – %.0f | %s | %.2f | %.2f | %s | %s | %s | %s | %s | %s | %s | %s %% |\n' \
-      "$g" "$label" "$clients" "$conns" "$r" "$lo" "$hi" "$(spread "$lo" "$hi" "$r")" "$p50" "$p99" "$e" \
-      "$(mib "$rss")" "$st" "$pg" "$cs" "$cp" "$cc" "$cf"
-  done <"$SUMMARY"
-}
-
-targets() {
-  echo "| target | measured: median (range) over the $REPS repetitions | goal | |"
-  echo "|---|---:|---:|---|"
-  echo "| transfer req/s, session / baseline | $TX_RATIO ($TX_RATIO_LO – $TX_RATIO_HI) | ≥ 0.97 | $(verdict "$TX_RATIO" '>=' 0.97) |"
-  echo "| transfer p99, session / baseline | $TX_P99 ($TX_P99_LO – $TX_P99_HI) | ≤ 1.10 | $(verdict "$TX_P99" '<=' 1.10) |"
-  echo "| read req/s, session / baseline | $RD_RATIO ($RD_RATIO_LO – $RD_RATIO_HI) | ≥ 0.97 | $(verdict "$RD_RATIO" '>=' 0.97) |"
-  echo "| read p99, session / baseline | $RD_P99 ($RD_P99_LO – $RD_P99_HI) | ≤ 1.10 | $(verdict "$RD_P99" '<=' 1.10) |"
-  echo "| 90/10 mix req/s, session / baseline | $MX_RATIO ($MX_RATIO_LO – $MX_RATIO_HI) | ≥ 0.97 | $(verdict "$MX_RATIO" '>=' 0.97) |"
-  echo "| 90/10 mix p99, session / baseline | $MX_P99 ($MX_P99_LO – $MX_P99_HI) | ≤ 1.10 | $(verdict "$MX_P99" '<=' 1.10) |"
-  echo "| transfer req/s, service / pgbench tx/s | $PG_RATIO ($PG_RATIO_LO – $PG_RATIO_HI) | ≥ 0.85 | $(verdict "$PG_RATIO" '>=' 0.85) |"
-  echo "| (for reference) transfer req/s, baseline / pgbench tx/s | $BP_RATIO ($BP_RATIO_LO – $BP_RATIO_HI) | | |"
-  echo "| in CPU time (robust to other load): transfer capacity, session / baseline¹ | $TX_CAP ($TX_CAP_LO – $TX_CAP_HI) | ≥ 0.97 | $(verdict "$TX_CAP" '>=' 0.97) |"
-  echo "| in CPU time: read capacity, session / baseline¹ | $RD_CAP ($RD_CAP_LO – $RD_CAP_HI) | ≥ 0.97 | $(verdict "$RD_CAP" '>=' 0.97) |"
-  echo "| in CPU time: 90/10 mix capacity, session / baseline¹ | $MX_CAP ($MX_CAP_LO – $MX_CAP_HI) | ≥ 0.97 | $(verdict "$MX_CAP" '>=' 0.97) |"
-  echo "| in CPU time: transfer capacity, service / pgbench² | $PG_CAP ($PG_CAP_LO – $PG_CAP_HI) | ≥ 0.85 | $(verdict "$PG_CAP" '>=' 0.85) |"
-  echo "| service CPU per request, session − baseline, µs: transfer | $TX_SVC ($TX_SVC_LO – $TX_SVC_HI) | | |"
-  echo "| service CPU per request, session − baseline, µs: read | $RD_SVC ($RD_SVC_LO – $RD_SVC_HI) | | |"
-  echo "| statements per transfer, session − baseline (session $ST_TX_S, baseline $ST_TX_B, pgbench $ST_TX_P): the transaction-id query pipelined with COMMIT, no round trip | $TX_EXTRA | ≤ 1 | $(verdict "$TX_EXTRA" '<=' 1.005) |"
-  echo "| pings per read inside a session | $PING_RD_S | 0 | $(verdict "$PING_RD_S" '<=' 0.001) |"
-  echo "| errors (non-2xx and socket) over the whole sweep | $SWEEP_ERRORS | 0 | $(verdict "$SWEEP_ERRORS" '<=' 0) |"
-  echo "| req/s at $LAST_LEVEL clients / the peak of the same sweep repetition | $SWEEP_TAIL | ≥ 0.90 | $(verdict "${SWEEP_TAIL%% *}" '>=' 0.90) |"
-  echo "| peak RSS at $LAST_LEVEL clients (MiB) | $RSS_LAST_MIB | ≤ 50 | $(verdict "$RSS_LAST_MIB" '<=' 50) |"
-  echo "| (the cost of PgBouncer's transaction mode) transfer req/s, \`DB_STATEMENT_CACHE=false\` / session | $NC_TX_RATIO ($NC_TX_RATIO_LO – $NC_TX_RATIO_HI) | | |"
-  echo "| in CPU time: transfer capacity, \`DB_STATEMENT_CACHE=false\` / session² | $NC_TX_CAP ($NC_TX_CAP_LO – $NC_TX_CAP_HI) | | |"
-  echo "| service CPU per transfer, \`DB_STATEMENT_CACHE=false\` − session, µs | $NC_TX_SVC ($NC_TX_SVC_LO – $NC_TX_SVC_HI) | | |"
-  echo "| read req/s, \`DB_STATEMENT_CACHE=false\` / session | $NC_RD_RATIO ($NC_RD_RATIO_LO – $NC_RD_RATIO_HI) | | |"
-  echo "| in CPU time: read capacity, \`DB_STATEMENT_CACHE=false\` / session² | $NC_RD_CAP ($NC_RD_CAP_LO – $NC_RD_CAP_HI) | | |"
-  echo "| service CPU per read, \`DB_STATEMENT_CACHE=false\` − session, µs | $NC_RD_SVC ($NC_RD_SVC_LO – $NC_RD_SVC_HI) | | |"
-  echo
-  echo "¹ The throughput a machine with no other load would reach if CPU is what limits it: the total CPU per"
-  echo "request of the baseline over the session's, where the cluster's and wrk's share is the pair's mean (both"
-  echo "sides send the same statements, below), so that only the service's own CPU differs."
-  echo "² The same with every share as measured: (PostgreSQL + pgbench) over (PostgreSQL + service + wrk); for"
-  echo "\`DB_STATEMENT_CACHE=false\`, (PostgreSQL + service + wrk) of the session over the same of that side: the"
-  echo "server's extra work (a parse and a plan per statement) counts too."
-}
-
-# Out of the box: the service with no tuning variables set against the peer (bench/peer),
-# paired within each repetition like the other comparisons. Full runs only.
-outside() {
-  local g what goal_rps rps rps_lo rps_hi p99 p99_lo p99_hi
-  if [ -z "$OUTSIDE_SIDES" ]; then
-    echo "(not measured in this run: a smoke run does not build the peer)"
-    return
-  fi
-  echo "| target | measured: median (range) over the $REPS repetitions | goal | |"
-  echo "|---|---:|---:|---|"
-  for g in transfer read; do
-    if [ "$g" = transfer ]; then what="transfer (\`POST /transfers\`)" goal_rps=1.10
-    else what="read (\`GET /accounts/{id}\`)" goal_rps=1.30; fi
-    read -r rps rps_lo rps_hi < <(paired "$g" defaults "$CLIENTS" peer "$CLIENTS" rps)
-    read -r p99 p99_lo p99_hi < <(paired "$g" defaults "$CLIENTS" peer "$CLIENTS" p99)
-    echo "| $what req/s, service defaults / peer | $rps ($rps_lo – $rps_hi) | ≥ $goal_rps | $(verdict "$rps" '>=' "$goal_rps") |"
-    echo "| $what p99, service defaults / peer | $p99 ($p99_lo – $p99_hi) | ≤ 1.00 | $(verdict "$p99" '<=' 1.00) |"
-  done
-  for g in transfer read; do
-    read -r rps rps_lo rps_hi < <(paired "$g" session "$CLIENTS" peer "$CLIENTS" rps)
-    echo "| (for reference) $g req/s, service as configured above / peer | $rps ($rps_lo – $rps_hi) | | |"
-  done
-}
-
-statements() { # tag title
-  local f
-  f=$(ls "$OUT/stmts/$1"-r1.tsv 2>/dev/null) || return 0
-  local n
-  n=$(awk '{print $1}' <<<"$(stats_per_request "$f")")
-  echo "$2 ($n requests):"
-  echo
-  echo '| per request | statement |'
-  echo '|---:|---|'
-  awk -F'\t' -v n="$n" '{ q = $2; if (length(q) > 160) q = substr(q, 1, 157) "..."; gsub(/\|/, "\\|", q)
-                         printf "| %.3f | `%s` |\n", $1 / n, q }' "$f"
-  echo
-}
-
-# The chart: throughput (median, min–max) and p99 against client connections.
-CHART_DATA=$OUT/sweep.dat
-for c in $SWEEP; do
-  echo "$c $(get sweep session "$c" rps) $(get sweep session "$c" rps_min) $(get sweep session "$c" rps_max) $(get sweep session "$c" p99)"
-done >"$CHART_DATA"
+# The summary, the chart's data and the report, written from the raw results.
+python3 scripts/bench_report.py report "$OUT" || die "the report failed"
 if wanted sweep && command -v gnuplot >/dev/null 2>&1; then
   mkdir -p "$(dirname "$CHART")"
-  gnuplot -e "datafile='$CHART_DATA'; outfile='$CHART'; conns=$CONNS; cores=$(nproc)" bench/concurrency.gp \
+  gnuplot -e "datafile='$OUT/sweep.dat'; outfile='$CHART'; conns=$CONNS; cores=$(nproc)" bench/concurrency.gp \
     || die "gnuplot failed"
 fi
-
-{
-  echo "<!-- bench:results:begin (written by scripts/bench.sh; edit outside the markers) -->"
-  echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)),"
-  echo "$(free -m | awk '/^Mem:/ { printf "%.0f GiB RAM", $2 / 1024 }'), $(uname -sr), PostgreSQL $PG_VERSION, $(wrk --version 2>&1 | head -n 1 | cut -d' ' -f1-2),"
-  echo "commit \`$(git rev-parse --short HEAD 2>/dev/null || echo unknown)\`$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (with local changes)')."
-  echo "Shared machine: load average $LOAD_BEFORE before, $LOAD_AFTER after; the whole run took ${ELAPSED} s."
-  echo
-  echo "Service: \`DB_POOL_SIZE=$POOL_SIZE DB_MAX_OVERFLOW=$MAX_OVERFLOW\` ($CONNS connections), \`HTTP_WORKERS=$WORKERS\`,"
-  echo "\`RUST_LOG=$SERVICE_LOG_LEVEL\` (access log on, to a file), release build with \`--features bench\`, a fresh process"
-  echo "for every slice. pgbench: \`-M prepared -c $CONNS -j 1\`, no HTTP. wrk: one thread, \`HTTP clients\` connections."
-  echo "Comparisons: $REPS repetitions, each running every side for ${DURATION} s after a ${WARMUP} s warm-up, the order"
-  echo "flipping between repetitions (A B, B A, ...); the sweep: $SWEEP_REPS repetitions. The table shows the median,"
-  echo "the range and the spread (half the range over the median). \`DB conns\`: the most server connections the"
-  echo "process held (pool and readiness probe); \`peak RSS\`: its VmHWM. \`statements/req\`: from"
-  echo "pg_stat_statements, reset after the warm-up, divided by the requests the server saw; \`pings/req\`: of those,"
-  echo "\`SELECT 1\` check-out pings. \`CPU µs/req\`: user and system time per request of the service process, of"
-  echo "the whole cluster and of the load generator; \`foreign CPU\`: the share of the machine's busy time that"
-  echo "went to other processes during the slice."
-  echo
-  table
-  echo
-  echo "### Targets"
-  echo
-  targets
-  echo
-  echo "### Out of the box: the service against an axum + sqlx + axum-sqlx-tx peer"
-  echo
-  echo "\`service, defaults\`: the same binary with no \`HTTP_WORKERS\`, \`DB_POOL_SIZE\`, \`DB_MAX_OVERFLOW\` or"
-  echo "\`RUST_LOG\` set ($(nproc) workers here, 5 + 10 connections, access log on), as a user starts it. \`peer\`:"
-  echo "bench/peer, the same routes and SQL on axum, sqlx and axum-sqlx-tx as their documentation shows (sqlx pool"
-  echo "5 to 15 connections, Tokio's default runtime, no per-request logging), release build. Both run in the"
-  echo "same interleaved slices as the sides above; the ratios are paired within each repetition."
-  echo
-  outside
-  echo
-  echo "### The pgbench ratio in CPU time"
-  echo
-  cpu_budget
-  echo
-  echo "### Round trips: what the server received (first run of each)"
-  echo
-  statements "transfer-session-c$CLIENTS" "Transfer through the service (\`POST /transfers\`)"
-  statements "transfer-baseline-c$CLIENTS" "Transfer through the hand-written baseline"
-  statements "transfer-pgbench-c$CONNS" "Transfer through pgbench"
-  statements "read-session-c$CLIENTS" "Read through the service (\`GET /accounts/{id}\`)"
-  statements "read-baseline-c$CLIENTS" "Read through the hand-written baseline"
-  statements "transfer-peer-c$CLIENTS" "Transfer through the peer"
-  statements "read-peer-c$CLIENTS" "Read through the peer"
-  echo "\\* Counted from pgbench's transactions: PostgreSQL 15's pg_stat_statements counts a BEGIN or COMMIT"
-  echo "that pgbench prepared only at its first execution on each connection."
-  echo
-  echo "### Concurrency sweep (\`POST /transfers\`)"
-  echo
-  echo "![throughput and p99 versus client connections]($CHART_LINK)"
-  echo "<!-- bench:results:end -->"
-} >"$OUT/results.md"
-
-if [ -f "$REPORT" ] && grep -q '<!-- bench:results:begin' "$REPORT"; then
-  awk -v results="$OUT/results.md" '
-    /<!-- bench:results:begin/ { while ((getline line < results) > 0) print line; skip = 1; next }
-    /<!-- bench:results:end/ { skip = 0; next }
-    !skip { print }' "$REPORT" >"$REPORT.tmp" && mv "$REPORT.tmp" "$REPORT"
-else
-  { echo "# Benchmarks"; echo; cat "$OUT/results.md"; } >"$REPORT"
-fi
-
-echo
-table
-echo
-targets
-echo
-outside
-echo
 log "report: $REPORT; chart: $CHART; raw results: $RESULTS (took ${ELAPSED} s)"
 
 # --- smoke checks -----------------------------------------------------------------------
 
 if [ "$SMOKE" = 1 ]; then
-  fail=0
-  check() { # description condition-result
-    if [ "$2" = yes ]; then log "ok: $1"; else log "FAILED: $1"; fail=1; fi
-  }
-  # yes if the awk expression over v1, v2, ... holds; no if it does not or if any value
-  # is missing or not a number.
-  yes_if() {
-    local expr=$1
-    shift
-    awk "BEGIN {
-      ok = 1
-      for (i = 1; i < ARGC; i++) { if (ARGV[i] !~ /^-?[0-9]+([.][0-9]+)?\$/) ok = 0; v[i] = ARGV[i] + 0 }
-      v1 = v[1]; v2 = v[2]; v3 = v[3]; v4 = v[4]
-      print (ok && ($expr)) ? \"yes\" : \"no\"
-    }" "$@"
-  }
-  # The pgbench script's statement count is the reference a transfer must not exceed.
-  EXPECTED_TX=$(grep -cE '^(BEGIN|SELECT|UPDATE|INSERT|COMMIT)' bench/pgbench/transfer.sql)
   # Which statements, not only how many: a ROLLBACK in place of the COMMIT costs as many.
   # Requests one at a time, so that none is in flight at the reset or the read and the
   # counts are exact: transfers, every fifth naming an account that does not exist (404,
-  # which must roll back), then reads. Read: "2xx other commits rollbacks inserts
-  # transfers_2xx".
+  # which must roll back), then reads. Writes run/commit-check.counts ("2xx other
+  # transfers_2xx") and stmts/commit-check.tsv.
   commit_check() { # requests
     local i code from ok=0 other=0 transfers_ok
     local url="http://127.0.0.1:"
@@ -891,38 +505,10 @@ if [ "$SMOKE" = 1 ]; then
     done
     stats_read >"$OUT/stmts/commit-check.tsv"
     stop_services
-    awk -F'\t' -v ok="$ok" -v other="$other" -v tx="$transfers_ok" '
-      $2 == "COMMIT" { commits += $1 }
-      $2 == "ROLLBACK" { rollbacks += $1 }
-      $2 ~ /^INSERT INTO "transfers"/ { inserts += $1 }
-      END { printf "%d %d %d %d %d %d\n", ok, other, commits, rollbacks, inserts, tx }' \
-      "$OUT/stmts/commit-check.tsv"
+    echo "$ok $other $transfers_ok" >"$OUT/run/commit-check.counts"
   }
-  read -r CC_OK CC_OTHER CC_COMMITS CC_ROLLBACKS CC_INSERTS CC_TX_OK < <(commit_check 50)
-  check "one result line per run ($RUN_NO)" "$(yes_if 'v1 == v2' "$(wc -l <"$RESULTS")" "$RUN_NO")"
-  check "every run parsed with throughput > 0" \
-    "$(awk -F'\t' '$5 + 0 <= 0 || $7 == "" { bad = 1 } END { print bad ? "no" : "yes" }' "$RESULTS")"
-  check "no errors in any run" "$(awk -F'\t' '$8 != 0 { bad = 1 } END { print bad ? "no" : "yes" }' "$RESULTS")"
-  check "pgbench runs $EXPECTED_TX statements per transfer ($ST_TX_P)" \
-    "$(yes_if 'v1 == v2' "$ST_TX_P" "$EXPECTED_TX")"
-  # The session adds one statement to every transaction: the transaction-id query
-  # pipelined ahead of COMMIT (the session crate's session/commit.rs), which costs no round
-  # trip.
-  check "a transfer through the session costs $EXPECTED_TX statements and the id query besides pings ($ST_TX_S, pings $PING_TX_S)" \
-    "$(yes_if 'v1 - v2 > v3 + 0.999 && v1 - v2 < v3 + 1.001' "$ST_TX_S" "$PING_TX_S" "$EXPECTED_TX")"
-  check "every 2xx committed: COMMITs = 2xx ($CC_COMMITS, $CC_OK); transfer INSERTs = 2xx transfers ($CC_INSERTS, $CC_TX_OK)" \
-    "$(yes_if 'v1 == v2 && v3 == v4 && v4 > 0 && v2 > v4' "$CC_COMMITS" "$CC_OK" "$CC_INSERTS" "$CC_TX_OK")"
-  check "every other answer rolled back: ROLLBACKs = non-2xx ($CC_ROLLBACKS, $CC_OTHER)" \
-    "$(yes_if 'v1 == v2 && v2 > 0' "$CC_ROLLBACKS" "$CC_OTHER")"
-  check "the baseline transfer costs one fewer: no id query ($ST_TX_B)" \
-    "$(yes_if 'v2 - v1 > 0.95 && v2 - v1 < 1.05' "$ST_TX_B" "$ST_TX_S")"
-  # A read runs read-only: no transaction id to learn, so no id query either.
-  check "a read costs BEGIN READ ONLY, SELECT, COMMIT and no ping, as the baseline (session $ST_RD_S, pings $PING_RD_S; baseline $ST_RD_B)" \
-    "$(yes_if 'v1 - v2 > 2.999 && v1 - v2 < 3.001 && v2 < 0.01 && v3 < 3.05' "$ST_RD_S" "$PING_RD_S" "$ST_RD_B")"
-  check "the chart was drawn" "$([ -s "$CHART" ] && grep -q '<svg' "$CHART" && echo yes || echo no)"
-  check "the report and its tables were written" \
-    "$(grep -q '| transfer req/s, session / baseline |' "$REPORT" && echo yes || echo no)"
-  [ "$fail" = 0 ] || die "smoke run failed (see $OUT)"
+  commit_check 50
+  python3 scripts/bench_report.py check "$OUT" || die "smoke run failed (see $OUT)"
   log "smoke run passed in ${ELAPSED} s"
 fi
 exit
