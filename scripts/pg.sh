@@ -5,7 +5,9 @@
 #                         local server at 127.0.0.1:5432 if it answers, else the private
 #                         cluster (started on demand)
 #   scripts/pg.sh up      start the private cluster (a no-op while it runs); print its URL
-#   scripts/pg.sh down    stop the private cluster and delete it
+#   scripts/pg.sh down    stop the private cluster (and its replica) and delete it
+#   scripts/pg.sh replica start a streaming replica of the private cluster (a no-op while it
+#                         runs; pg_basebackup -R, hot standby); print its URL
 #   scripts/pg.sh ensure-db URL NAME
 #                         create database NAME on the server of URL if it is missing
 #
@@ -59,7 +61,7 @@ cluster_url() { echo "postgres://postgres@127.0.0.1:$1/postgres"; }
 
 up() {
   if [ -f "$STATE_FILE" ]; then
-    read -r dir port <"$STATE_FILE" || true
+    read -r dir port _ <"$STATE_FILE" || true
     if [ -n "${dir:-}" ] && answers "$(cluster_url "$port")"; then
       cluster_url "$port"; return 0
     fi
@@ -105,9 +107,42 @@ up() {
   cluster_url "$port"
 }
 
+# The replica lives beside the primary's data directory ($dir/replica) and listens on a
+# port of its own; it is remembered in the state file's third field. The private cluster's
+# defaults allow it as they are: wal_level=replica, max_wal_senders=10, and initdb's
+# pg_hba.conf trusts replication connections from 127.0.0.1.
+replica() {
+  [ -f "$STATE_FILE" ] || { log "no private cluster running: start one with \`$0 up\`"; exit 1; }
+  local dir port rport
+  read -r dir port rport <"$STATE_FILE" || true
+  if [ -n "${rport:-}" ] && answers "$(cluster_url "$rport")"; then
+    cluster_url "$rport"; return 0
+  fi
+  local basebackup pg_ctl
+  basebackup=$(find_bin pg_basebackup) || { log "pg_basebackup not found"; exit 1; }
+  pg_ctl=$(find_bin pg_ctl) || { log "pg_ctl not found"; exit 1; }
+  if [ -d "$dir/replica" ]; then
+    as_owner "$pg_ctl" -D "$dir/replica" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$dir/replica"
+  fi
+  rport=$((port + 1))
+  while port_taken "$rport"; do rport=$((rport + 1)); done
+  log "starting a streaming replica in $dir/replica on port $rport"
+  as_owner "$basebackup" -h 127.0.0.1 -p "$port" -U postgres -D "$dir/replica" -R -X stream \
+    -c fast --no-sync >"$dir/basebackup.log" 2>&1 || { cat "$dir/basebackup.log" >&2; exit 1; }
+  as_owner "$pg_ctl" -D "$dir/replica" -l "$dir/replica.log" -w -t 30 \
+    -o "-p $rport -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c hot_standby=on ${PG_SERVER_OPTS:-}" \
+    start >/dev/null 2>&1 || { cat "$dir/replica.log" >&2; exit 1; }
+  echo "$dir $port $rport" >"$STATE_FILE"
+  cluster_url "$rport"
+}
+
 down() {
   [ -f "$STATE_FILE" ] || { log "no private cluster running"; return 0; }
-  read -r dir port <"$STATE_FILE" || true
+  read -r dir port _ <"$STATE_FILE" || true
+  if [ -n "${dir:-}" ] && [ -d "$dir/replica" ]; then
+    as_owner "$(find_bin pg_ctl)" -D "$dir/replica" -m fast -w stop >/dev/null 2>&1 || true
+  fi
   if [ -n "${dir:-}" ] && [ -d "$dir/data" ]; then
     as_owner "$(find_bin pg_ctl)" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
     rm -rf "$dir"
@@ -137,6 +172,7 @@ case "${1:-}" in
   url) url ;;
   up) up ;;
   down) down ;;
+  replica) replica ;;
   ensure-db) ensure_db "$2" "$3" ;;
-  *) echo "usage: $0 url|up|down|ensure-db URL NAME" >&2; exit 2 ;;
+  *) echo "usage: $0 url|up|down|replica|ensure-db URL NAME" >&2; exit 2 ;;
 esac
