@@ -23,6 +23,10 @@
 #             DB_STATEMENT_CACHE=false | the service with its defaults | the peer's
 #             GET /accounts/{id}
 #   mix       90 % reads, 10 % transfers, through either
+#   replica   GET /accounts/{id} with one streaming replica of the cluster (pg_basebackup,
+#             scripts/pg.sh replica) in DATABASE_REPLICA_URLS | the primary alone; the
+#             service's db_reads_total must show 99 % of a replica slice's reads on the
+#             replica, or the run fails
 #   sweep     POST /transfers at 1, 8, 32, 128 and 512 client connections
 # Every slice runs a fresh process of the same binary (the sides differ only in the routes
 # they load; for the out-of-the-box comparison, full runs only, the service with no tuning
@@ -41,7 +45,7 @@
 # BENCH_CLIENTS (HTTP connections for the comparisons), BENCH_SWEEP ("1 8 32 128 512"),
 # BENCH_POOL_SIZE / BENCH_MAX_OVERFLOW (4 / 4), BENCH_WORKERS (HTTP_WORKERS of the service,
 # 1), BENCH_RUST_LOG (info), BENCH_ACCOUNTS,
-# BENCH_ONLY (a subset of "transfer read mix sweep", for exploring: the report, with gaps,
+# BENCH_ONLY (a subset of "transfer read mix replica sweep", for exploring: the report, with gaps,
 # then goes to target/bench-only).
 set -euo pipefail
 
@@ -205,6 +209,18 @@ psql "$DB_URL" -c "INSERT INTO accounts (name, balance)
 [ "$(psql "$DB_URL" -c "SELECT count(*) = $ACCOUNTS AND min(id) = 1 AND max(id) = $ACCOUNTS FROM accounts")" = t ] \
   || die "seeding did not produce accounts 1..$ACCOUNTS"
 PG_VERSION=$(psql "$DB_URL" -c "SHOW server_version")
+ONLY=" ${BENCH_ONLY:-transfer read mix replica sweep} "
+wanted() { [[ $ONLY == *" $1 "* ]]; }
+
+# The read side's replica: a streaming copy of the seeded cluster, with the same server
+# options (pg_stat_statements, so that the reads it serves are counted there).
+REPLICA_URL=
+if wanted replica; then
+  REPLICA_ADMIN_URL=$(scripts/pg.sh replica) || die "the replica did not start"
+  REPLICA_URL=${REPLICA_ADMIN_URL%/*}/$DB_NAME
+  [ "$(psql "$REPLICA_URL" -c "SELECT pg_is_in_recovery() AND count(*) = $ACCOUNTS FROM accounts")" = t ] \
+    || die "the replica is not a hot standby with the seeded accounts"
+fi
 
 # --- one run ----------------------------------------------------------------------------
 
@@ -239,6 +255,9 @@ side_command() { # side port -> sets CMD and READY_PATH
     # in transaction mode before 1.21 needs it.
     nocache) CMD=(env -i "${common[@]}" DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW="$MAX_OVERFLOW"
                   HTTP_WORKERS="$WORKERS" RUST_LOG="$SERVICE_LOG_LEVEL" DB_STATEMENT_CACHE=false "$BIN") ;;
+    # As configured for the comparisons, its reads sent to the replica.
+    replica) CMD=(env -i "${common[@]}" DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW="$MAX_OVERFLOW"
+                  HTTP_WORKERS="$WORKERS" RUST_LOG="$SERVICE_LOG_LEVEL" DATABASE_REPLICA_URLS="$REPLICA_URL" "$BIN") ;;
     *) CMD=(env -i "${common[@]}" DB_POOL_SIZE="$POOL_SIZE" DB_MAX_OVERFLOW="$MAX_OVERFLOW"
             HTTP_WORKERS="$WORKERS" RUST_LOG="$SERVICE_LOG_LEVEL" "$BIN") ;;
   esac
@@ -263,11 +282,12 @@ start_service() { # name [side]
   die "the service did not become ready"
 }
 
-stats_reset() { psql "$DB_URL" -c "SELECT pg_stat_statements_reset()" >/dev/null; }
+# On the primary, or on the server named (the replica, for the side whose reads go there).
+stats_reset() { psql "${1:-$DB_URL}" -c "SELECT pg_stat_statements_reset()" >/dev/null; }
 
 # calls<TAB>statement for everything the server ran in the bench database since the reset.
-stats_read() {
-  psql -F $'\t' "$DB_URL" -c "
+stats_read() { # [url]
+  psql -F $'\t' "${1:-$DB_URL}" -c "
     SELECT s.calls, regexp_replace(s.query, '\\s+', ' ', 'g')
     FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
     WHERE d.datname = '$DB_NAME' AND s.query NOT LIKE '%pg_stat_statements%'
@@ -333,11 +353,18 @@ run_wrk() { # group side clients rep script args...
   # its VmHWM is the slice's own peak.
   start_service slice "$side"
   local url="http://127.0.0.1:${SVC_PORT[slice]}" pid=${SVC_PID[slice]}
+  # The replica side's reads are counted where they run; the replica group's slices read
+  # the service's db_reads_total before and after (where its reads went).
+  local stats_url=$DB_URL metrics=()
+  [ "$side" = replica ] && stats_url=$REPLICA_URL
   # One wrk thread: it drives far more requests per second than the service can answer
   # here, and every extra thread takes CPU from the service and the database.
   wrk -t1 -c"$clients" -d"${WARMUP}s" --timeout 10s -s "bench/wrk/$script" "$url" -- "$@" \
     >"$OUT/run/warmup.txt" 2>&1 || { cat "$OUT/run/warmup.txt" >&2; die "wrk failed (warm-up of $tag)"; }
-  stats_reset
+  stats_reset "$stats_url"
+  if [ "$group" = replica ]; then
+    curl -sf "$url/metrics" >"$OUT/run/$tag.metrics-before" || die "no /metrics ($tag)"
+  fi
   sample_connections "$pid" "$DURATION" >"$OUT/run/conns.txt" &
   local sampler=$! before after status=0
   before=$(cpu_snapshot "$pid")
@@ -348,13 +375,18 @@ run_wrk() { # group side clients rep script args...
   wait "$sampler" || true
   # Let requests still in flight when wrk stopped finish before the statements are read.
   sleep 0.2
-  stats_read >"$OUT/stmts/$tag.tsv"
+  stats_read "$stats_url" >"$OUT/stmts/$tag.tsv"
+  if [ "$group" = replica ]; then
+    curl -sf "$url/metrics" >"$OUT/run/$tag.metrics-after" || die "no /metrics ($tag)"
+    metrics=(--metrics-before "$OUT/run/$tag.metrics-before" --metrics-after "$OUT/run/$tag.metrics-after")
+    [ "$side" = replica ] && metrics+=(--min-replica-share 0.99)
+  fi
   local rss
   rss=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$pid/status")
   stop_services
   record wrk "$group" "$side" "$clients" "$rep" --output "$OUT/run/$tag.wrk" \
     --stmts "$OUT/stmts/$tag.tsv" --before "$before" --after "$after" \
-    --conns "$(cat "$OUT/run/conns.txt")" --rss "$rss"
+    --conns "$(cat "$OUT/run/conns.txt")" --rss "$rss" "${metrics[@]}"
 }
 
 # The database's own limit: the transfer's SQL through pgbench, same connection count.
@@ -390,8 +422,6 @@ run_pgbench() { # rep
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 log "cluster: PostgreSQL $PG_VERSION; service pool $POOL_SIZE + $MAX_OVERFLOW; $REPS x ${DURATION}s per configuration"
 T=/transfers B=/_bench/transfers RA=/accounts/ RB=/_bench/accounts/
-ONLY=" ${BENCH_ONLY:-transfer read mix sweep} "
-wanted() { [[ $ONLY == *" $1 "* ]]; }
 # Every repetition runs each side once, in turn; the order flips from one repetition to
 # the next (A B, B A, ...), so that neither side always follows the same neighbour.
 in_order() { # rep first second...: the sides, reversed on even repetitions
@@ -420,6 +450,11 @@ for rep in $(seq "$REPS"); do
     for side in $(in_order "$rep" session baseline); do
       if [ "$side" = session ]; then run_wrk mix session "$CLIENTS" "$rep" mix.lua "$RA" "$T" "$ACCOUNTS"
       else run_wrk mix baseline "$CLIENTS" "$rep" mix.lua "$RB" "$B" "$ACCOUNTS"; fi
+    done
+  fi
+  if wanted replica; then
+    for side in $(in_order "$rep" primary replica); do
+      run_wrk replica "$side" "$CLIENTS" "$rep" read.lua "$RA" "$ACCOUNTS"
     done
   fi
 done

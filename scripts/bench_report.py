@@ -39,7 +39,7 @@ PGBENCH_SCRIPT = ROOT / "bench" / "pgbench" / "transfer.sql"
 #: One line of results.tsv per slice, in this order.
 RESULT_COLUMNS = (
     "group side clients rep rps p50 p99 errors rss conns stmts pings requests "
-    "svc_us pg_us client_us foreign sys_us"
+    "svc_us pg_us client_us foreign sys_us replica_share"
 ).split()
 #: One line of summary.tsv per configuration (group, side, clients), in this order.
 SUMMARY_COLUMNS = (
@@ -405,6 +405,33 @@ def per_request(statements: list[Statement]) -> PerRequest:
     return PerRequest(requests, f"{total / requests:.3f}", f"{pings / requests:.4f}")
 
 
+METRIC_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def reads_by_target(metrics: str) -> dict[str, float]:
+    """`db_reads_total` of a Prometheus text scrape, summed by its `target` label."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        m = METRIC_LINE.match(line)
+        if not m or m.group(1) != "db_reads_total":
+            continue
+        labels = dict(LABEL.findall(m.group(2)))
+        target = labels.get("target", "")
+        out[target] = out.get(target, 0.0) + (number(m.group(3)) or 0.0)
+    return out
+
+
+def replica_share(before: str, after: str) -> float | None:
+    """The share of the reads between two scrapes that ran on a replica; None for none."""
+    b, a = reads_by_target(before), reads_by_target(after)
+    delta = {t: a.get(t, 0.0) - b.get(t, 0.0) for t in set(a) | set(b)}
+    total = sum(delta.values())
+    if total <= 0:
+        return None
+    return delta.get("replica", 0.0) / total
+
+
 @dataclass(frozen=True)
 class CpuPerRequest:
     svc_us: str
@@ -494,13 +521,21 @@ def slice_command(args: argparse.Namespace) -> int:
         rps, errors, requests = pgb.tps, pgb.failed, pgb.processed
         p50, p99 = latency_percentiles(read_pgbench_log(Path(args.latency_log_dir)))
         rss, conns = MISSING, args.clients
+    share = MISSING
+    if args.metrics_before and args.metrics_after:
+        value = replica_share(Path(args.metrics_before).read_text(), Path(args.metrics_after).read_text())
+        share = MISSING if value is None else f"{value:.4f}"
+        if args.min_replica_share is not None and (value is None or value < args.min_replica_share):
+            log(f"{args.group} {args.side} rep {args.rep}: {share} of the reads ran on the replica, "
+                f"fewer than {args.min_replica_share:.0%} (db_reads_total in {args.metrics_after})")
+            return 1
     counts = per_request(statements)
     cpu = cpu_per_request(args.before, args.after, client_seconds, number(requests) or 0, args.clk_tck)
     svc_us, sys_us = (cpu.svc_us, cpu.sys_us) if args.kind == "wrk" else ("0", "0")
     fields = [
         args.group, args.side, args.clients, args.rep, rps, p50, p99, errors, rss, conns,
         counts.stmts, counts.pings, str(counts.requests), svc_us, cpu.pg_us, cpu.client_us,
-        cpu.foreign_pct, sys_us,
+        cpu.foreign_pct, sys_us, share,
     ]
     print("\t".join(fields))
     head = f"{args.group:<8} {args.side:<8} c={args.clients:<4} rep {args.rep}: "
@@ -509,6 +544,7 @@ def slice_command(args: argparse.Namespace) -> int:
             head + f"{fnum(rps):7.0f} req/s p50 {fnum(p50):6.2f} p99 {fnum(p99):7.2f} ms err {errors} "
             f"stmts {counts.stmts} RSS {rss} KiB conns {conns} CPU us/req svc {cpu.svc_us} "
             f"pg {cpu.pg_us} wrk {cpu.client_us} foreign {cpu.foreign_pct}%"
+            + ("" if share == MISSING else f" on the replica {share}")
         )
     else:
         log(
@@ -539,6 +575,8 @@ SIDE_LABELS = {
     "nocache": "service, `DB_STATEMENT_CACHE=false`",
     "defaults": "service, defaults",
     "peer": "axum + sqlx + axum-sqlx-tx peer",
+    "primary": "service, primary only",
+    "replica": "service, one streaming replica",
 }
 
 
@@ -678,6 +716,24 @@ class Report:
             lines.append(self.target_row(f"(for reference) {group} req/s, service as configured above / peer", self.pair(group, "session", "peer", "rps")))
         return lines
 
+    def replica_shares(self) -> list[float | None]:
+        return [number(r["replica_share"]) for r in self.rows if r["group"] == "replica" and r["side"] == "replica"]
+
+    def replica(self) -> list[str]:
+        """Reads with one streaming replica against the primary alone."""
+        shares = self.replica_shares()
+        if not shares:
+            return ["(not measured in this run)"]
+        present = [v for v in shares if v is not None]
+        lowest = f"{100 * min(present):.1f} %" if len(present) == len(shares) else MISSING
+        return [
+            f"| measure | median (range) over the {self.reps} repetitions |",
+            "|---|---:|",
+            f"| read req/s, replica / primary | {spread_text(self.pair('replica', 'replica', 'primary', 'rps'))} |",
+            f"| read p99, replica / primary | {spread_text(self.pair('replica', 'replica', 'primary', 'p99'))} |",
+            f"| reads that ran on the replica, lowest slice | {lowest} |",
+        ]
+
     def cpu_budget(self) -> list[str]:
         """The pgbench comparison in CPU time (medians, µs per transfer): what each side
         costs the machine, and what the service could spend for the 0.85 target."""
@@ -774,6 +830,17 @@ class Report:
             "same interleaved slices as the sides above; the ratios are paired within each repetition.",
             "",
             *self.outside(),
+            "",
+            "### Reads from a streaming replica (`GET /accounts/{id}`)",
+            "",
+            "`service, one streaming replica`: the service as configured above with `DATABASE_REPLICA_URLS` naming",
+            "one hot standby of the bench cluster (`scripts/pg.sh replica`: pg_basebackup, streaming, on the same",
+            "machine); `service, primary only`: the same without it. Both run in the same interleaved slices; the",
+            "ratios are paired within each repetition. The reads that ran on the replica are the slice's",
+            "`db_reads_total{target=\"replica\"}` over all its reads (below 99 % the run fails); its statements",
+            "in the table are the replica's, its `DB conns` those to the primary, and the replica's CPU counts as",
+            "",
+            *self.replica(),
             "",
             "### The pgbench ratio in CPU time",
             "",
@@ -917,6 +984,8 @@ def checks(out: Path) -> list[tuple[str, bool]]:
         # A read runs read-only: no transaction id to learn, so no id query either.
         (f"a read costs BEGIN READ ONLY, SELECT, COMMIT and no ping, as the baseline (session {st['rd_s']}, pings {st['ping_rd_s']}; baseline {st['rd_b']})",
          holds(lambda s, p, b: 2.999 < s - p < 3.001 and p < 0.01 and b < 3.05, st["rd_s"], st["ping_rd_s"], st["rd_b"])),
+        (f"the replica side ran, 99 % of its reads on the replica ({', '.join(MISSING if v is None else f'{v:.4f}' for v in report.replica_shares())})",
+         bool(report.replica_shares()) and all(v is not None and v >= 0.99 for v in report.replica_shares())),
         ("the chart was drawn", chart.is_file() and chart.stat().st_size > 0 and "<svg" in chart.read_text(errors="replace")),
         ("the report and its tables were written",
          report_path.is_file() and "| transfer req/s, session / baseline |" in report_path.read_text()),
@@ -947,6 +1016,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--conns", default="0", help="most server connections held")
     s.add_argument("--rss", default=MISSING, help="peak RSS, KiB")
     s.add_argument("--latency-log-dir", default=".", help="pgbench's per-transaction logs")
+    s.add_argument("--metrics-before", help="the service's /metrics before the measurement")
+    s.add_argument("--metrics-after", help="the service's /metrics after it")
+    s.add_argument("--min-replica-share", type=float,
+                   help="fail unless this share of the reads ran on the replica")
     s.set_defaults(run=slice_command)
     r = sub.add_parser("report", help="the report from a results directory")
     r.add_argument("results")

@@ -210,6 +210,18 @@ class Parsing(unittest.TestCase):
         self.assertEqual(cpu, br.CpuPerRequest("1000", "2000", "500", "12", "200"))
         self.assertEqual(br.cpu_per_request("0 0 0 0", "1 0 1 2", 0.0, 0, 100).svc_us, "-")
 
+    def test_replica_share_is_taken_between_two_scrapes(self):
+        before = ('# TYPE db_reads_total counter\n'
+                  'db_reads_total{target="primary",reason="no_replica"} 5\n'
+                  'db_reads_total{target="replica",reason="replica"} 10\n'
+                  'db_pool_connections{state="idle"} 4\n')
+        after = ('db_reads_total{target="primary",reason="no_replica"} 6\n'
+                 'db_reads_total{reason="lagging",target="primary"} 1\n'
+                 'db_reads_total{target="replica",reason="replica"} 108\n')
+        self.assertEqual(br.reads_by_target(after), {"primary": 7.0, "replica": 108.0})
+        self.assertEqual(br.replica_share(before, after), 0.98)
+        self.assertIsNone(br.replica_share(before, before))
+
     def test_client_cpu_is_the_last_line_of_time(self):
         self.assertEqual(br.client_cpu_seconds("some warning\n0.310 0.120\n"), 0.43)
         self.assertEqual(br.client_cpu_seconds(""), 0.0)
