@@ -47,7 +47,7 @@ run: check-tools
 ## tests (`serial::`) one at a time, so that they neither disturb nor are disturbed by the
 ## parallel tests' timing; the crate's example service against a throwaway database; its
 ## package and docs check; then the benchmark report's unit tests and a smoke run of the
-## benchmark harness on the binary the suite built (its own private cluster, ~30 s)
+## benchmark harness on the binary the suite built (its own private cluster and a replica, ~1 min)
 test: check-tools pgbouncer-tool k8s-check
 	@admin=$$(scripts/pg.sh url) || exit 1; \
 	DATABASE_URL=$$admin $(CARGO) test --workspace --features $(TEST_FEATURES) -- --test-threads $(TEST_THREADS) --skip k8s:: --skip serial:: && \
@@ -72,7 +72,7 @@ package-check:
 	$(CARGO) package -p $(SESSION_CRATE) --allow-dirty $(PATCHED_DIESEL_ASYNC)
 	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --no-deps -p $(SESSION_CRATE)
 
-## bench: the benchmark (release build, its own PostgreSQL cluster, ~7 minutes of runs);
+## bench: the benchmark (release build, its own PostgreSQL cluster, ~14 minutes of runs);
 ## writes BENCHMARKS.md and docs/bench-concurrency.svg
 bench: check-tools
 	@scripts/bench.sh

@@ -27,6 +27,9 @@
 #             scripts/pg.sh replica) in DATABASE_REPLICA_URLS | the primary alone; the
 #             service's db_reads_total must show 99 % of a replica slice's reads on the
 #             replica, or the run fails
+#   pinned    close to the database's limit: the cluster pinned (taskset) to CPU 0, the
+#             service, wrk and pgbench to CPU 1; POST /transfers | pgbench at the same
+#             server connections (the smoke run: one second of each)
 #   sweep     POST /transfers at 1, 8, 32, 128 and 512 client connections
 # Every slice runs a fresh process of the same binary (the sides differ only in the routes
 # they load; for the out-of-the-box comparison, full runs only, the service with no tuning
@@ -45,7 +48,7 @@
 # BENCH_CLIENTS (HTTP connections for the comparisons), BENCH_SWEEP ("1 8 32 128 512"),
 # BENCH_POOL_SIZE / BENCH_MAX_OVERFLOW (4 / 4), BENCH_WORKERS (HTTP_WORKERS of the service,
 # 1), BENCH_RUST_LOG (info), BENCH_ACCOUNTS,
-# BENCH_ONLY (a subset of "transfer read mix replica sweep", for exploring: the report, with gaps,
+# BENCH_ONLY (a subset of "transfer read mix replica pinned sweep", for exploring: the report, with gaps,
 # then goes to target/bench-only).
 set -euo pipefail
 
@@ -128,6 +131,7 @@ ensure_tool() { # command debian-package
 ensure_tool wrk wrk
 ensure_tool curl curl
 ensure_tool gnuplot gnuplot-nox
+ensure_tool taskset util-linux
 PSQL_BIN=$(find_pg_bin psql) || die "psql not found (apt-get install postgresql-client)"
 PGBENCH=$(find_pg_bin pgbench) || die "pgbench not found (it comes with the PostgreSQL server packages)"
 
@@ -209,7 +213,7 @@ psql "$DB_URL" -c "INSERT INTO accounts (name, balance)
 [ "$(psql "$DB_URL" -c "SELECT count(*) = $ACCOUNTS AND min(id) = 1 AND max(id) = $ACCOUNTS FROM accounts")" = t ] \
   || die "seeding did not produce accounts 1..$ACCOUNTS"
 PG_VERSION=$(psql "$DB_URL" -c "SHOW server_version")
-ONLY=" ${BENCH_ONLY:-transfer read mix replica sweep} "
+ONLY=" ${BENCH_ONLY:-transfer read mix replica pinned sweep} "
 wanted() { [[ $ONLY == *" $1 "* ]]; }
 
 # The read side's replica: a streaming copy of the seeded cluster, with the same server
@@ -268,7 +272,7 @@ start_service() { # name [side]
   local name=$1 logfile=$OUT/run/service-$1.log i port CMD READY_PATH
   port=$(free_port)
   side_command "${2:-}" "$port"
-  (cd "$OUT/run" && exec "${CMD[@]}") >"$logfile" 2>&1 &
+  (cd "$OUT/run" && exec "${CLIENT_CPU[@]}" "${CMD[@]}") >"$logfile" 2>&1 &
   SVC_PID[$name]=$!
   for i in $(seq 100); do
     kill -0 "${SVC_PID[$name]}" 2>/dev/null || { cat "$logfile" >&2; die "the service exited"; }
@@ -353,13 +357,16 @@ run_wrk() { # group side clients rep script args...
   # its VmHWM is the slice's own peak.
   start_service slice "$side"
   local url="http://127.0.0.1:${SVC_PORT[slice]}" pid=${SVC_PID[slice]}
+  if [ ${#CLIENT_CPU[@]} -gt 0 ] && [ "$(taskset -p -c "$pid" | sed 's/.*: //')" != "${CLIENT_CPU[-1]}" ]; then
+    die "the service of $group $side is not pinned to CPU ${CLIENT_CPU[-1]}"
+  fi
   # The replica side's reads are counted where they run; the replica group's slices read
   # the service's db_reads_total before and after (where its reads went).
   local stats_url=$DB_URL metrics=()
   [ "$side" = replica ] && stats_url=$REPLICA_URL
   # One wrk thread: it drives far more requests per second than the service can answer
   # here, and every extra thread takes CPU from the service and the database.
-  wrk -t1 -c"$clients" -d"${WARMUP}s" --timeout 10s -s "bench/wrk/$script" "$url" -- "$@" \
+  "${CLIENT_CPU[@]}" wrk -t1 -c"$clients" -d"${WARMUP}s" --timeout 10s -s "bench/wrk/$script" "$url" -- "$@" \
     >"$OUT/run/warmup.txt" 2>&1 || { cat "$OUT/run/warmup.txt" >&2; die "wrk failed (warm-up of $tag)"; }
   stats_reset "$stats_url"
   if [ "$group" = replica ]; then
@@ -368,7 +375,7 @@ run_wrk() { # group side clients rep script args...
   sample_connections "$pid" "$DURATION" >"$OUT/run/conns.txt" &
   local sampler=$! before after status=0
   before=$(cpu_snapshot "$pid")
-  timed "$OUT/run/client-cpu" wrk -t1 -c"$clients" -d"${DURATION}s" --timeout 10s \
+  timed "$OUT/run/client-cpu" "${CLIENT_CPU[@]}" wrk -t1 -c"$clients" -d"${DURATION}s" --timeout 10s \
     -s "bench/wrk/$script" "$url" -- "$@" >"$OUT/run/$tag.wrk" 2>&1 || status=$?
   after=$(cpu_snapshot "$pid")
   [ "$status" = 0 ] || { cat "$OUT/run/$tag.wrk" >&2; die "wrk failed ($tag)"; }
@@ -390,11 +397,12 @@ run_wrk() { # group side clients rep script args...
 }
 
 # The database's own limit: the transfer's SQL through pgbench, same connection count.
-run_pgbench() { # rep
-  local rep=$1 tag="transfer-pgbench-c$CONNS-r$1"
+run_pgbench() { # rep [group]
+  local rep=$1 group=${2:-transfer}
+  local tag="$group-pgbench-c$CONNS-r$1"
   local args=(-n -M prepared -c "$CONNS" -j 1 -D accounts="$ACCOUNTS" -f bench/pgbench/transfer.sql)
   RUN_NO=$((RUN_NO + 1))
-  "$PGBENCH" "${args[@]}" -T "$WARMUP" "$DB_URL" >"$OUT/run/warmup.txt" 2>&1 \
+  "${CLIENT_CPU[@]}" "$PGBENCH" "${args[@]}" -T "$WARMUP" "$DB_URL" >"$OUT/run/warmup.txt" 2>&1 \
     || { cat "$OUT/run/warmup.txt" >&2; die "pgbench failed"; }
   stats_reset
   rm -rf "$OUT/run/pgb" && mkdir -p "$OUT/run/pgb"
@@ -404,7 +412,7 @@ run_pgbench() { # rep
   # in neither, so each snapshot waits until the previous run's backends are reaped.
   sleep 0.5
   before=$(cpu_snapshot 0)
-  timed "$OUT/run/client-cpu" "$PGBENCH" "${args[@]}" -T "$DURATION" -l --log-prefix="$OUT/run/pgb/log" \
+  timed "$OUT/run/client-cpu" "${CLIENT_CPU[@]}" "$PGBENCH" "${args[@]}" -T "$DURATION" -l --log-prefix="$OUT/run/pgb/log" \
     "$DB_URL" >"$OUT/run/$tag.txt" 2>&1 || status=$?
   sleep 0.5
   after=$(cpu_snapshot 0)
@@ -412,10 +420,29 @@ run_pgbench() { # rep
   sleep 0.2
   # The BEGIN and COMMIT counts are corrected there (see pgbench_statements).
   stats_read >"$OUT/stmts/$tag.tsv"
-  record pgbench transfer pgbench "$CONNS" "$rep" --output "$OUT/run/$tag.txt" \
+  record pgbench "$group" pgbench "$CONNS" "$rep" --output "$OUT/run/$tag.txt" \
     --stmts "$OUT/stmts/$tag.tsv" --before "$before" --after "$after" \
     --latency-log-dir "$OUT/run/pgb"
 }
+
+# The pinned group's placement: the cluster on CPU 0, the service, wrk and pgbench on CPU 1
+# (CLIENT_CPU, a taskset prefix of their command lines). Pinning the postmaster and its
+# children pins the backends forked later too (they inherit it); the slices of the other
+# groups run with the cluster's own affinity, restored after each pinned repetition.
+CLIENT_CPU=()
+PG_AFFINITY=$(taskset -p -c "$PG_POSTMASTER" | sed 's/.*: //')
+pin_cluster() { # cpu-list
+  local pid
+  for pid in "$PG_POSTMASTER" $(ps -o pid= --ppid "$PG_POSTMASTER"); do
+    taskset -a -p -c "$1" "$pid" >/dev/null 2>&1 || true
+  done
+  [ "$(taskset -p -c "$PG_POSTMASTER" | sed 's/.*: //')" = "$1" ] || die "could not pin the cluster to CPU $1"
+}
+PINNED=1
+if wanted pinned && [ "$(nproc)" -lt 2 ]; then
+  log "one CPU only: the pinned group is skipped"
+  PINNED=0
+fi
 
 # --- the runs ---------------------------------------------------------------------------
 
@@ -456,6 +483,16 @@ for rep in $(seq "$REPS"); do
     for side in $(in_order "$rep" primary replica); do
       run_wrk replica "$side" "$CLIENTS" "$rep" read.lua "$RA" "$ACCOUNTS"
     done
+  fi
+  if wanted pinned && [ "$PINNED" = 1 ]; then
+    pin_cluster 0
+    CLIENT_CPU=(taskset -c 1) # the CPU last: run_wrk checks the service is on it
+    for side in $(in_order "$rep" pgbench session); do
+      if [ "$side" = pgbench ]; then run_pgbench "$rep" pinned
+      else run_wrk pinned session "$CLIENTS" "$rep" transfer.lua "$T" "$ACCOUNTS"; fi
+    done
+    CLIENT_CPU=()
+    pin_cluster "$PG_AFFINITY"
   fi
 done
 if wanted sweep; then

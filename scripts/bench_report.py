@@ -205,8 +205,8 @@ def paired(rows: list[Row], group: str, a: str, ca, b: str, cb, measure: str) ->
     throughput ratio a machine with no other load would see if CPU is what limits);
     `layer` (the same for two sides that send the same statements: the cluster's and the
     client's CPU per request are the pair's mean, so that only the service's own CPU
-    differs); `svc_diff` (A's service CPU per request minus B's, µs). A repetition with a
-    value missing on either side is left out.
+    differs); `svc_diff` (A's service CPU per request minus B's, µs); `pg_us` (A's cluster
+    CPU per request over B's). A repetition with a value missing on either side is left out.
     """
 
     def pick(group_side_clients) -> dict[str, tuple[float, float]]:
@@ -222,10 +222,12 @@ def paired(rows: list[Row], group: str, a: str, ca, b: str, cb, measure: str) ->
                 value = number(r["p99"])
             elif measure == "svc_diff":
                 value = svc
+            elif measure == "pg_us":
+                value = number(r["pg_us"])
             else:
                 parts = [svc, number(r["pg_us"]), number(r["client_us"])]
                 value = None if None in parts else sum(parts)
-            if value is not None and (svc is not None or measure in ("rps", "p99")):
+            if value is not None and (svc is not None or measure in ("rps", "p99", "pg_us")):
                 out[r["rep"]] = (value, svc or 0.0)
         return out
 
@@ -734,6 +736,26 @@ class Report:
             f"| reads that ran on the replica, lowest slice | {lowest} |",
         ]
 
+    def pinned(self) -> list[str]:
+        """Close to the database's limit: the cluster on one CPU, the rest on the other."""
+        c, p = self.clients, self.conns
+
+        def side_values(side: str, clients) -> Spread | None:
+            return Spread.of([v for r in self.rows
+                              if r["group"] == "pinned" and r["side"] == side and r["clients"] == str(clients)
+                              and (v := number(r["pg_us"])) is not None])
+
+        if not any(r["group"] == "pinned" for r in self.rows):
+            return ["(not measured in this run)"]
+        return [
+            f"| measure | median (range) over the {self.reps} repetitions |",
+            "|---|---:|",
+            f"| transfer req/s, service / pgbench tx/s | {spread_text(self.pair('pinned', 'session', 'pgbench', 'rps', p))} |",
+            f"| PostgreSQL CPU per transfer, under the service / under pgbench | {spread_text(self.pair('pinned', 'session', 'pgbench', 'pg_us', p))} |",
+            f"| PostgreSQL CPU µs per transfer under the service | {spread_text(side_values('session', c), '%.0f')} |",
+            f"| PostgreSQL CPU µs per transfer under pgbench | {spread_text(side_values('pgbench', p), '%.0f')} |",
+        ]
+
     def cpu_budget(self) -> list[str]:
         """The pgbench comparison in CPU time (medians, µs per transfer): what each side
         costs the machine, and what the service could spend for the 0.85 target."""
@@ -841,6 +863,18 @@ class Report:
             "in the table are the replica's, its `DB conns` those to the primary, and the replica's CPU counts as",
             "",
             *self.replica(),
+            "",
+            "### Close to the database's limit: the cluster on a CPU of its own",
+            "",
+            "The cluster pinned with `taskset` to CPU 0 (the postmaster and its children; the backends inherit it),",
+            "the service and its wrk, or pgbench, to CPU 1; `POST /transfers` through the service against the",
+            f"transfer's SQL through pgbench (`-M prepared -c {p} -j 1`), the same {p} server connections, in",
+            "interleaved slices (the `pinned` rows of the table). PostgreSQL has a core to itself whichever side",
+            "drives it, so the ratio says how close the service comes to the database's own limit; the CPU the",
+            "cluster spends per transfer (its processes' user and system time from `/proc`) says whether the",
+            "service makes the server work harder per transfer than pgbench does.",
+            "",
+            *self.pinned(),
             "",
             "### The pgbench ratio in CPU time",
             "",
@@ -986,6 +1020,8 @@ def checks(out: Path) -> list[tuple[str, bool]]:
          holds(lambda s, p, b: 2.999 < s - p < 3.001 and p < 0.01 and b < 3.05, st["rd_s"], st["ping_rd_s"], st["rd_b"])),
         (f"the replica side ran, 99 % of its reads on the replica ({', '.join(MISSING if v is None else f'{v:.4f}' for v in report.replica_shares())})",
          bool(report.replica_shares()) and all(v is not None and v >= 0.99 for v in report.replica_shares())),
+        ("the pinned group ran both sides",
+         {r["side"] for r in rows if r["group"] == "pinned"} == {"session", "pgbench"}),
         ("the chart was drawn", chart.is_file() and chart.stat().st_size > 0 and "<svg" in chart.read_text(errors="replace")),
         ("the report and its tables were written",
          report_path.is_file() and "| transfer req/s, session / baseline |" in report_path.read_text()),

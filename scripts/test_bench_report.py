@@ -126,6 +126,16 @@ class Statistics(unittest.TestCase):
         diff = br.paired(rows, "read", "session", 32, "baseline", 32, "svc_diff")
         self.assertEqual(diff.median, 10)
 
+    def test_cluster_cpu_ratio_pairs_the_service_with_pgbench(self):
+        rows = [
+            row("pinned", "session", 32, 1, 900, svc=150, pg=300),
+            row("pinned", "pgbench", 8, 1, 1000, svc=0, pg=250),
+            row("pinned", "pgbench", 8, 2, 1000, svc=0, pg=200),
+            row("pinned", "session", 32, 2, 850, svc=150, pg="-"),
+        ]
+        spread = br.paired(rows, "pinned", "session", 32, "pgbench", 8, "pg_us")
+        self.assertEqual((spread.median, spread.low, spread.high), (1.2, 1.2, 1.2))
+
     def test_sweep_tail_is_the_last_level_over_the_same_repetitions_peak(self):
         rows = [
             row("sweep", "session", 1, 1, 1000), row("sweep", "session", 16, 1, 2000),
