@@ -431,12 +431,19 @@ run_pgbench() { # rep [group]
 # groups run with the cluster's own affinity, restored after each pinned repetition.
 CLIENT_CPU=()
 PG_AFFINITY=$(taskset -p -c "$PG_POSTMASTER" | sed 's/.*: //')
+# The replica, when one runs, goes with the cluster: it replays the WAL both sides write.
+PG_POSTMASTERS=$PG_POSTMASTER
+if [ -f "${PG_DATA%/data}/replica/postmaster.pid" ]; then
+  PG_POSTMASTERS="$PG_POSTMASTERS $(head -n 1 "${PG_DATA%/data}/replica/postmaster.pid")"
+fi
 pin_cluster() { # cpu-list
-  local pid
-  for pid in "$PG_POSTMASTER" $(ps -o pid= --ppid "$PG_POSTMASTER"); do
-    taskset -a -p -c "$1" "$pid" >/dev/null 2>&1 || true
+  local pm pid
+  for pm in $PG_POSTMASTERS; do
+    for pid in "$pm" $(ps -o pid= --ppid "$pm"); do
+      taskset -a -p -c "$1" "$pid" >/dev/null 2>&1 || true
+    done
+    [ "$(taskset -p -c "$pm" | sed 's/.*: //')" = "$1" ] || die "could not pin the cluster ($pm) to CPU $1"
   done
-  [ "$(taskset -p -c "$PG_POSTMASTER" | sed 's/.*: //')" = "$1" ] || die "could not pin the cluster to CPU $1"
 }
 PINNED=1
 if wanted pinned && [ "$(nproc)" -lt 2 ]; then
