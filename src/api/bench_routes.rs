@@ -105,7 +105,9 @@ async fn create_transfer(
         })
         .await?;
     // The contract's `Consistency-Token`, as the real route gives it: the insert position
-    // after the COMMIT, on the same connection, through the simple protocol.
+    // after the COMMIT, on the same connection, through the simple protocol: a round trip
+    // of its own (the session pipelines it behind its COMMIT; diesel-async's `transaction`
+    // commits inside and leaves nothing to pipeline it with).
     let token = conn
         .simple_query("SELECT pg_current_wal_insert_lsn()")
         .await?
