@@ -14,12 +14,31 @@ use crate::support::{eventually, spawn_app_on, TestApp, TestDb, SLACK};
 const ON_REPLICA: &str = r#"db_reads_total{target="replica",reason="replica"}"#;
 const LAGGING: &str = r#"db_reads_total{target="primary",reason="lagging"}"#;
 const DOWN: &str = r#"db_reads_total{target="primary",reason="down"}"#;
+const RECYCLE_FAILED: &str = r#"db_pool_connections_closed_total{reason="recycle_failed"}"#;
 
 /// A primary with the service's schema, a streaming replica of it, and the service on
 /// both, with `settings` on top.
 async fn replicated(settings: &[(&str, &str)]) -> (PgCluster, PgCluster, TestApp) {
-    let primary = PgCluster::start().await;
+    replicated_with("", "", settings).await
+}
+
+/// [`replicated`], with `server` (`-c name=value` options) for both servers, and
+/// `ledger_sql` run in the primary's database before the replica is made from it.
+async fn replicated_with(
+    server: &'static str,
+    ledger_sql: &str,
+    settings: &[(&str, &str)],
+) -> (PgCluster, PgCluster, TestApp) {
+    let primary = PgCluster::start_with_settings(server).await;
     let url = primary.migrated_database("ledger").await;
+    if !ledger_sql.is_empty() {
+        primary
+            .client("ledger")
+            .await
+            .batch_execute(ledger_sql)
+            .await
+            .unwrap();
+    }
     let replica = primary.start_replica().await;
     let replica_url = replica.url("ledger");
     let mut vars = vec![
@@ -107,6 +126,59 @@ async fn reads_run_on_a_current_replica_and_writes_never_do() {
     assert!(on_replica >= 1, "the service's sessions on the replica");
     let lag = after_reads.get(&format!(r#"db_replica_lag_seconds{{replica="{name}"}}"#));
     assert!(lag < 1.0, "lag {lag}");
+    drop(primary);
+}
+
+/// A hot standby refuses `SERIALIZABLE`, also as the default: with the database's
+/// `default_transaction_isolation` at `serializable` (set on the primary, so the replica
+/// has it too), a bare `BEGIN READ ONLY` there fails at its first statement, and so do a
+/// bare `SELECT` of the lag measurement and a `SELECT 1` ping. The replica still serves
+/// the reads, its lag is measured, and its idle connections pass their ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_run_on_the_replica_also_when_the_default_isolation_is_serializable() {
+    let (primary, replica, app) = replicated_with(
+        "",
+        "ALTER DATABASE ledger SET default_transaction_isolation = 'serializable'",
+        &[],
+    )
+    .await;
+    // `SHOW` takes no snapshot: the standby answers it.
+    let shown = replica
+        .client("ledger")
+        .await
+        .simple_query("SHOW default_transaction_isolation")
+        .await
+        .unwrap();
+    let default = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(default.as_deref(), Some("serializable"));
+
+    let a = app.account_id("a", 100).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.get(&format!("/accounts/{a}")).await.status == 200
+        })
+        .await
+    );
+    let before = Scrape::take(&app).await;
+    for _ in 0..3 {
+        // Past the 500 ms after which an idle connection is pinged before its reuse.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let one = app.get(&format!("/accounts/{a}")).await;
+        assert_eq!(one.status, 200, "{}", one.text);
+        let page = app.get("/transfers").await;
+        assert_eq!(page.status, 200, "{}", page.text);
+    }
+    let after = Scrape::take(&app).await;
+    assert_eq!(
+        after.delta(&before, ON_REPLICA),
+        6.0,
+        "every read on the replica"
+    );
+    assert_eq!(after.delta(&before, RECYCLE_FAILED), 0.0, "no ping failed");
+    assert_eq!(replica_check(&app).await["status"], "pass");
     drop(primary);
 }
 

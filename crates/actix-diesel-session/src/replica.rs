@@ -9,8 +9,8 @@
 //!   position (`pg_current_wal_flush_lsn()`, on a pooled connection checked out for the
 //!   moment, so the primary's connection budget does not grow) with the time it was asked,
 //!   keeping the samples a replica may not have replayed yet, and asks each replica for
-//!   its replay position (`pg_last_wal_replay_lsn()`). A replica's lag is a time: 0 when
-//!   it has replayed the latest sample, else how long ago the oldest sample it has not
+//!   its replay position (`pg_last_wal_replay_lsn()`, in a `READ COMMITTED` transaction).
+//!   A replica's lag is a time: 0 when it has replayed the latest sample, else how long ago the oldest sample it has not
 //!   replayed was taken. (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
 //!   replica that is fully caught up.) The flush position, not the insert position: a
 //!   record no commit follows (a hint bit's full-page image, say) may sit unflushed past
@@ -558,8 +558,13 @@ async fn replay_position(
 pub(crate) const INSERT_POSITION: &str = "SELECT pg_current_wal_insert_lsn()";
 /// How far the primary has flushed its WAL: what a replica can have received.
 const FLUSH_POSITION: &str = "SELECT pg_current_wal_flush_lsn()";
-/// How far a replica has replayed; NULL on a server that is not a standby.
-const REPLAY_POSITION: &str = "SELECT pg_last_wal_replay_lsn()";
+/// How far a replica has replayed; NULL on a server that is not a standby. In a
+/// transaction that states `READ COMMITTED`: a standby whose `default_transaction_isolation`
+/// is `serializable` refuses the snapshot of a bare `SELECT` ("cannot use serializable
+/// mode in a hot standby"). (A failure leaves the transaction open on the monitoring
+/// connection, which is then closed.)
+const REPLAY_POSITION: &str =
+    "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SELECT pg_last_wal_replay_lsn(); COMMIT";
 
 /// Runs `query`, which returns one LSN, through the simple protocol.
 pub(crate) async fn current_position(conn: &AsyncPgConnection, query: &str) -> Result<Lsn, String> {

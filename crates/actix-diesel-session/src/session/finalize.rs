@@ -72,6 +72,7 @@ impl SessionMiddleware {
     pub(crate) fn new(settings: Arc<Settings>) -> Self {
         let mut options = TxOptions::default();
         options.begin = options.begin_sql() + &settings.begin_suffix;
+        options.replica_begin = options.replica_begin_sql() + &settings.begin_suffix;
         SessionMiddleware {
             settings,
             options: Arc::new(options),
@@ -82,11 +83,15 @@ impl SessionMiddleware {
         let options = Arc::make_mut(&mut self.options);
         change(options);
         options.begin = options.begin_sql() + &self.settings.begin_suffix;
+        options.replica_begin = options.replica_begin_sql() + &self.settings.begin_suffix;
         self
     }
 
     /// Runs the sessions at this isolation level, sent in the `BEGIN` itself
-    /// (`BEGIN ISOLATION LEVEL SERIALIZABLE`): no round trip added.
+    /// (`BEGIN ISOLATION LEVEL SERIALIZABLE`): no round trip added. Without it a session
+    /// runs at the server's default (`default_transaction_isolation`) on the primary, and
+    /// at `REPEATABLE READ` on a replica, which refuses `SERIALIZABLE` also as a default.
+    /// `SERIALIZABLE` sessions never run on a replica.
     ///
     /// ```no_run
     /// # use actix_diesel_session::{Database, Isolation};
@@ -101,7 +106,7 @@ impl SessionMiddleware {
     /// # }
     /// ```
     pub fn isolation(self, level: Isolation) -> Self {
-        self.with(|o| o.isolation = level)
+        self.with(|o| o.isolation = Some(level))
     }
 
     /// Runs the sessions as `READ ONLY` transactions: a write fails (SQLSTATE 25006), the

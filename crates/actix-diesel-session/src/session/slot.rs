@@ -239,20 +239,17 @@ impl Slot {
         // cut off leaves them for the next `conn()`.
         let local = self.local.borrow().clone();
         let options = self.options.borrow().clone();
-        let begin = if local.is_empty() {
-            Cow::Borrowed(options.begin.as_str())
-        } else {
-            Cow::Owned(begin_with_settings(&options.begin, &local)?)
-        };
+        let begin = |begin| with_local(begin, &local);
         let tx = match self.replica(&options) {
-            None => self.begin_on_primary(&begin).await?,
+            None => self.begin_on_primary(&begin(&options.begin)?).await?,
             Some((replicas, replica)) => {
+                // Its own BEGIN, which states the isolation level (see `TxOptions`).
                 let on_replica = self
                     .deadlines
                     .checkout(
                         settings.replica_checkout_timeout,
                         settings,
-                        TxConn::begin(&replica.settings, &begin),
+                        TxConn::begin(&replica.settings, &begin(&options.replica_begin)?),
                     )
                     .await;
                 match on_replica {
@@ -269,7 +266,7 @@ impl Slot {
                         settings
                             .observer
                             .read_routed(ReadTarget::Primary, ReadReason::Down);
-                        self.begin_on_primary(&begin).await?
+                        self.begin_on_primary(&begin(&options.begin)?).await?
                     }
                 }
             }
@@ -291,7 +288,7 @@ impl Slot {
         }
         let observer = &settings.observer;
         let replicas = match &settings.replicas {
-            Some(replicas) if options.isolation != Isolation::Serializable => replicas,
+            Some(replicas) if options.isolation != Some(Isolation::Serializable) => replicas,
             _ => {
                 observer.read_routed(ReadTarget::Primary, ReadReason::NoReplica);
                 return None;
@@ -453,6 +450,18 @@ impl Slot {
                 Err(SessionError::CommitUnknown)
             }
         }
+    }
+}
+
+/// `begin` with the transaction-local settings `local` in its message, if there are any.
+fn with_local<'a>(
+    begin: &'a str,
+    local: &[(String, String)],
+) -> Result<Cow<'a, str>, SessionError> {
+    if local.is_empty() {
+        Ok(Cow::Borrowed(begin))
+    } else {
+        begin_with_settings(begin, local).map(Cow::Owned)
     }
 }
 
