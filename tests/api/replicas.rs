@@ -572,3 +572,103 @@ async fn a_read_whose_replica_connection_breaks_mid_statement_is_answered_by_the
     assert_eq!(after.delta(&before, DOWN), 1.0);
     drop(primary);
 }
+
+/// A read that its own statement timeout cancels on its replica (57014) is answered as a
+/// timeout at once: run again on the primary, it would take as long again and load the
+/// primary, for the same answer. The replica is not counted as down either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_times_out_on_its_replica_is_not_run_again_on_the_primary() {
+    let (primary, _replica, app) = replicated(&[("DB_STATEMENT_TIMEOUT", "500")]).await;
+    let before = Scrape::take(&app).await;
+    let started = Instant::now();
+    let answer = app.get("/_test/read-sleep?name=r&ms=3000").await;
+    let took = started.elapsed();
+    answer.assert_problem(503, "timeout");
+    assert!(
+        took < Duration::from_millis(900),
+        "answered after one statement timeout: {took:?}"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
+    assert_eq!(
+        after.delta(&before, DOWN),
+        0.0,
+        "not run again on the primary"
+    );
+    assert_eq!(replica_check(&app).await["status"], "pass");
+    drop(primary);
+}
+
+/// A read whose statement replay cancels on its replica (a recovery conflict: the standby
+/// waits no time, `max_standby_streaming_delay=0`, for a read whose snapshot still sees
+/// rows that a `VACUUM` on the primary removed) is run again on the primary, which
+/// answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cancelled_by_a_recovery_conflict_is_answered_by_the_primary() {
+    let (primary, replica, app) = replicated_with(
+        "-c max_standby_streaming_delay=0",
+        "CREATE TABLE conflict_probe (id int) WITH (autovacuum_enabled = false); \
+         INSERT INTO conflict_probe SELECT generate_series(1, 100)",
+        &[],
+    )
+    .await;
+    let before = Scrape::take(&app).await;
+    let started = Instant::now();
+    let read = {
+        let request = app.client.get(app.url("/_test/read-sleep?name=r&ms=2000"));
+        tokio::spawn(request.send())
+    };
+    let standby = replica.client("ledger").await;
+    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ledger' \
+                    AND query LIKE '%pg_sleep%' AND state = 'active'";
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            standby
+                .query_one(sleeping, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        })
+        .await,
+        "the read runs on the replica"
+    );
+    // Rows the read's snapshot still sees, removed on the primary: replaying their removal
+    // conflicts with the read.
+    let writer = primary.client("ledger").await;
+    writer
+        .batch_execute("DELETE FROM conflict_probe")
+        .await
+        .unwrap();
+    writer.batch_execute("VACUUM conflict_probe").await.unwrap();
+
+    let answer = read.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert_eq!(answer.status(), 200, "answered by the primary");
+    assert!(
+        took >= Duration::from_millis(2000),
+        "ran again in full: {took:?}"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
+    assert_eq!(after.delta(&before, DOWN), 1.0, "run again on the primary");
+    // It was a recovery conflict, as the standby counts them (once the cancelled backend
+    // has flushed its statistics: within a second of going idle, or ten when busy).
+    assert!(
+        eventually(Duration::from_secs(12), || async {
+            standby
+                .query_one(
+                    "SELECT confl_snapshot + confl_lock FROM pg_stat_database_conflicts \
+                     WHERE datname = 'ledger'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                >= 1
+        })
+        .await,
+        "the standby counted a recovery conflict"
+    );
+    drop(primary);
+}

@@ -27,8 +27,14 @@
 //!   ([`ReadAfter`]), whose last measured replay position is at or past it; among several,
 //!   in turn. With none such, on the primary. If the replica's check-out or `BEGIN`
 //!   fails, the session begins on the primary instead and the replica counts as down
-//!   until the next measurement says otherwise; the session middleware also runs a read
-//!   again on the primary, once, when its replica connection broke before it answered.
+//!   until the next measurement says otherwise. The session middleware also runs a read
+//!   again on the primary, once, when it failed on its replica before it answered: its
+//!   connection broke (a connection exception, the server ending the session, no answer;
+//!   also none within the statement deadline, the statement timeout plus a margin), and
+//!   then the replica counts as down too; or replay cancelled its statement (a recovery
+//!   conflict, 40001 or 40P01), which says nothing against the replica. Never a read
+//!   whose statement its own statement timeout cancelled (57014): on the primary it would
+//!   take as long again, for the same answer.
 //!   Writes never run on a replica: only read-only sessions are routed.
 //! - Replicas are named `host:port`, never by URL (which may hold a password).
 
@@ -141,7 +147,9 @@ pub enum ReadReason {
     /// `SERIALIZABLE`, which a hot standby refuses.
     NoReplica,
     /// Every replica was down (did not answer the latest measurement, or its
-    /// connection failed), also after a read's replica connection broke and it ran again.
+    /// connection failed); also a read run again after it failed on its replica (its
+    /// connection broke, or replay cancelled its statement: the contract's reasons have no
+    /// name of their own for a recovery conflict).
     Down,
     /// Every replica that answers was further behind than the maximum lag.
     Lagging,
@@ -314,13 +322,15 @@ impl Replicas {
         Ok(replicas)
     }
 
-    /// The replica a read-only session should run on, or why none.
-    pub(crate) fn choose(&self, after: Option<Lsn>) -> Result<&Member, ReadReason> {
+    /// The replica a read-only session should run on (its index in `members`), or why
+    /// none.
+    pub(crate) fn choose(&self, after: Option<Lsn>) -> Result<usize, ReadReason> {
         let n = self.members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut why = ReadReason::Down;
         for i in 0..n {
-            let member = &self.members[(start + i) % n];
+            let index = (start + i) % n;
+            let member = &self.members[index];
             let m = lock(&member.measured).clone();
             if !m.up {
                 continue;
@@ -335,7 +345,7 @@ impl Replicas {
                     continue;
                 }
             }
-            return Ok(member);
+            return Ok(index);
         }
         Err(why)
     }
