@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
+use crate::support::proxy::{Mode, Proxy};
 use crate::support::{eventually, spawn_app_on, TestApp, TestDb, SLACK};
 
 const ON_REPLICA: &str = r#"db_reads_total{target="replica",reason="replica"}"#;
@@ -670,5 +671,64 @@ async fn a_read_cancelled_by_a_recovery_conflict_is_answered_by_the_primary() {
         .await,
         "the standby counted a recovery conflict"
     );
+    drop(primary);
+}
+
+/// A replica that accepts connections and never answers (each of its measurements waits
+/// out the probe timeout) delays the measurement of neither the primary nor the other
+/// replica: a read that hands back a write's token is served by the current replica
+/// within a few measurement intervals of the write, not once the silent one gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_replica_delays_the_measurement_of_no_other_server() {
+    let primary = PgCluster::start().await;
+    let url = primary.migrated_database("ledger").await;
+    let replica = primary.start_replica().await;
+    let silent = Proxy::start(format!("127.0.0.1:{}", replica.port()).parse().unwrap()).await;
+    silent.set_mode(Mode::Silent);
+    let urls = format!(
+        "{},postgres://postgres@127.0.0.1:{}/ledger",
+        replica.url("ledger"),
+        silent.port()
+    );
+    let app = spawn_app_on(
+        TestDb::not_created(),
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("DATABASE_REPLICA_URLS", urls.as_str()),
+            ("DB_HEALTH_TIMEOUT", "3000"),
+        ],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            replica_check(&app).await["status"] == "pass"
+        })
+        .await,
+        "the current replica becomes eligible: {}",
+        app.get("/health").await.text
+    );
+    for i in 0..3 {
+        let created = app
+            .post_json("/accounts", &serde_json::json!({ "name": format!("s{i}") }))
+            .await;
+        let token = token_of(&created);
+        let path = format!("/accounts/{}", created.body["id"].as_i64().unwrap());
+        let written = Instant::now();
+        let before = Scrape::take(&app).await;
+        let mut on_replica = None;
+        while written.elapsed() < Duration::from_secs(4) {
+            assert_eq!(get_with_token(&app, &path, &token).await.status, 200);
+            if Scrape::take(&app).await.delta(&before, ON_REPLICA) >= 1.0 {
+                on_replica = Some(written.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let on_replica = on_replica.expect("the token's reads reach the current replica");
+        assert!(
+            on_replica < Duration::from_secs(1),
+            "measured while the silent replica was waited for: {on_replica:?}"
+        );
+    }
     drop(primary);
 }
