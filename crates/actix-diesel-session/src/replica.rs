@@ -216,8 +216,9 @@ pub struct ReplicaStatus {
     /// Whether it answered the latest measurement (and no read's connection to it has
     /// failed since).
     pub up: bool,
-    /// Its lag, once known (see the module docs); `None` before its first answer, or
-    /// while it is behind every sample still kept.
+    /// Its lag, once known (see the module docs); `None` before its first answer, while
+    /// it is behind every sample still kept, or once the primary has gone unsampled for
+    /// longer than the maximum lag.
     pub lag: Option<Duration>,
     /// Whether it serves reads now: up, and lag within the maximum.
     pub eligible: bool,
