@@ -9,17 +9,37 @@ use serde_json::Value;
 
 use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
+use crate::support::proxy::{Mode, Proxy};
 use crate::support::{eventually, spawn_app_on, TestApp, TestDb, SLACK};
 
 const ON_REPLICA: &str = r#"db_reads_total{target="replica",reason="replica"}"#;
 const LAGGING: &str = r#"db_reads_total{target="primary",reason="lagging"}"#;
 const DOWN: &str = r#"db_reads_total{target="primary",reason="down"}"#;
+const RECYCLE_FAILED: &str = r#"db_pool_connections_closed_total{reason="recycle_failed"}"#;
 
 /// A primary with the service's schema, a streaming replica of it, and the service on
 /// both, with `settings` on top.
 async fn replicated(settings: &[(&str, &str)]) -> (PgCluster, PgCluster, TestApp) {
-    let primary = PgCluster::start().await;
+    replicated_with("", "", settings).await
+}
+
+/// [`replicated`], with `server` (`-c name=value` options) for both servers, and
+/// `ledger_sql` run in the primary's database before the replica is made from it.
+async fn replicated_with(
+    server: &'static str,
+    ledger_sql: &str,
+    settings: &[(&str, &str)],
+) -> (PgCluster, PgCluster, TestApp) {
+    let primary = PgCluster::start_with_settings(server).await;
     let url = primary.migrated_database("ledger").await;
+    if !ledger_sql.is_empty() {
+        primary
+            .client("ledger")
+            .await
+            .batch_execute(ledger_sql)
+            .await
+            .unwrap();
+    }
     let replica = primary.start_replica().await;
     let replica_url = replica.url("ledger");
     let mut vars = vec![
@@ -107,6 +127,59 @@ async fn reads_run_on_a_current_replica_and_writes_never_do() {
     assert!(on_replica >= 1, "the service's sessions on the replica");
     let lag = after_reads.get(&format!(r#"db_replica_lag_seconds{{replica="{name}"}}"#));
     assert!(lag < 1.0, "lag {lag}");
+    drop(primary);
+}
+
+/// A hot standby refuses `SERIALIZABLE`, also as the default: with the database's
+/// `default_transaction_isolation` at `serializable` (set on the primary, so the replica
+/// has it too), a bare `BEGIN READ ONLY` there fails at its first statement, and so do a
+/// bare `SELECT` of the lag measurement and a `SELECT 1` ping. The replica still serves
+/// the reads, its lag is measured, and its idle connections pass their ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_run_on_the_replica_also_when_the_default_isolation_is_serializable() {
+    let (primary, replica, app) = replicated_with(
+        "",
+        "ALTER DATABASE ledger SET default_transaction_isolation = 'serializable'",
+        &[],
+    )
+    .await;
+    // `SHOW` takes no snapshot: the standby answers it.
+    let shown = replica
+        .client("ledger")
+        .await
+        .simple_query("SHOW default_transaction_isolation")
+        .await
+        .unwrap();
+    let default = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(default.as_deref(), Some("serializable"));
+
+    let a = app.account_id("a", 100).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.get(&format!("/accounts/{a}")).await.status == 200
+        })
+        .await
+    );
+    let before = Scrape::take(&app).await;
+    for _ in 0..3 {
+        // Past the 500 ms after which an idle connection is pinged before its reuse.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let one = app.get(&format!("/accounts/{a}")).await;
+        assert_eq!(one.status, 200, "{}", one.text);
+        let page = app.get("/transfers").await;
+        assert_eq!(page.status, 200, "{}", page.text);
+    }
+    let after = Scrape::take(&app).await;
+    assert_eq!(
+        after.delta(&before, ON_REPLICA),
+        6.0,
+        "every read on the replica"
+    );
+    assert_eq!(after.delta(&before, RECYCLE_FAILED), 0.0, "no ping failed");
+    assert_eq!(replica_check(&app).await["status"], "pass");
     drop(primary);
 }
 
@@ -498,5 +571,164 @@ async fn a_read_whose_replica_connection_breaks_mid_statement_is_answered_by_the
     let after = Scrape::take(&app).await;
     assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
     assert_eq!(after.delta(&before, DOWN), 1.0);
+    drop(primary);
+}
+
+/// A read that its own statement timeout cancels on its replica (57014) is answered as a
+/// timeout at once: run again on the primary, it would take as long again and load the
+/// primary, for the same answer. The replica is not counted as down either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_times_out_on_its_replica_is_not_run_again_on_the_primary() {
+    let (primary, _replica, app) = replicated(&[("DB_STATEMENT_TIMEOUT", "500")]).await;
+    let before = Scrape::take(&app).await;
+    let started = Instant::now();
+    let answer = app.get("/_test/read-sleep?name=r&ms=3000").await;
+    let took = started.elapsed();
+    answer.assert_problem(503, "timeout");
+    assert!(
+        took < Duration::from_millis(900),
+        "answered after one statement timeout: {took:?}"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
+    assert_eq!(
+        after.delta(&before, DOWN),
+        0.0,
+        "not run again on the primary"
+    );
+    assert_eq!(replica_check(&app).await["status"], "pass");
+    drop(primary);
+}
+
+/// A read whose statement replay cancels on its replica (a recovery conflict: the standby
+/// waits no time, `max_standby_streaming_delay=0`, for a read whose snapshot still sees
+/// rows that a `VACUUM` on the primary removed) is run again on the primary, which
+/// answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cancelled_by_a_recovery_conflict_is_answered_by_the_primary() {
+    let (primary, replica, app) = replicated_with(
+        "-c max_standby_streaming_delay=0",
+        "CREATE TABLE conflict_probe (id int) WITH (autovacuum_enabled = false); \
+         INSERT INTO conflict_probe SELECT generate_series(1, 100)",
+        &[],
+    )
+    .await;
+    let before = Scrape::take(&app).await;
+    let started = Instant::now();
+    let read = {
+        let request = app.client.get(app.url("/_test/read-sleep?name=r&ms=2000"));
+        tokio::spawn(request.send())
+    };
+    let standby = replica.client("ledger").await;
+    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ledger' \
+                    AND query LIKE '%pg_sleep%' AND state = 'active'";
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            standby
+                .query_one(sleeping, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        })
+        .await,
+        "the read runs on the replica"
+    );
+    // Rows the read's snapshot still sees, removed on the primary: replaying their removal
+    // conflicts with the read.
+    let writer = primary.client("ledger").await;
+    writer
+        .batch_execute("DELETE FROM conflict_probe")
+        .await
+        .unwrap();
+    writer.batch_execute("VACUUM conflict_probe").await.unwrap();
+
+    let answer = read.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert_eq!(answer.status(), 200, "answered by the primary");
+    assert!(
+        took >= Duration::from_millis(2000),
+        "ran again in full: {took:?}"
+    );
+    let after = Scrape::take(&app).await;
+    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
+    assert_eq!(after.delta(&before, DOWN), 1.0, "run again on the primary");
+    // It was a recovery conflict, as the standby counts them (once the cancelled backend
+    // has flushed its statistics: within a second of going idle, or ten when busy).
+    assert!(
+        eventually(Duration::from_secs(12), || async {
+            standby
+                .query_one(
+                    "SELECT confl_snapshot + confl_lock FROM pg_stat_database_conflicts \
+                     WHERE datname = 'ledger'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                >= 1
+        })
+        .await,
+        "the standby counted a recovery conflict"
+    );
+    drop(primary);
+}
+
+/// A replica that accepts connections and never answers (each of its measurements waits
+/// out the probe timeout) delays the measurement of neither the primary nor the other
+/// replica: a read that hands back a write's token is served by the current replica
+/// within a few measurement intervals of the write, not once the silent one gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_replica_delays_the_measurement_of_no_other_server() {
+    let primary = PgCluster::start().await;
+    let url = primary.migrated_database("ledger").await;
+    let replica = primary.start_replica().await;
+    let silent = Proxy::start(format!("127.0.0.1:{}", replica.port()).parse().unwrap()).await;
+    silent.set_mode(Mode::Silent);
+    let urls = format!(
+        "{},postgres://postgres@127.0.0.1:{}/ledger",
+        replica.url("ledger"),
+        silent.port()
+    );
+    let app = spawn_app_on(
+        TestDb::not_created(),
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("DATABASE_REPLICA_URLS", urls.as_str()),
+            ("DB_HEALTH_TIMEOUT", "3000"),
+        ],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            replica_check(&app).await["status"] == "pass"
+        })
+        .await,
+        "the current replica becomes eligible: {}",
+        app.get("/health").await.text
+    );
+    for i in 0..3 {
+        let created = app
+            .post_json("/accounts", &serde_json::json!({ "name": format!("s{i}") }))
+            .await;
+        let token = token_of(&created);
+        let path = format!("/accounts/{}", created.body["id"].as_i64().unwrap());
+        let written = Instant::now();
+        let before = Scrape::take(&app).await;
+        let mut on_replica = None;
+        while written.elapsed() < Duration::from_secs(4) {
+            assert_eq!(get_with_token(&app, &path, &token).await.status, 200);
+            if Scrape::take(&app).await.delta(&before, ON_REPLICA) >= 1.0 {
+                on_replica = Some(written.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let on_replica = on_replica.expect("the token's reads reach the current replica");
+        assert!(
+            on_replica < Duration::from_secs(1),
+            "measured while the silent replica was waited for: {on_replica:?}"
+        );
+    }
     drop(primary);
 }

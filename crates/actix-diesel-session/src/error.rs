@@ -132,6 +132,32 @@ fn classify_sql_state(code: &SqlState) -> Option<SessionError> {
     }
 }
 
+/// Whether `error` says the connection broke, rather than that the server refused a
+/// statement: a connection exception (class 08), the server ending the session (57P01
+/// admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now, 57P04 database
+/// dropped: a standby ends a session so when replay drops its database or a conflict
+/// cannot be resolved otherwise), or no answer at all (a closed connection, which
+/// diesel-async reports without a SQLSTATE). Not 57014: a statement cancelled by its own
+/// `statement_timeout` ran on a working connection.
+pub(crate) fn connection_broke(error: &diesel::result::Error) -> bool {
+    let diesel::result::Error::DatabaseError(kind, info) = error else {
+        return false;
+    };
+    match diesel_async::pg::sql_state(info.as_ref()) {
+        Some(code) => {
+            code.code().starts_with("08")
+                || matches!(
+                    code,
+                    SqlState::ADMIN_SHUTDOWN
+                        | SqlState::CRASH_SHUTDOWN
+                        | SqlState::CANNOT_CONNECT_NOW
+                        | SqlState::DATABASE_DROPPED
+                )
+        }
+        None => classify_kind(*kind).is_some(),
+    }
+}
+
 /// The class of an error that carries no SQLSTATE: diesel-async reports a failure to
 /// reach the server (closed connection, I/O error) as `UnableToSendCommand` with a text.
 fn classify_kind(kind: DatabaseErrorKind) -> Option<SessionError> {
@@ -255,6 +281,20 @@ mod tests {
             );
         }
         assert!(classify_sql_state(&SqlState::from_code("0A000")).is_none());
+    }
+
+    #[test]
+    fn a_broken_connection_is_no_refused_statement() {
+        assert!(connection_broke(&lost_connection()));
+        let refused = Error::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("canceling statement due to statement timeout".to_owned()),
+        );
+        assert!(
+            !connection_broke(&refused),
+            "no SQLSTATE, not a lost connection"
+        );
+        assert!(!connection_broke(&Error::NotFound));
     }
 
     #[test]

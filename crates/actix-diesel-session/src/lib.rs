@@ -186,8 +186,9 @@ impl DatabaseBuilder {
     }
 
     /// Runs read-only sessions on these streaming replicas of the database when they are
-    /// current enough, as `config` says: a pool per replica, a background task that
-    /// measures their lag, and the primary whenever no replica is eligible. See
+    /// current enough, as `config` says: a pool per replica, background tasks that
+    /// measure their lag (one per server), and the primary whenever no replica is
+    /// eligible. See
     /// [`ReplicaConfig`] and the README, "Read replicas".
     pub fn replicas(mut self, urls: Vec<DatabaseUrl>, config: ReplicaConfig) -> Self {
         self.replicas = urls;

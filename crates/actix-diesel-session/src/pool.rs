@@ -14,7 +14,7 @@
 //!   `pool_size` once they have been idle for `idle_timeout`, and idle
 //!   connections past their maximum lifetime (`max_lifetime`);
 //! - a `pre_recycle` hook that retires connections past their maximum lifetime at check-out
-//!   and pings (`SELECT 1`, bounded by [`crate::SessionConfig::ping_timeout`]) only
+//!   and pings (an empty query, bounded by [`crate::SessionConfig::ping_timeout`]) only
 //!   those unused for longer than `ping_if_idle_for`, as HikariCP does: a busy service
 //!   pays no round trip per request, while a connection the server closed during a quiet
 //!   spell is caught before a request sees it;
@@ -111,7 +111,7 @@ pub(crate) fn build(
                     if metrics.last_used() < ping_if_idle_for {
                         return Ok(());
                     }
-                    ping(conn, ping_timeout).await.map_err(|e| {
+                    recycle_ping(conn, ping_timeout).await.map_err(|e| {
                         // A silent server is worth a warning; a closed connection is
                         // routine (the server restarted, an idle timeout).
                         match e {
@@ -132,13 +132,29 @@ pub(crate) fn build(
         .build()
 }
 
-/// One `SELECT 1` round trip within `timeout`: the check before reusing a long-idle
-/// connection, and the readiness check. (deadpool runs hooks without its recycle timeout,
-/// so the ping carries its own.) Through the simple protocol: outside a transaction a
-/// prepared statement is named, and a transaction pooler may run its execution on another
-/// server connection than its preparation.
+/// One `SELECT 1` round trip within `timeout`: the readiness check. Through the simple
+/// protocol: outside a transaction a prepared statement is named, and a transaction pooler
+/// may run its execution on another server connection than its preparation.
 pub async fn ping(conn: &mut AsyncPgConnection, timeout: Duration) -> Result<(), PingError> {
-    match tokio::time::timeout(timeout, conn.batch_execute("SELECT 1")).await {
+    round_trip(conn, "", timeout).await
+}
+
+/// The check before reusing a long-idle pooled connection: an empty query, a round trip
+/// to the server's backend and back that needs no snapshot. A `SELECT 1` would take one,
+/// and a hot standby whose `default_transaction_isolation` is `serializable` refuses
+/// every snapshot outside a transaction that states a lower level ("cannot use
+/// serializable mode in a hot standby"): every ping of a replica's connection would
+/// fail. (deadpool runs hooks without its recycle timeout, so the ping carries its own.)
+async fn recycle_ping(conn: &mut AsyncPgConnection, timeout: Duration) -> Result<(), PingError> {
+    round_trip(conn, "", timeout).await
+}
+
+async fn round_trip(
+    conn: &mut AsyncPgConnection,
+    sql: &str,
+    timeout: Duration,
+) -> Result<(), PingError> {
+    match tokio::time::timeout(timeout, conn.batch_execute(sql)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(PingError::Failed(e.to_string())),
         Err(_) => Err(PingError::TimedOut(timeout)),

@@ -4,13 +4,15 @@
 //! - Each replica has a pool of its own, with the primary's limits and timeouts (the base
 //!   size may differ: [`ReplicaConfig::pool_size`]), and a dedicated monitoring connection
 //!   outside it.
-//! - A background task measures every replica each [`ReplicaConfig::sample_interval`]
-//!   (100 ms): requests never pay for a measurement. It samples the primary's flush
+//! - Background tasks measure each [`ReplicaConfig::sample_interval`] (100 ms): requests
+//!   never pay for a measurement. One task per server, each on its own clock, so that a
+//!   server slow to answer (each round trip is bounded by the probe timeout) delays the
+//!   measurement of no other. One samples the primary's flush
 //!   position (`pg_current_wal_flush_lsn()`, on a pooled connection checked out for the
 //!   moment, so the primary's connection budget does not grow) with the time it was asked,
-//!   keeping the samples a replica may not have replayed yet, and asks each replica for
-//!   its replay position (`pg_last_wal_replay_lsn()`). A replica's lag is a time: 0 when
-//!   it has replayed the latest sample, else how long ago the oldest sample it has not
+//!   keeping the samples a replica may not have replayed yet; one per replica asks it for
+//!   its replay position (`pg_last_wal_replay_lsn()`, in a `READ COMMITTED` transaction).
+//!   A replica's lag is a time: 0 when it has replayed the latest sample, else how long ago the oldest sample it has not
 //!   replayed was taken. (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
 //!   replica that is fully caught up.) The flush position, not the insert position: a
 //!   record no commit follows (a hint bit's full-page image, say) may sit unflushed past
@@ -18,7 +20,11 @@
 //!   replay what was flushed, so an idle, caught-up replica would look ever more behind.
 //!   (A write's `Consistency-Token` is its insert position after the COMMIT: at or past its
 //!   commit record, whatever `synchronous_commit` says; it is checked against the replay
-//!   position, never taken as a sample.)
+//!   position, never taken as a sample.) Once the primary has gone unsampled for longer
+//!   than [`ReplicaConfig::max_lag`] (it is down, or too busy to lend a connection), every
+//!   replica's lag is unknown: how far behind a replica is cannot be known without the
+//!   primary's position, so replicas serve reads for at most that long after the primary
+//!   was last seen.
 //! - Every query here goes through the simple protocol: nothing outside a transaction
 //!   relies on a named prepared statement, which PgBouncer in transaction mode loses.
 //! - A read-only session that does not ask for `SERIALIZABLE` (a hot standby refuses it)
@@ -27,8 +33,14 @@
 //!   ([`ReadAfter`]), whose last measured replay position is at or past it; among several,
 //!   in turn. With none such, on the primary. If the replica's check-out or `BEGIN`
 //!   fails, the session begins on the primary instead and the replica counts as down
-//!   until the next measurement says otherwise; the session middleware also runs a read
-//!   again on the primary, once, when its replica connection broke before it answered.
+//!   until the next measurement says otherwise. The session middleware also runs a read
+//!   again on the primary, once, when it failed on its replica before it answered: its
+//!   connection broke (a connection exception, the server ending the session, no answer;
+//!   also none within the statement deadline, the statement timeout plus a margin), and
+//!   then the replica counts as down too; or replay cancelled its statement (a recovery
+//!   conflict, 40001 or 40P01), which says nothing against the replica. Never a read
+//!   whose statement its own statement timeout cancelled (57014): on the primary it would
+//!   take as long again, for the same answer.
 //!   Writes never run on a replica: only read-only sessions are routed.
 //! - Replicas are named `host:port`, never by URL (which may hold a password).
 
@@ -40,7 +52,6 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::Timeouts;
 use diesel_async::AsyncPgConnection;
-use futures_util::future::join_all;
 
 use crate::config::SessionConfig;
 use crate::connect::Connector;
@@ -141,7 +152,9 @@ pub enum ReadReason {
     /// `SERIALIZABLE`, which a hot standby refuses.
     NoReplica,
     /// Every replica was down (did not answer the latest measurement, or its
-    /// connection failed), also after a read's replica connection broke and it ran again.
+    /// connection failed); also a read run again after it failed on its replica (its
+    /// connection broke, or replay cancelled its statement: the contract's reasons have no
+    /// name of their own for a recovery conflict).
     Down,
     /// Every replica that answers was further behind than the maximum lag.
     Lagging,
@@ -203,8 +216,9 @@ pub struct ReplicaStatus {
     /// Whether it answered the latest measurement (and no read's connection to it has
     /// failed since).
     pub up: bool,
-    /// Its lag, once known (see the module docs); `None` before its first answer, or
-    /// while it is behind every sample still kept.
+    /// Its lag, once known (see the module docs); `None` before its first answer, while
+    /// it is behind every sample still kept, or once the primary has gone unsampled for
+    /// longer than the maximum lag.
     pub lag: Option<Duration>,
     /// Whether it serves reads now: up, and lag within the maximum.
     pub eligible: bool,
@@ -236,6 +250,9 @@ struct Measured {
 /// The primary's positions that some replica may not have replayed yet, in order.
 #[derive(Default)]
 struct Samples {
+    /// When the primary last answered a sample (asked then), whether its position was
+    /// new or not; `None` before its first answer.
+    answered: Option<Instant>,
     kept: VecDeque<(Lsn, Instant)>,
     /// The newest sample dropped: a replica that has not replayed even this one is
     /// behind by an unknown time (at least its age).
@@ -305,27 +322,29 @@ impl Replicas {
             samples: Mutex::new(Samples::default()),
             closed: AtomicBool::new(false),
         });
-        spawn_monitor(
-            Arc::downgrade(&replicas),
-            primary.clone(),
+        spawn_monitors(
+            &replicas,
+            primary,
             replica_cfg.sample_interval,
             cfg.probe_timeout,
         );
         Ok(replicas)
     }
 
-    /// The replica a read-only session should run on, or why none.
-    pub(crate) fn choose(&self, after: Option<Lsn>) -> Result<&Member, ReadReason> {
+    /// The replica a read-only session should run on (its index in `members`), or why
+    /// none.
+    pub(crate) fn choose(&self, after: Option<Lsn>) -> Result<usize, ReadReason> {
         let n = self.members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut why = ReadReason::Down;
         for i in 0..n {
-            let member = &self.members[(start + i) % n];
+            let index = (start + i) % n;
+            let member = &self.members[index];
             let m = lock(&member.measured).clone();
             if !m.up {
                 continue;
             }
-            if m.lag.is_none_or(|lag| lag > self.max_lag) {
+            if self.trusted_lag(m.lag).is_none_or(|lag| lag > self.max_lag) {
                 why = why.max(ReadReason::Lagging);
                 continue;
             }
@@ -335,7 +354,7 @@ impl Replicas {
                     continue;
                 }
             }
-            return Ok(member);
+            return Ok(index);
         }
         Err(why)
     }
@@ -357,6 +376,7 @@ impl Replicas {
     /// Records that the primary was at `lsn` at `at` (or later).
     pub(crate) fn record_position(&self, lsn: Lsn, at: Instant) {
         let mut samples = lock(&self.samples);
+        samples.answered = samples.answered.max(Some(at));
         if samples.kept.back().is_some_and(|(last, _)| *last >= lsn) {
             // Not newer: the older sample's time is the one that matters.
             return;
@@ -373,11 +393,12 @@ impl Replicas {
             .iter()
             .map(|member| {
                 let m = lock(&member.measured).clone();
+                let lag = self.trusted_lag(m.lag);
                 ReplicaStatus {
                     name: member.name.clone(),
                     up: m.up,
-                    lag: m.lag,
-                    eligible: m.up && m.lag.is_some_and(|lag| lag <= self.max_lag),
+                    lag,
+                    eligible: m.up && lag.is_some_and(|lag| lag <= self.max_lag),
                     response_time: m.response_time,
                     error: m.error,
                     pool: member.settings.pool.status(),
@@ -394,8 +415,26 @@ impl Replicas {
         }
     }
 
+    /// A replica's last measured lag, as long as the primary has been sampled within the
+    /// maximum lag; else unknown (see the module docs). The measurement itself may be a
+    /// round older than the primary's last silence.
+    fn trusted_lag(&self, lag: Option<Duration>) -> Option<Duration> {
+        lag.filter(|_| self.primary_sampled_within_max_lag(Instant::now()))
+    }
+
+    /// Whether the primary answered a sample no longer than the maximum lag before `now`.
+    fn primary_sampled_within_max_lag(&self, now: Instant) -> bool {
+        lock(&self.samples)
+            .answered
+            .is_some_and(|at| now.saturating_duration_since(at) <= self.max_lag)
+    }
+
     /// The lag of a replica that has replayed up to `replayed`, now: see the module docs.
     fn lag(&self, replayed: Lsn, now: Instant) -> Option<Duration> {
+        if !self.primary_sampled_within_max_lag(now) {
+            // The primary's position is unknown (or too old to trust): so is the lag.
+            return None;
+        }
         let samples = lock(&self.samples);
         if samples
             .dropped
@@ -438,73 +477,92 @@ impl Replicas {
     }
 }
 
-/// Starts the measurement loop; it ends when the replicas are dropped or closed.
-fn spawn_monitor(replicas: Weak<Replicas>, primary: DbPool, every: Duration, timeout: Duration) {
-    tokio::spawn(async move {
-        let mut links: Vec<Option<AsyncPgConnection>> = Vec::new();
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(replicas) = replicas.upgrade() else {
-                break;
-            };
-            if replicas.closed.load(Ordering::Acquire) || primary.is_closed() {
-                break;
+/// Starts the measurement tasks (see the module docs): one sampling the primary, one
+/// per replica, each on its own clock. They end when the replicas are dropped or closed,
+/// or the primary's pool is closed.
+fn spawn_monitors(replicas: &Arc<Replicas>, primary: &DbPool, every: Duration, timeout: Duration) {
+    let weak = Arc::downgrade(replicas);
+    {
+        let (weak, primary) = (weak.clone(), primary.clone());
+        tokio::spawn(async move {
+            let mut tick = ticker(every);
+            while let Some(replicas) = next_round(&mut tick, &weak, &primary).await {
+                let asked = Instant::now();
+                match sample_primary(&primary, timeout).await {
+                    Ok(lsn) => replicas.record_position(lsn, asked),
+                    Err(e) => {
+                        log::debug!("no sample of the primary's WAL position this round: {e}")
+                    }
+                }
             }
-            links.resize_with(replicas.members.len(), || None);
-            measure_all(&replicas, &primary, &mut links, timeout).await;
-        }
-    });
+        });
+    }
+    for index in 0..replicas.members.len() {
+        let (weak, primary) = (weak.clone(), primary.clone());
+        tokio::spawn(async move {
+            let mut tick = ticker(every);
+            let mut link = None;
+            while let Some(replicas) = next_round(&mut tick, &weak, &primary).await {
+                replicas.measure(index, &mut link, timeout).await;
+            }
+        });
+    }
 }
 
-/// One round: a sample of the primary, then every replica at once.
-async fn measure_all(
-    replicas: &Replicas,
+/// A tick every `every`; a late round delays the next ones rather than bunching them up.
+fn ticker(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// Waits for the next tick; `None` once the replicas are gone or closed, or the primary's
+/// pool is closed.
+async fn next_round(
+    tick: &mut tokio::time::Interval,
+    replicas: &Weak<Replicas>,
     primary: &DbPool,
-    links: &mut [Option<AsyncPgConnection>],
-    timeout: Duration,
-) {
-    let asked = Instant::now();
-    match sample_primary(primary, timeout).await {
-        Ok(lsn) => replicas.record_position(lsn, asked),
-        Err(e) => log::debug!("no sample of the primary's WAL position this round: {e}"),
-    }
-    let rounds = replicas
-        .members
-        .iter()
-        .zip(links.iter_mut())
-        .map(|(member, link)| async move {
-            let started = Instant::now();
-            let result = replay_position(&member.monitor, link, timeout).await;
-            (member, result, started.elapsed())
-        });
-    let now_results = join_all(rounds).await;
-    let now = Instant::now();
-    for (member, result, took) in now_results {
-        let lag = result.as_ref().ok().map(|r| replicas.lag(*r, now));
-        let mut m = lock(&member.measured);
-        match result {
-            Ok(replayed) => {
-                if !m.up {
-                    log::info!("replica {} answers; replayed up to {replayed}", member.name);
+) -> Option<Arc<Replicas>> {
+    tick.tick().await;
+    let replicas = replicas.upgrade()?;
+    (!replicas.closed.load(Ordering::Acquire) && !primary.is_closed()).then_some(replicas)
+}
+
+impl Replicas {
+    /// One measurement of replica `index`, on its monitoring connection `link`.
+    async fn measure(&self, index: usize, link: &mut Option<AsyncPgConnection>, timeout: Duration) {
+        let member = &self.members[index];
+        let started = Instant::now();
+        let result = replay_position(&member.monitor, link, timeout).await;
+        let took = started.elapsed();
+        let lag = result
+            .as_ref()
+            .ok()
+            .and_then(|replayed| self.lag(*replayed, Instant::now()));
+        {
+            let mut m = lock(&member.measured);
+            match result {
+                Ok(replayed) => {
+                    if !m.up {
+                        log::info!("replica {} answers; replayed up to {replayed}", member.name);
+                    }
+                    m.up = true;
+                    m.replayed = Some(replayed);
+                    m.lag = lag;
+                    m.error = None;
                 }
-                m.up = true;
-                m.replayed = Some(replayed);
-                m.lag = lag.flatten();
-                m.error = None;
-            }
-            Err(e) => {
-                if m.up {
-                    log::warn!("replica {} is down: {e}", member.name);
+                Err(e) => {
+                    if m.up {
+                        log::warn!("replica {} is down: {e}", member.name);
+                    }
+                    m.up = false;
+                    m.error = Some(e);
                 }
-                m.up = false;
-                m.error = Some(e);
             }
+            m.response_time = Some(took);
         }
-        m.response_time = Some(took);
+        self.prune();
     }
-    replicas.prune();
 }
 
 /// The primary's flush position, on a pooled connection held for the query only.
@@ -558,8 +616,13 @@ async fn replay_position(
 pub(crate) const INSERT_POSITION: &str = "SELECT pg_current_wal_insert_lsn()";
 /// How far the primary has flushed its WAL: what a replica can have received.
 const FLUSH_POSITION: &str = "SELECT pg_current_wal_flush_lsn()";
-/// How far a replica has replayed; NULL on a server that is not a standby.
-const REPLAY_POSITION: &str = "SELECT pg_last_wal_replay_lsn()";
+/// How far a replica has replayed; NULL on a server that is not a standby. In a
+/// transaction that states `READ COMMITTED`: a standby whose `default_transaction_isolation`
+/// is `serializable` refuses the snapshot of a bare `SELECT` ("cannot use serializable
+/// mode in a hot standby"). (A failure leaves the transaction open on the monitoring
+/// connection, which is then closed.)
+const REPLAY_POSITION: &str =
+    "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; SELECT pg_last_wal_replay_lsn(); COMMIT";
 
 /// Runs `query`, which returns one LSN, through the simple protocol.
 pub(crate) async fn current_position(conn: &AsyncPgConnection, query: &str) -> Result<Lsn, String> {
@@ -620,6 +683,58 @@ mod tests {
         }
         assert_eq!(Lsn(0x16B_3748).to_string(), "0/16B3748");
         assert_eq!(Lsn((3 << 32) | 0xA).to_string(), "3/A");
+    }
+
+    fn without_members(max_lag: Duration) -> Replicas {
+        Replicas {
+            members: Vec::new(),
+            max_lag,
+            next: AtomicUsize::new(0),
+            samples: Mutex::new(Samples::default()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_replicas_lag_is_unknown_once_the_primary_has_gone_unsampled_for_the_maximum_lag() {
+        let max_lag = Duration::from_secs(5);
+        let replicas = without_members(max_lag);
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(
+            replicas.lag(Lsn(100), at(0)),
+            None,
+            "before the primary's first sample"
+        );
+        replicas.record_position(Lsn(100), at(0));
+        assert_eq!(replicas.lag(Lsn(100), at(1000)), Some(Duration::ZERO));
+        assert_eq!(
+            replicas.lag(Lsn(90), at(1000)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(replicas.lag(Lsn(100), at(5000)), Some(Duration::ZERO));
+        // The primary stops answering: a caught-up replica's lag is unknown past the
+        // maximum, however current it was.
+        assert_eq!(replicas.lag(Lsn(100), at(5001)), None);
+        assert_eq!(replicas.lag(Lsn(90), at(5001)), None);
+        // It answers again, at the same position (an idle primary): trusted again.
+        replicas.record_position(Lsn(100), at(6000));
+        assert_eq!(replicas.lag(Lsn(100), at(6100)), Some(Duration::ZERO));
+        assert_eq!(
+            replicas.lag(Lsn(90), at(6100)),
+            Some(Duration::from_millis(6100)),
+            "still timed from the older sample it has not replayed"
+        );
+        assert!(replicas.primary_sampled_within_max_lag(at(11_000)));
+        assert!(!replicas.primary_sampled_within_max_lag(at(11_001)));
+        // The last lag measured is not trusted once the primary went unsampled too long.
+        assert_eq!(
+            replicas.trusted_lag(Some(Duration::ZERO)),
+            Some(Duration::ZERO)
+        );
+        let silent = without_members(Duration::ZERO);
+        silent.record_position(Lsn(1), Instant::now() - Duration::from_millis(10));
+        assert_eq!(silent.trusted_lag(Some(Duration::ZERO)), None);
     }
 
     #[test]

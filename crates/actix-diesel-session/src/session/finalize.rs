@@ -24,7 +24,6 @@ use std::time::Instant;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform};
-use actix_web::http::StatusCode;
 use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
@@ -33,7 +32,7 @@ use super::deadline::run_with_deadlines;
 use super::options::{Isolation, SettingsFn, TxOptions};
 use super::retry::Retry;
 use super::settings::Settings;
-use super::slot::{CancelGuard, ForgetRequest, Slot};
+use super::slot::{CancelGuard, ForgetRequest, ReplicaFailure, Slot};
 use super::tx::Finish;
 use super::watch::WatchHandle;
 use crate::error::SessionError;
@@ -72,6 +71,7 @@ impl SessionMiddleware {
     pub(crate) fn new(settings: Arc<Settings>) -> Self {
         let mut options = TxOptions::default();
         options.begin = options.begin_sql() + &settings.begin_suffix;
+        options.replica_begin = options.replica_begin_sql() + &settings.begin_suffix;
         SessionMiddleware {
             settings,
             options: Arc::new(options),
@@ -82,11 +82,15 @@ impl SessionMiddleware {
         let options = Arc::make_mut(&mut self.options);
         change(options);
         options.begin = options.begin_sql() + &self.settings.begin_suffix;
+        options.replica_begin = options.replica_begin_sql() + &self.settings.begin_suffix;
         self
     }
 
     /// Runs the sessions at this isolation level, sent in the `BEGIN` itself
-    /// (`BEGIN ISOLATION LEVEL SERIALIZABLE`): no round trip added.
+    /// (`BEGIN ISOLATION LEVEL SERIALIZABLE`): no round trip added. Without it a session
+    /// runs at the server's default (`default_transaction_isolation`) on the primary, and
+    /// at `REPEATABLE READ` on a replica, which refuses `SERIALIZABLE` also as a default.
+    /// `SERIALIZABLE` sessions never run on a replica.
     ///
     /// ```no_run
     /// # use actix_diesel_session::{Database, Isolation};
@@ -101,7 +105,7 @@ impl SessionMiddleware {
     /// # }
     /// ```
     pub fn isolation(self, level: Isolation) -> Self {
-        self.with(|o| o.isolation = level)
+        self.with(|o| o.isolation = Some(level))
     }
 
     /// Runs the sessions as `READ ONLY` transactions: a write fails (SQLSTATE 25006), the
@@ -281,23 +285,37 @@ where
 {
     let again = (settings.replicas.is_some() && options.read_only).then(|| inherited.clone());
     let (slot, attempt) = finalize(req, service, settings, options, inherited, false, false).await;
-    // A read whose replica connection broke (or timed out) before it answered: nothing
-    // was sent, and the primary may well serve it. Once, and only for a session that
-    // began on a replica and did not commit.
-    let broke_on_replica = slot.ran_on_replica()
+    // A read whose replica connection broke, or whose replica gave no answer within the
+    // statement deadline, or whose statement replay cancelled there (a recovery conflict),
+    // before it answered: nothing was sent, and the primary may well serve it. Once, and
+    // only for a session that began on a replica, did not commit and answered a server
+    // error. Never a statement cancelled by its own statement timeout: run again on the
+    // primary, it would double the time and the load it takes, for the same answer.
+    let failure = slot.replica_failure();
+    if let Some(ReplicaFailure::Broken(error)) = &failure {
+        slot.mark_replica_down(error);
+    }
+    let failed_on_replica = failure.is_some()
         && !slot.has_committed()
         && !slot.guard_escaped()
-        && matches!(&attempt, Attempt::Answer(Ok(res)) if res.status() == StatusCode::SERVICE_UNAVAILABLE);
-    let (slot, attempt) = match (broke_on_replica, again, attempt) {
+        && matches!(&attempt, Attempt::Answer(Ok(res)) if res.status().is_server_error());
+    let (slot, attempt) = match (failed_on_replica, again, attempt) {
         (true, Some(inherited), Attempt::Answer(Ok(res))) => {
             drop(slot);
             let (request, _) = res.into_parts();
             // As a retry does: the attempt's session must be gone from the request.
             let old = request.extensions_mut().remove::<Slot>();
             drop(old);
-            log::warn!(
-                "a read failed on its replica before it answered; running it again on the primary"
-            );
+            match failure {
+                Some(ReplicaFailure::Conflict) => log::info!(
+                    "replay on its replica cancelled a read (a recovery conflict); running it \
+                     again on the primary"
+                ),
+                _ => log::warn!(
+                    "a read's replica connection broke before it answered; running it again on \
+                     the primary"
+                ),
+            }
             // Reads carry no body to replay (a body the handler read is not kept).
             let req = ServiceRequest::from_parts(request, Payload::None);
             finalize(req, service, settings, options, inherited, false, true).await

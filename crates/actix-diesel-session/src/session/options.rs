@@ -13,7 +13,9 @@ use crate::error::SessionError;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Isolation {
-    /// PostgreSQL's default.
+    /// Every statement sees the rows committed before it began: PostgreSQL's own default.
+    /// Asked for explicitly, it is stated in the `BEGIN`, whatever the server's (or the
+    /// role's, or the database's) `default_transaction_isolation` says.
     #[default]
     ReadCommitted,
     /// Every statement sees the snapshot taken at the transaction's first statement.
@@ -29,7 +31,8 @@ pub(crate) type SettingsFn = Arc<dyn Fn(&ServiceRequest) -> Vec<(String, String)
 /// The options of one middleware's sessions.
 #[derive(Clone)]
 pub(crate) struct TxOptions {
-    pub(crate) isolation: Isolation,
+    /// The isolation level the session asked for; `None`: the server's default.
+    pub(crate) isolation: Option<Isolation>,
     pub(crate) read_only: bool,
     pub(crate) deferrable: bool,
     pub(crate) settings: Option<SettingsFn>,
@@ -40,18 +43,21 @@ pub(crate) struct TxOptions {
     pub(crate) commit_position: bool,
     /// [`TxOptions::begin_sql`], made once.
     pub(crate) begin: String,
+    /// [`TxOptions::replica_begin_sql`], made once.
+    pub(crate) replica_begin: String,
 }
 
 impl Default for TxOptions {
     fn default() -> Self {
         TxOptions {
-            isolation: Isolation::default(),
+            isolation: None,
             read_only: false,
             deferrable: false,
             settings: None,
             retry: None,
             commit_position: false,
             begin: "BEGIN".to_owned(),
+            replica_begin: "BEGIN ISOLATION LEVEL REPEATABLE READ".to_owned(),
         }
     }
 }
@@ -59,11 +65,31 @@ impl Default for TxOptions {
 impl TxOptions {
     /// The `BEGIN` statement these options ask for: `BEGIN` alone for the defaults.
     pub(crate) fn begin_sql(&self) -> String {
+        self.begin_at(self.isolation)
+    }
+
+    /// The `BEGIN` statement on a replica, which always states the isolation level. A hot
+    /// standby refuses `SERIALIZABLE` ("cannot use serializable mode in a hot standby"),
+    /// also when it is only the default (`default_transaction_isolation` of the server,
+    /// the role or the database, which replicates from the primary): then the
+    /// transaction's first statement fails. A session that asked for no level runs at
+    /// `REPEATABLE READ` there: the highest level a standby offers, so a read-only
+    /// route's statements (a page and its total, say) see one snapshot, where under
+    /// `READ COMMITTED` the replay going on between them could show each a different
+    /// state. Its snapshot lives only as long as the request's transaction, and a
+    /// statement that replay cancels for holding it (a recovery conflict) is run again on
+    /// the primary. `SERIALIZABLE` sessions never run on a replica.
+    pub(crate) fn replica_begin_sql(&self) -> String {
+        self.begin_at(Some(self.isolation.unwrap_or(Isolation::RepeatableRead)))
+    }
+
+    fn begin_at(&self, isolation: Option<Isolation>) -> String {
         let mut sql = String::from("BEGIN");
-        match self.isolation {
-            Isolation::ReadCommitted => {}
-            Isolation::RepeatableRead => sql.push_str(" ISOLATION LEVEL REPEATABLE READ"),
-            Isolation::Serializable => sql.push_str(" ISOLATION LEVEL SERIALIZABLE"),
+        match isolation {
+            None => {}
+            Some(Isolation::ReadCommitted) => sql.push_str(" ISOLATION LEVEL READ COMMITTED"),
+            Some(Isolation::RepeatableRead) => sql.push_str(" ISOLATION LEVEL REPEATABLE READ"),
+            Some(Isolation::Serializable) => sql.push_str(" ISOLATION LEVEL SERIALIZABLE"),
         }
         if self.read_only {
             sql.push_str(" READ ONLY");
@@ -127,8 +153,29 @@ mod tests {
     fn options_go_in_the_begin_itself() {
         let default = TxOptions::default();
         assert_eq!(default.begin_sql(), "BEGIN");
+        assert_eq!(
+            TxOptions {
+                read_only: true,
+                ..TxOptions::default()
+            }
+            .replica_begin_sql(),
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        );
+        let read_committed = TxOptions {
+            isolation: Some(Isolation::ReadCommitted),
+            read_only: true,
+            ..TxOptions::default()
+        };
+        assert_eq!(
+            read_committed.begin_sql(),
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
+        );
+        assert_eq!(
+            read_committed.replica_begin_sql(),
+            read_committed.begin_sql()
+        );
         let all = TxOptions {
-            isolation: Isolation::Serializable,
+            isolation: Some(Isolation::Serializable),
             read_only: true,
             deferrable: true,
             ..TxOptions::default()

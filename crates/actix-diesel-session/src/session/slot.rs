@@ -16,9 +16,10 @@ use super::deadline::Deadlines;
 use super::options::{begin_with_settings, Isolation, TxOptions};
 use super::settings::Settings;
 use super::tx::{abandon, CommitState, Finish, TxConn};
+use super::watch::WatchHandle;
 use crate::error::{SessionError, LOST_BEFORE_COMMIT};
 use crate::observe::{Outcome, Reason};
-use crate::replica::{Lsn, Member, ReadReason, ReadTarget, Replicas};
+use crate::replica::{Lsn, ReadReason, ReadTarget, Replicas};
 
 /// Where the request's session stands.
 pub(crate) enum State {
@@ -62,10 +63,27 @@ pub(crate) struct SlotInner {
     pub(crate) read_after: Cell<Option<Lsn>>,
     /// Set for a read run again after its replica connection broke: primary only.
     pub(crate) primary_only: Cell<bool>,
-    /// Set once the session began on a replica.
-    on_replica: Cell<bool>,
+    /// The replica the session began on (its index among the replicas), if it did.
+    on_replica: Cell<Option<usize>>,
+    /// How the session failed on its replica, when the primary may serve it instead: set
+    /// when the session ends.
+    replica_failure: RefCell<Option<ReplicaFailure>>,
     /// The primary's WAL position read after the COMMIT, when the options ask for it.
     pub(crate) position: Cell<Option<Lsn>>,
+}
+
+/// How a read-only session failed on its replica, in a way that the primary may not
+/// (`session::finalize` runs such a read again there, once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ReplicaFailure {
+    /// The connection broke (see [`crate::error::connection_broke`]), or the replica gave
+    /// no answer within the statement deadline (the statement timeout plus a margin):
+    /// the replica counts as down until its next measurement says otherwise.
+    Broken(String),
+    /// Replay cancelled a statement (a recovery conflict: 40001 or 40P01, which a
+    /// read-only transaction on a standby meets for no other reason). The replica is
+    /// working, and a read started now would most likely not meet it again.
+    Conflict,
 }
 
 /// An after-commit hook: its future, and what it says went wrong.
@@ -98,7 +116,8 @@ impl Slot {
             escaped: Cell::new(false),
             read_after: Cell::new(None),
             primary_only: Cell::new(false),
-            on_replica: Cell::new(false),
+            on_replica: Cell::new(None),
+            replica_failure: RefCell::new(None),
             position: Cell::new(None),
         }))
     }
@@ -239,25 +258,23 @@ impl Slot {
         // cut off leaves them for the next `conn()`.
         let local = self.local.borrow().clone();
         let options = self.options.borrow().clone();
-        let begin = if local.is_empty() {
-            Cow::Borrowed(options.begin.as_str())
-        } else {
-            Cow::Owned(begin_with_settings(&options.begin, &local)?)
-        };
+        let begin = |begin| with_local(begin, &local);
         let tx = match self.replica(&options) {
-            None => self.begin_on_primary(&begin).await?,
-            Some((replicas, replica)) => {
+            None => self.begin_on_primary(&begin(&options.begin)?).await?,
+            Some((replicas, index)) => {
+                let replica = &replicas.members[index];
+                // Its own BEGIN, which states the isolation level (see `TxOptions`).
                 let on_replica = self
                     .deadlines
                     .checkout(
                         settings.replica_checkout_timeout,
                         settings,
-                        TxConn::begin(&replica.settings, &begin),
+                        TxConn::begin(&replica.settings, &begin(&options.replica_begin)?),
                     )
                     .await;
                 match on_replica {
                     Ok(tx) => {
-                        self.on_replica.set(true);
+                        self.on_replica.set(Some(index));
                         settings
                             .observer
                             .read_routed(ReadTarget::Replica, ReadReason::Replica);
@@ -269,7 +286,7 @@ impl Slot {
                         settings
                             .observer
                             .read_routed(ReadTarget::Primary, ReadReason::Down);
-                        self.begin_on_primary(&begin).await?
+                        self.begin_on_primary(&begin(&options.begin)?).await?
                     }
                 }
             }
@@ -284,14 +301,14 @@ impl Slot {
     /// eligible; otherwise reports why it runs on the primary. Writes, `SERIALIZABLE`
     /// sessions (a hot standby refuses them) and reads run again after a replica broke
     /// never go to a replica.
-    fn replica(&self, options: &TxOptions) -> Option<(&Replicas, &Member)> {
+    fn replica(&self, options: &TxOptions) -> Option<(&Replicas, usize)> {
         let settings = &self.settings;
         if !options.read_only {
             return None;
         }
         let observer = &settings.observer;
         let replicas = match &settings.replicas {
-            Some(replicas) if options.isolation != Isolation::Serializable => replicas,
+            Some(replicas) if options.isolation != Some(Isolation::Serializable) => replicas,
             _ => {
                 observer.read_routed(ReadTarget::Primary, ReadReason::NoReplica);
                 return None;
@@ -302,7 +319,7 @@ impl Slot {
             return None;
         }
         match replicas.choose(self.read_after.get()) {
-            Ok(member) => Some((replicas, member)),
+            Ok(index) => Some((replicas, index)),
             Err(reason) => {
                 observer.read_routed(ReadTarget::Primary, reason);
                 None
@@ -322,9 +339,52 @@ impl Slot {
             .await
     }
 
-    /// Whether the session began on a replica.
-    pub(crate) fn ran_on_replica(&self) -> bool {
-        self.on_replica.get()
+    /// How the session failed on its replica, if it began on one and failed there in a
+    /// way that the primary may not; see [`ReplicaFailure`].
+    pub(crate) fn replica_failure(&self) -> Option<ReplicaFailure> {
+        self.replica_failure.borrow().clone()
+    }
+
+    /// Counts the session's replica as down until its next measurement: its connection
+    /// broke (`error` says how).
+    pub(crate) fn mark_replica_down(&self, error: &str) {
+        if let (Some(replicas), Some(index)) = (&self.settings.replicas, self.on_replica.get()) {
+            replicas.mark_down(&replicas.members[index], error);
+        }
+    }
+
+    /// How the statements of a session on a replica failed, from the watch of its
+    /// connection: to be read before the connection goes back to the pool, where the
+    /// next session resets it. `None` for a session on the primary.
+    fn replica_failure_seen(&self, watch: &WatchHandle) -> Option<ReplicaFailure> {
+        self.on_replica.get()?;
+        if watch.connection_broke() {
+            Some(ReplicaFailure::Broken(
+                "the connection broke during a read".to_owned(),
+            ))
+        } else if watch.conflict() {
+            Some(ReplicaFailure::Conflict)
+        } else {
+            None
+        }
+    }
+
+    /// Records how the session failed on its replica: `seen` by its statements, else by
+    /// its COMMIT (`ended`; a READ ONLY COMMIT whose connection broke, say).
+    fn note_replica_failure(&self, seen: Option<ReplicaFailure>, ended: &Result<(), Finish>) {
+        if self.on_replica.get().is_none() {
+            return;
+        }
+        let failure = seen.or_else(|| match ended {
+            Err(Finish::Failed(SessionError::Unavailable(e))) => {
+                Some(ReplicaFailure::Broken(e.to_string()))
+            }
+            Err(Finish::Failed(SessionError::Conflict)) => Some(ReplicaFailure::Conflict),
+            _ => None,
+        });
+        if failure.is_some() {
+            *self.replica_failure.borrow_mut() = failure;
+        }
     }
 
     fn ended(&self, outcome: Outcome) {
@@ -339,6 +399,13 @@ impl Slot {
         match self.replace(State::Finalized) {
             State::Open(tx) => {
                 self.ended(Outcome::RolledBack(Reason::Timeout));
+                if self.on_replica.get().is_some() {
+                    // The statement timeout would have ended a statement on a working
+                    // server before this deadline.
+                    *self.replica_failure.borrow_mut() = Some(ReplicaFailure::Broken(
+                        "no answer within the statement deadline".to_owned(),
+                    ));
+                }
                 drop(tx);
             }
             // Cut off inside `finish`: the ROLLBACK of an aborted transaction that the
@@ -372,6 +439,7 @@ impl Slot {
                 // is moved around on every request (BENCHMARKS.md, "The session layer's
                 // own cost").
                 let timeout = self.settings.finish_deadline;
+                let seen = self.replica_failure_seen(&tx.watch);
                 if commit {
                     let read_only = self.options.borrow().read_only;
                     let position = (self.options.borrow().commit_position && !read_only)
@@ -389,11 +457,13 @@ impl Slot {
                             self.ended(Outcome::RolledBack(Reason::CommitFailed))
                         }
                     }
+                    self.note_replica_failure(seen, &result);
                     result
                 } else {
                     log::debug!("rolling back the request's transaction ({reason:?})");
                     Box::pin(tx.rollback(timeout)).await;
                     self.ended(Outcome::RolledBack(reason));
+                    self.note_replica_failure(seen, &Ok(()));
                     Ok(())
                 }
             }
@@ -453,6 +523,18 @@ impl Slot {
                 Err(SessionError::CommitUnknown)
             }
         }
+    }
+}
+
+/// `begin` with the transaction-local settings `local` in its message, if there are any.
+fn with_local<'a>(
+    begin: &'a str,
+    local: &[(String, String)],
+) -> Result<Cow<'a, str>, SessionError> {
+    if local.is_empty() {
+        Ok(Cow::Borrowed(begin))
+    } else {
+        begin_with_settings(begin, local).map(Cow::Owned)
     }
 }
 

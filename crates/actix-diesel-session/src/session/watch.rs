@@ -48,6 +48,9 @@ struct Seen {
     /// since: the transaction may succeed if run again. A handler that rolled back to a
     /// savepoint around the failure recovered from it, and its answer stands.
     conflict_at: Option<u32>,
+    /// A statement failed because the connection broke: no answer, or the server's
+    /// connection exception or shutdown (see [`crate::error::connection_broke`]).
+    broke: bool,
     /// The connection has prepared the session's transaction-id query (see `session::commit`);
     /// kept across check-outs, like the prepared statement itself.
     xid_prepared: bool,
@@ -83,6 +86,12 @@ impl WatchHandle {
     /// (`session::retry`).
     pub fn conflict(&self) -> bool {
         self.lock().conflict_at.is_some()
+    }
+
+    /// Whether a statement of this session failed because the connection broke (or the
+    /// server ended the session), as opposed to the server refusing the statement.
+    pub fn connection_broke(&self) -> bool {
+        self.lock().broke
     }
 
     /// Whether the connection has the transaction-id query prepared (`session::commit`).
@@ -181,6 +190,9 @@ impl Instrumentation for StatementWatch {
                 }
                 // Only a server-side error aborts the transaction; NotFound and decoding
                 // errors happen in the client after a successful statement.
+                if error.is_some_and(crate::error::connection_broke) {
+                    seen.broke = true;
+                }
                 if let Some(diesel::result::Error::DatabaseError(_, info)) = error {
                     use tokio_postgres::error::SqlState;
                     let depth = seen.depth;
