@@ -224,7 +224,22 @@ if wanted replica; then
   REPLICA_URL=${REPLICA_ADMIN_URL%/*}/$DB_NAME
   [ "$(psql "$REPLICA_URL" -c "SELECT pg_is_in_recovery() AND count(*) = $ACCOUNTS FROM accounts")" = t ] \
     || die "the replica is not a hot standby with the seeded accounts"
+  # It runs during the replica slices only, so that the other groups measure the primary
+  # alone, with no walsender woken at every commit and no replay on the shared cores.
+  scripts/pg.sh replica-stop
 fi
+# Starts the replica again and waits until it has replayed everything the primary wrote
+# while it was stopped, so that its lag lets the service route reads to it.
+replica_up() {
+  scripts/pg.sh replica >/dev/null || die "the replica did not start again"
+  local target i
+  target=$(psql "$DB_URL" -c "SELECT pg_current_wal_flush_lsn()")
+  for i in $(seq 300); do
+    [ "$(psql "$REPLICA_URL" -c "SELECT pg_last_wal_replay_lsn() >= '$target'")" = t ] && return 0
+    sleep 0.1
+  done
+  die "the replica did not catch up within 30 s"
+}
 
 # --- one run ----------------------------------------------------------------------------
 
@@ -431,19 +446,14 @@ run_pgbench() { # rep [group]
 # groups run with the cluster's own affinity, restored after each pinned repetition.
 CLIENT_CPU=()
 PG_AFFINITY=$(taskset -p -c "$PG_POSTMASTER" | sed 's/.*: //')
-# The replica, when one runs, goes with the cluster: it replays the WAL both sides write.
-PG_POSTMASTERS=$PG_POSTMASTER
-if [ -f "${PG_DATA%/data}/replica/postmaster.pid" ]; then
-  PG_POSTMASTERS="$PG_POSTMASTERS $(head -n 1 "${PG_DATA%/data}/replica/postmaster.pid")"
-fi
+# (The replica is stopped outside the replica slices, so it is not in the way.)
 pin_cluster() { # cpu-list
-  local pm pid
-  for pm in $PG_POSTMASTERS; do
-    for pid in "$pm" $(ps -o pid= --ppid "$pm"); do
-      taskset -a -p -c "$1" "$pid" >/dev/null 2>&1 || true
-    done
-    [ "$(taskset -p -c "$pm" | sed 's/.*: //')" = "$1" ] || die "could not pin the cluster ($pm) to CPU $1"
+  local pid
+  for pid in "$PG_POSTMASTER" $(ps -o pid= --ppid "$PG_POSTMASTER"); do
+    taskset -a -p -c "$1" "$pid" >/dev/null 2>&1 || true
   done
+  [ "$(taskset -p -c "$PG_POSTMASTER" | sed 's/.*: //')" = "$1" ] \
+    || die "could not pin the cluster ($PG_POSTMASTER) to CPU $1"
 }
 PINNED=1
 if wanted pinned && [ "$(nproc)" -lt 2 ]; then
@@ -487,9 +497,11 @@ for rep in $(seq "$REPS"); do
     done
   fi
   if wanted replica; then
+    replica_up
     for side in $(in_order "$rep" primary replica); do
       run_wrk replica "$side" "$CLIENTS" "$rep" read.lua "$RA" "$ACCOUNTS"
     done
+    scripts/pg.sh replica-stop
   fi
   if wanted pinned && [ "$PINNED" = 1 ]; then
     pin_cluster 0

@@ -7,7 +7,10 @@
 #   scripts/pg.sh up      start the private cluster (a no-op while it runs); print its URL
 #   scripts/pg.sh down    stop the private cluster (and its replica) and delete it
 #   scripts/pg.sh replica start a streaming replica of the private cluster (a no-op while it
-#                         runs; pg_basebackup -R, hot standby); print its URL
+#                         runs; pg_basebackup -R, hot standby, or the one `replica-stop`
+#                         stopped); print its URL
+#   scripts/pg.sh replica-stop
+#                         stop the replica, keeping its data
 #   scripts/pg.sh ensure-db URL NAME
 #                         create database NAME on the server of URL if it is missing
 #
@@ -110,7 +113,13 @@ up() {
 # The replica lives beside the primary's data directory ($dir/replica) and listens on a
 # port of its own; it is remembered in the state file's third field. The private cluster's
 # defaults allow it as they are: wal_level=replica, max_wal_senders=10, and initdb's
-# pg_hba.conf trusts replication connections from 127.0.0.1.
+# pg_hba.conf trusts replication connections from 127.0.0.1. It streams through a
+# replication slot, so that a replica stopped with `replica-stop` (streaming costs the
+# primary CPU at every commit) starts again where it stopped and catches up.
+REPLICA_SLOT=pg_sh_replica
+replica_opts() { # dir rport
+  echo "-p $2 -k $1 -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c hot_standby=on ${PG_SERVER_OPTS:-}"
+}
 replica() {
   [ -f "$STATE_FILE" ] || { log "no private cluster running: start one with \`$0 up\`"; exit 1; }
   local dir port rport
@@ -121,6 +130,12 @@ replica() {
   local basebackup pg_ctl
   basebackup=$(find_bin pg_basebackup) || { log "pg_basebackup not found"; exit 1; }
   pg_ctl=$(find_bin pg_ctl) || { log "pg_ctl not found"; exit 1; }
+  # Stopped by `replica-stop`: start it again (its slot kept the WAL it has not received).
+  if [ -n "${rport:-}" ] && [ -f "$dir/replica/standby.signal" ] && ! port_taken "$rport" \
+    && as_owner "$pg_ctl" -D "$dir/replica" -l "$dir/replica.log" -w -t 30 \
+      -o "$(replica_opts "$dir" "$rport")" start >/dev/null 2>&1; then
+    cluster_url "$rport"; return 0
+  fi
   if [ -d "$dir/replica" ]; then
     as_owner "$pg_ctl" -D "$dir/replica" -m fast -w stop >/dev/null 2>&1 || true
     rm -rf "$dir/replica"
@@ -128,13 +143,27 @@ replica() {
   rport=$((port + 1))
   while port_taken "$rport"; do rport=$((rport + 1)); done
   log "starting a streaming replica in $dir/replica on port $rport"
+  # A slot left by an earlier replica of this cluster would make -C fail.
+  psql -qXAt -h 127.0.0.1 -p "$port" -U postgres -d postgres -c \
+    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$REPLICA_SLOT'" \
+    >/dev/null 2>&1 || true
   as_owner "$basebackup" -h 127.0.0.1 -p "$port" -U postgres -D "$dir/replica" -R -X stream \
-    -c fast --no-sync >"$dir/basebackup.log" 2>&1 || { cat "$dir/basebackup.log" >&2; exit 1; }
+    -C -S "$REPLICA_SLOT" -c fast --no-sync >"$dir/basebackup.log" 2>&1 \
+    || { cat "$dir/basebackup.log" >&2; exit 1; }
   as_owner "$pg_ctl" -D "$dir/replica" -l "$dir/replica.log" -w -t 30 \
-    -o "-p $rport -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c hot_standby=on ${PG_SERVER_OPTS:-}" \
-    start >/dev/null 2>&1 || { cat "$dir/replica.log" >&2; exit 1; }
+    -o "$(replica_opts "$dir" "$rport")" start >/dev/null 2>&1 || { cat "$dir/replica.log" >&2; exit 1; }
   echo "$dir $port $rport" >"$STATE_FILE"
   cluster_url "$rport"
+}
+
+# Stops the replica and keeps its data: `replica` starts it again.
+replica_stop() {
+  [ -f "$STATE_FILE" ] || return 0
+  local dir
+  read -r dir _ <"$STATE_FILE" || true
+  if [ -n "${dir:-}" ] && [ -f "$dir/replica/postmaster.pid" ]; then
+    as_owner "$(find_bin pg_ctl)" -D "$dir/replica" -m fast -w stop >/dev/null 2>&1 || true
+  fi
 }
 
 down() {
@@ -173,6 +202,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   replica) replica ;;
+  replica-stop) replica_stop ;;
   ensure-db) ensure_db "$2" "$3" ;;
-  *) echo "usage: $0 url|up|down|replica|ensure-db URL NAME" >&2; exit 2 ;;
+  *) echo "usage: $0 url|up|down|replica|replica-stop|ensure-db URL NAME" >&2; exit 2 ;;
 esac
