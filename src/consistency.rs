@@ -1,7 +1,7 @@
 //! `Consistency-Token` (contract section 10): read-your-writes across replicas and pods.
 //!
 //! - Every 2xx answer to a write (idempotent replays included) carries the primary's WAL
-//!   insert position read after its COMMIT returned (the session layer's
+//!   insert position read right after its COMMIT, in the same round trip (the session layer's
 //!   `CommitPosition`, which the write routes' session middleware asks for), in
 //!   PostgreSQL's text form, e.g. `0/16B3748`: at or past the write's commit record.
 //! - A request that sends one back gets it as the session layer's `ReadAfter`: its read
