@@ -539,25 +539,13 @@ async fn a_read_whose_replica_connection_breaks_mid_statement_is_answered_by_the
     // The read's statement is running on the replica: end its backend there, as a crash
     // or a restart of the replica would.
     let standby = replica.client("ledger").await;
-    let sleeping = "application_name = 'ledger' AND query LIKE '%pg_sleep%' AND state = 'active'";
     assert!(
-        eventually(Duration::from_secs(1), || async {
-            standby
-                .query_one(
-                    &format!("SELECT count(*) FROM pg_stat_activity WHERE {sleeping}"),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
-        })
-        .await,
+        sleeping_read_runs_on(&standby).await,
         "the read runs on the replica"
     );
     standby
         .batch_execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {sleeping}"
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {SLEEPING_READ}"
         ))
         .await
         .unwrap();
@@ -572,6 +560,26 @@ async fn a_read_whose_replica_connection_breaks_mid_statement_is_answered_by_the
     assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
     assert_eq!(after.delta(&before, DOWN), 1.0);
     drop(primary);
+}
+
+/// The service's read of `/_test/read-sleep`, running, in `pg_stat_activity`.
+const SLEEPING_READ: &str =
+    "application_name = 'ledger' AND query LIKE '%pg_sleep%' AND state = 'active'";
+
+/// Whether the sleeping read is seen running on the server of `client` within a second.
+async fn sleeping_read_runs_on(client: &tokio_postgres::Client) -> bool {
+    eventually(Duration::from_secs(1), || async {
+        client
+            .query_one(
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE {SLEEPING_READ}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await
 }
 
 /// A read that its own statement timeout cancels on its replica (57014) is answered as a
@@ -620,18 +628,8 @@ async fn a_read_cancelled_by_a_recovery_conflict_is_answered_by_the_primary() {
         tokio::spawn(request.send())
     };
     let standby = replica.client("ledger").await;
-    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ledger' \
-                    AND query LIKE '%pg_sleep%' AND state = 'active'";
     assert!(
-        eventually(Duration::from_secs(1), || async {
-            standby
-                .query_one(sleeping, &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 1
-        })
-        .await,
+        sleeping_read_runs_on(&standby).await,
         "the read runs on the replica"
     );
     // Rows the read's snapshot still sees, removed on the primary: replaying their removal
