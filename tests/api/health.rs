@@ -49,6 +49,26 @@ async fn probes_pass_when_the_database_answers() {
     assert_eq!(app.db.sessions("ledger-health", None).await, 1);
 }
 
+/// Contract section 5: readiness is a `SELECT 1` round trip on the probe's own connection.
+#[tokio::test]
+async fn readiness_sends_select_1_on_the_probes_connection() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/health/ready").await.status, 200);
+    let last: String = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'ledger-health'",
+            &[],
+        )
+        .await
+        .expect("the readiness connection")
+        .get(0);
+    assert_eq!(last, "SELECT 1");
+}
+
 #[tokio::test]
 async fn with_the_database_unreachable_live_passes_and_ready_fails_without_secrets() {
     let app = spawn_app_on(

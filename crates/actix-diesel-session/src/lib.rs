@@ -208,8 +208,13 @@ impl DatabaseBuilder {
         }
         let cfg = self.config;
         let connector = Connector::for_sessions(&self.url, &cfg);
-        let pool = pool::build(&cfg, connector.clone(), self.observer.clone())
-            .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
+        let pool = pool::build(
+            &cfg,
+            connector.clone(),
+            self.observer.clone(),
+            pool::RecyclePing::Select1,
+        )
+        .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
         pool::spawn_reaper(&pool, &cfg, self.observer.clone());
         let mut settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
         if !self.replicas.is_empty() {

@@ -14,7 +14,8 @@
 //!   `pool_size` once they have been idle for `idle_timeout`, and idle
 //!   connections past their maximum lifetime (`max_lifetime`);
 //! - a `pre_recycle` hook that retires connections past their maximum lifetime at check-out
-//!   and pings (an empty query, bounded by [`crate::SessionConfig::ping_timeout`]) only
+//!   and pings (`SELECT 1` on the primary, an empty query on a replica, bounded by
+//!   [`crate::SessionConfig::ping_timeout`]) only
 //!   those unused for longer than `ping_if_idle_for`, as HikariCP does: a busy service
 //!   pays no round trip per request, while a connection the server closed during a quiet
 //!   spell is caught before a request sees it;
@@ -68,6 +69,7 @@ pub(crate) fn build(
     cfg: &SessionConfig,
     connector: Connector,
     observer: Arc<dyn SessionObserver>,
+    ping: RecyclePing,
 ) -> Result<DbPool, deadpool::managed::BuildError> {
     let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
     manager_config.recycling_method = RecyclingMethod::Fast;
@@ -111,7 +113,7 @@ pub(crate) fn build(
                     if metrics.last_used() < ping_if_idle_for {
                         return Ok(());
                     }
-                    recycle_ping(conn, ping_timeout).await.map_err(|e| {
+                    recycle_ping(conn, ping, ping_timeout).await.map_err(|e| {
                         // A silent server is worth a warning; a closed connection is
                         // routine (the server restarted, an idle timeout).
                         match e {
@@ -136,17 +138,40 @@ pub(crate) fn build(
 /// protocol: outside a transaction a prepared statement is named, and a transaction pooler
 /// may run its execution on another server connection than its preparation.
 pub async fn ping(conn: &mut AsyncPgConnection, timeout: Duration) -> Result<(), PingError> {
-    round_trip(conn, "", timeout).await
+    round_trip(conn, "SELECT 1", timeout).await
 }
 
-/// The check before reusing a long-idle pooled connection: an empty query, a round trip
-/// to the server's backend and back that needs no snapshot. A `SELECT 1` would take one,
-/// and a hot standby whose `default_transaction_isolation` is `serializable` refuses
-/// every snapshot outside a transaction that states a lower level ("cannot use
-/// serializable mode in a hot standby"): every ping of a replica's connection would
-/// fail. (deadpool runs hooks without its recycle timeout, so the ping carries its own.)
-async fn recycle_ping(conn: &mut AsyncPgConnection, timeout: Duration) -> Result<(), PingError> {
-    round_trip(conn, "", timeout).await
+/// The check before reusing a long-idle pooled connection, `sql` the pool's
+/// [`RecyclePing`]. (deadpool runs hooks without its recycle timeout, so the ping carries
+/// its own.)
+async fn recycle_ping(
+    conn: &mut AsyncPgConnection,
+    sql: RecyclePing,
+    timeout: Duration,
+) -> Result<(), PingError> {
+    round_trip(conn, sql.sql(), timeout).await
+}
+
+/// What a pool's check before reuse sends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RecyclePing {
+    /// `SELECT 1`, on the primary: a statement that pg_stat_statements counts, so that a
+    /// benchmark can tell that requests pay for no ping.
+    Select1,
+    /// An empty query, on a replica: a round trip that needs no snapshot. A `SELECT 1`
+    /// would take one, and a hot standby whose `default_transaction_isolation` is
+    /// `serializable` refuses every snapshot outside a transaction that states a lower
+    /// level ("cannot use serializable mode in a hot standby").
+    Empty,
+}
+
+impl RecyclePing {
+    fn sql(self) -> &'static str {
+        match self {
+            RecyclePing::Select1 => "SELECT 1",
+            RecyclePing::Empty => "",
+        }
+    }
 }
 
 async fn round_trip(

@@ -12,8 +12,9 @@
 //!   moment, so the primary's connection budget does not grow) with the time it was asked,
 //!   keeping the samples a replica may not have replayed yet; one per replica asks it for
 //!   its replay position (`pg_last_wal_replay_lsn()`, in a `READ COMMITTED` transaction).
-//!   A replica's lag is a time: 0 when it has replayed the latest sample, else how long ago the oldest sample it has not
-//!   replayed was taken. (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
+//!   A replica's lag is a time: 0 when it has replayed the latest sample, else how long
+//!   ago the oldest sample it has not replayed was taken (a sample taken after a gap is
+//!   dated one interval after the previous answer: what it adds may be that old). (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
 //!   replica that is fully caught up.) The flush position, not the insert position: a
 //!   record no commit follows (a hint bit's full-page image, say) may sit unflushed past
 //!   the insert position for as long as the primary stays idle, and a replica can only
@@ -21,7 +22,8 @@
 //!   (A write's `Consistency-Token` is its insert position after the COMMIT: at or past its
 //!   commit record, whatever `synchronous_commit` says; it is checked against the replay
 //!   position, never taken as a sample.) Once the primary has gone unsampled for longer
-//!   than [`ReplicaConfig::max_lag`] (it is down, or too busy to lend a connection), every
+//!   than [`ReplicaConfig::max_lag`] (it is down, or too busy to lend a connection within
+//!   the probe timeout; a sample waits its turn in the pool like a request), every
 //!   replica's lag is unknown: how far behind a replica is cannot be known without the
 //!   primary's position, so replicas serve reads for at most that long after the primary
 //!   was last seen.
@@ -263,14 +265,14 @@ struct Samples {
 /// replica would have to be 100 s behind while the others are current, far past any
 /// sensible maximum lag.
 const MAX_SAMPLES: usize = 1000;
-/// A sample of the primary waits at most this long for a pooled connection: under a
-/// saturated pool it is skipped (writes' own positions keep the samples fresh then).
-const SAMPLE_CHECKOUT_WAIT: Duration = Duration::from_millis(50);
 
 /// The replicas of a [`crate::Database`]; see the module docs.
 pub(crate) struct Replicas {
     pub(crate) members: Vec<Member>,
     max_lag: Duration,
+    /// How often the primary is sampled: dates a sample taken after a gap (see
+    /// `record_position`).
+    sample_interval: Duration,
     next: AtomicUsize,
     samples: Mutex<Samples>,
     closed: AtomicBool,
@@ -294,7 +296,12 @@ impl Replicas {
             // The primary's settings, pooler flags included: replicas sit behind the same
             // kind of pooler as the primary, if any.
             let connector = Connector::for_sessions(url, cfg);
-            let pool = pool::build(&pool_cfg, connector.clone(), observer.clone())?;
+            let pool = pool::build(
+                &pool_cfg,
+                connector.clone(),
+                observer.clone(),
+                pool::RecyclePing::Empty,
+            )?;
             pool::spawn_reaper(&pool, &pool_cfg, observer.clone());
             let monitor = connector.with_settings(
                 &format!("{}-monitor", cfg.application_name),
@@ -318,6 +325,7 @@ impl Replicas {
         let replicas = Arc::new(Replicas {
             members,
             max_lag: replica_cfg.max_lag,
+            sample_interval: replica_cfg.sample_interval,
             next: AtomicUsize::new(0),
             samples: Mutex::new(Samples::default()),
             closed: AtomicBool::new(false),
@@ -376,11 +384,18 @@ impl Replicas {
     /// Records that the primary was at `lsn` at `at` (or later).
     pub(crate) fn record_position(&self, lsn: Lsn, at: Instant) {
         let mut samples = lock(&self.samples);
+        let previous = samples.answered;
         samples.answered = samples.answered.max(Some(at));
         if samples.kept.back().is_some_and(|(last, _)| *last >= lsn) {
             // Not newer: the older sample's time is the one that matters.
             return;
         }
+        // What this sample adds was written at some time since the previous answer: after
+        // a gap in the samples (the primary unreachable, say) that may be long before
+        // `at`, and a replica missing it is as far behind as that. Dated one interval
+        // after the previous answer, it is never younger than what it stands for; with
+        // samples on time, that is `at`.
+        let at = previous.map_or(at, |previous| at.min(previous + self.sample_interval));
         samples.kept.push_back((lsn, at));
         if samples.kept.len() > MAX_SAMPLES {
             samples.dropped = samples.kept.pop_front();
@@ -568,7 +583,11 @@ impl Replicas {
 /// The primary's flush position, on a pooled connection held for the query only.
 async fn sample_primary(primary: &DbPool, timeout: Duration) -> Result<Lsn, String> {
     let timeouts = Timeouts {
-        wait: Some(SAMPLE_CHECKOUT_WAIT),
+        // As long as the round trip itself: the sampler has a task of its own, and the
+        // pool hands connections out in turn, so under a saturated pool the sample queues
+        // like a request instead of being skipped (skipped for the maximum lag, every
+        // replica's lag would be unknown and every read would go to the busy primary).
+        wait: Some(timeout),
         create: Some(timeout),
         recycle: Some(timeout),
     };
@@ -689,10 +708,33 @@ mod tests {
         Replicas {
             members: Vec::new(),
             max_lag,
+            sample_interval: Duration::from_millis(100),
             next: AtomicUsize::new(0),
             samples: Mutex::new(Samples::default()),
             closed: AtomicBool::new(false),
         }
+    }
+
+    #[test]
+    fn after_a_gap_in_the_primarys_samples_a_replicas_lag_counts_from_before_the_gap() {
+        let replicas = without_members(Duration::from_secs(5));
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        replicas.record_position(Lsn(100), at(0));
+        replicas.record_position(Lsn(150), at(100));
+        // On time, a sample is dated when it was taken.
+        assert_eq!(
+            replicas.lag(Lsn(100), at(300)),
+            Some(Duration::from_millis(200))
+        );
+        // Four seconds without an answer; then the primary is far ahead. The replica, still
+        // at 150, may lack anything written since the answer at 100 ms.
+        replicas.record_position(Lsn(900), at(4100));
+        assert_eq!(
+            replicas.lag(Lsn(150), at(4200)),
+            Some(Duration::from_millis(4000))
+        );
+        assert_eq!(replicas.lag(Lsn(900), at(4200)), Some(Duration::ZERO));
     }
 
     #[test]
