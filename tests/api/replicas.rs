@@ -532,39 +532,66 @@ async fn a_read_whose_replica_connection_breaks_mid_statement_is_answered_by_the
     let (primary, replica, app) = replicated(&[]).await;
     let before = Scrape::take(&app).await;
     let started = Instant::now();
-    let read = {
-        let request = app.client.get(app.url("/_test/read-sleep?name=r&ms=1500"));
-        tokio::spawn(request.send())
-    };
+    let (read, standby) = sleeping_read_on_replica(&app, &replica, 1500).await;
     // The read's statement is running on the replica: end its backend there, as a crash
     // or a restart of the replica would.
-    let standby = replica.client("ledger").await;
-    assert!(
-        sleeping_read_runs_on(&standby).await,
-        "the read runs on the replica"
-    );
     standby
         .batch_execute(&format!(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {SLEEPING_READ}"
         ))
         .await
         .unwrap();
-    let answer = read.await.unwrap().unwrap();
-    let took = started.elapsed();
-    assert_eq!(answer.status(), 200, "answered by the primary, once more");
-    assert!(
-        took >= Duration::from_millis(1500),
-        "ran again in full: {took:?}"
-    );
-    let after = Scrape::take(&app).await;
-    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
-    assert_eq!(after.delta(&before, DOWN), 1.0);
+    answered_by_the_primary_once_more(read, started, 1500, &app, &before).await;
     drop(primary);
 }
 
 /// The service's read of `/_test/read-sleep`, running, in `pg_stat_activity`.
 const SLEEPING_READ: &str =
     "application_name = 'ledger' AND query LIKE '%pg_sleep%' AND state = 'active'";
+
+/// Starts a read that sleeps `ms` on the server, checks that it runs on `replica`, and
+/// gives back the pending answer and a client of the replica's database.
+async fn sleeping_read_on_replica(
+    app: &TestApp,
+    replica: &PgCluster,
+    ms: u64,
+) -> (
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    tokio_postgres::Client,
+) {
+    let request = app
+        .client
+        .get(app.url(&format!("/_test/read-sleep?name=r&ms={ms}")));
+    let read = tokio::spawn(request.send());
+    let standby = replica.client("ledger").await;
+    assert!(
+        sleeping_read_runs_on(&standby).await,
+        "the read runs on the replica"
+    );
+    (read, standby)
+}
+
+/// Checks that the sleeping read begun at `started` on a replica was answered 200 after
+/// running again in full (`ms`) on the primary: one read began on the replica, one was
+/// sent to the primary because its replica failed.
+async fn answered_by_the_primary_once_more(
+    read: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    started: Instant,
+    ms: u64,
+    app: &TestApp,
+    before: &Scrape,
+) {
+    let answer = read.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert_eq!(answer.status(), 200, "answered by the primary, once more");
+    assert!(
+        took >= Duration::from_millis(ms),
+        "ran again in full: {took:?}"
+    );
+    let after = Scrape::take(app).await;
+    assert_eq!(after.delta(before, ON_REPLICA), 1.0);
+    assert_eq!(after.delta(before, DOWN), 1.0, "run again on the primary");
+}
 
 /// Whether the sleeping read is seen running on the server of `client` within a second.
 async fn sleeping_read_runs_on(client: &tokio_postgres::Client) -> bool {
@@ -623,15 +650,7 @@ async fn a_read_cancelled_by_a_recovery_conflict_is_answered_by_the_primary() {
     .await;
     let before = Scrape::take(&app).await;
     let started = Instant::now();
-    let read = {
-        let request = app.client.get(app.url("/_test/read-sleep?name=r&ms=2000"));
-        tokio::spawn(request.send())
-    };
-    let standby = replica.client("ledger").await;
-    assert!(
-        sleeping_read_runs_on(&standby).await,
-        "the read runs on the replica"
-    );
+    let (read, standby) = sleeping_read_on_replica(&app, &replica, 2000).await;
     // Rows the read's snapshot still sees, removed on the primary: replaying their removal
     // conflicts with the read.
     let writer = primary.client("ledger").await;
@@ -641,16 +660,7 @@ async fn a_read_cancelled_by_a_recovery_conflict_is_answered_by_the_primary() {
         .unwrap();
     writer.batch_execute("VACUUM conflict_probe").await.unwrap();
 
-    let answer = read.await.unwrap().unwrap();
-    let took = started.elapsed();
-    assert_eq!(answer.status(), 200, "answered by the primary");
-    assert!(
-        took >= Duration::from_millis(2000),
-        "ran again in full: {took:?}"
-    );
-    let after = Scrape::take(&app).await;
-    assert_eq!(after.delta(&before, ON_REPLICA), 1.0);
-    assert_eq!(after.delta(&before, DOWN), 1.0, "run again on the primary");
+    answered_by_the_primary_once_more(read, started, 2000, &app, &before).await;
     // It was a recovery conflict, as the standby counts them (once the cancelled backend
     // has flushed its statistics: within a second of going idle, or ten when busy).
     assert!(
