@@ -156,13 +156,7 @@ async fn reads_run_on_the_replica_also_when_the_default_isolation_is_serializabl
     });
     assert_eq!(default.as_deref(), Some("serializable"));
 
-    let a = app.account_id("a", 100).await;
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            app.get(&format!("/accounts/{a}")).await.status == 200
-        })
-        .await
-    );
+    let a = readable_account(&app).await;
     let before = Scrape::take(&app).await;
     for _ in 0..3 {
         // Past the 500 ms after which an idle connection is pinged before its reuse.
@@ -186,13 +180,7 @@ async fn reads_run_on_the_replica_also_when_the_default_isolation_is_serializabl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_replay_paused_reads_stay_on_the_replica_until_the_lag_passes_the_maximum() {
     let (primary, replica, app) = replicated(&[("DB_REPLICA_MAX_LAG", "500")]).await;
-    let a = app.account_id("a", 100).await;
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            app.get(&format!("/accounts/{a}")).await.status == 200
-        })
-        .await
-    );
+    readable_account(&app).await;
     let standby = replica.client("ledger").await;
     standby
         .batch_execute("SELECT pg_wal_replay_pause()")
@@ -249,13 +237,7 @@ async fn with_replay_paused_reads_stay_on_the_replica_until_the_lag_passes_the_m
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_the_replica_under_read_traffic_fails_no_read() {
     let (primary, replica, app) = replicated(&[]).await;
-    let a = app.account_id("a", 100).await;
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            app.get(&format!("/accounts/{a}")).await.status == 200
-        })
-        .await
-    );
+    let a = readable_account(&app).await;
     let before = Scrape::take(&app).await;
     let stop_at = Instant::now() + Duration::from_millis(500);
     let end = stop_at + Duration::from_millis(1500);
@@ -543,6 +525,19 @@ async fn a_read_whose_replica_connection_breaks_mid_statement_is_answered_by_the
         .unwrap();
     answered_by_the_primary_once_more(read, started, 1500, &app, &before).await;
     drop(primary);
+}
+
+/// An account made through the service, once a read of it answers 200 (from the replica
+/// as soon as it has replayed the account and its lag allows).
+async fn readable_account(app: &TestApp) -> i64 {
+    let a = app.account_id("a", 100).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            app.get(&format!("/accounts/{a}")).await.status == 200
+        })
+        .await
+    );
+    a
 }
 
 /// The service's read of `/_test/read-sleep`, running, in `pg_stat_activity`.

@@ -14,11 +14,12 @@
 //!   its replay position (`pg_last_wal_replay_lsn()`, in a `READ COMMITTED` transaction).
 //!   A replica's lag is a time: 0 when it has replayed the latest sample, else how long
 //!   ago the oldest sample it has not replayed was taken (a sample taken after a gap is
-//!   dated one interval after the previous answer: what it adds may be that old). (`now() - pg_last_xact_replay_timestamp()` would grow on an idle
-//!   replica that is fully caught up.) The flush position, not the insert position: a
-//!   record no commit follows (a hint bit's full-page image, say) may sit unflushed past
-//!   the insert position for as long as the primary stays idle, and a replica can only
-//!   replay what was flushed, so an idle, caught-up replica would look ever more behind.
+//!   dated one interval after the previous answer: what it adds may be that old).
+//!   (`now() - pg_last_xact_replay_timestamp()` would grow on an idle replica that is
+//!   fully caught up.) The flush position, not the insert position: a record no commit
+//!   follows (a hint bit's full-page image, say) may sit unflushed past the insert
+//!   position for as long as the primary stays idle, and a replica can only replay what
+//!   was flushed, so an idle, caught-up replica would look ever more behind.
 //!   (A write's `Consistency-Token` is its insert position after the COMMIT: at or past its
 //!   commit record, whatever `synchronous_commit` says; it is checked against the replay
 //!   position, never taken as a sample.) Once the primary has gone unsampled for longer
