@@ -15,7 +15,7 @@ use actix_web::middleware::{from_fn, Logger};
 use actix_web::{web, App, HttpServer};
 use utoipa_actix_web::AppExt;
 
-use actix_diesel_session::{Database, DbPool};
+use actix_diesel_session::Database;
 
 use crate::api::idempotency::IdempotencySettings;
 use crate::config::Config;
@@ -46,7 +46,7 @@ impl Application {
         // ledger's problem+json, and its events counted in the ledger's metrics.
         let db = Database::builder(
             config.db.url.clone(),
-            config.db.session_config(config.http_workers == 1),
+            config.db.session_config(config.http_workers),
         )
         .observer(metrics.db().clone())
         .replicas(config.db.replica_urls.clone(), config.db.replica_config())
@@ -89,9 +89,9 @@ impl Application {
         self.port
     }
 
-    /// The pool (tests read its status).
-    pub fn pool(&self) -> &DbPool {
-        self.db.pool()
+    /// The session layer's database (tests read its pools' status).
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     /// A handle that stops the server.

@@ -132,9 +132,10 @@ impl DbConfig {
         self.pool_size + self.max_overflow
     }
 
-    /// The session layer's limits, from these settings. `single_worker`: the service runs
-    /// one Actix worker, which then drives its connections itself.
-    pub fn session_config(&self, single_worker: bool) -> SessionConfig {
+    /// The session layer's limits, from these settings, for a service of `workers` Actix
+    /// workers: one worker drives its connections itself; more get a pool each (see the
+    /// README, "A pool per worker").
+    pub fn session_config(&self, workers: usize) -> SessionConfig {
         let mut cfg = SessionConfig::default();
         cfg.application_name = APPLICATION_NAME.to_owned();
         cfg.pool_size = self.pool_size;
@@ -147,7 +148,8 @@ impl DbConfig {
         cfg.idle_in_transaction_timeout = self.idle_in_tx_timeout;
         cfg.leak_warn = self.leak_warn;
         cfg.echo = self.echo;
-        cfg.drive_on_callers_runtime = single_worker;
+        cfg.drive_on_callers_runtime = workers == 1;
+        cfg.worker_pools = workers;
         cfg.statement_cache = self.statement_cache;
         cfg.startup_options = self.startup_options;
         cfg
@@ -178,11 +180,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub host: IpAddr,
     pub port: u16,
-    /// Actix worker threads. With more than one, pooled connections are opened and driven
-    /// on the runtime that built the application (the one `main` runs, beside the
-    /// workers), so a request pays two cross-thread wake-ups per round trip; with one,
-    /// on that worker itself (`SessionConfig::drive_on_callers_runtime`). Where the
-    /// database shares the machine's few cores, fewer workers can serve more.
+    /// Actix worker threads. Each drives the connections of a pool of its own
+    /// (`SessionConfig::worker_pools`, the budget split among them), so a request and its
+    /// connection's socket stay on one thread; with a budget too small for that, one pool
+    /// driven on the runtime that built the application (two cross-thread wake-ups per
+    /// round trip); with one worker, that worker drives the one pool.
     pub http_workers: usize,
 }
 

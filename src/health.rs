@@ -24,7 +24,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use actix_diesel_session::{Database, DbPool, Readiness, ReplicaStatus};
+use actix_diesel_session::{Database, Readiness, ReplicaStatus};
 use actix_web::http::header::{CacheControl, CacheDirective, CONTENT_TYPE};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
@@ -49,7 +49,6 @@ const FAILED: u8 = 2;
 pub struct Health {
     readiness: Readiness,
     db: Database,
-    pool: DbPool,
     schema_ready: AtomicBool,
     draining: AtomicBool,
     /// [`NOT_CHECKED`], [`PASSED`] or [`FAILED`]: set by every readiness answer.
@@ -62,7 +61,6 @@ impl Health {
         Health {
             readiness: db.readiness(APPLICATION_NAME),
             db: db.clone(),
-            pool: db.pool().clone(),
             schema_ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             postgres: AtomicU8::new(NOT_CHECKED),
@@ -137,7 +135,7 @@ impl Health {
             );
         }
 
-        let pool = self.pool.status();
+        let pool = self.db.status();
         let saturated = pool.waiting > 0;
         if saturated && status == Status::Pass {
             status = Status::Warn;

@@ -33,7 +33,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// A pooled connection, within `DB_POOL_TIMEOUT` (the pool's own wait timeout).
 async fn checkout(db: &Database) -> Result<PooledConnection, ApiError> {
-    let pool = db.pool();
+    // The pool the session layer's requests on this worker use.
+    let pool = db.pool_here();
     let wait = pool.timeouts().wait.unwrap_or(Duration::MAX);
     match tokio::time::timeout(wait, pool.get()).await {
         Ok(conn) => Ok(conn.map_err(SessionError::from)?),

@@ -146,7 +146,7 @@ impl Metrics {
 
     /// The exposition text, with the gauges read from `pool` and `health` now.
     pub fn render(&self, db: &Database, health: &Health) -> Result<String, ApiError> {
-        let status = db.pool().status();
+        let status = db.status();
         self.connections
             .get_or_create(&StateLabel { state: "idle" })
             .set(gauge_value(status.available));

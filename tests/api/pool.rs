@@ -54,7 +54,13 @@ async fn an_exhausted_pool_answers_503_after_the_timeout_and_readiness_still_ans
 
 #[tokio::test]
 async fn terminated_connections_fail_at_most_one_request_each_with_503() {
-    let app = spawn_app_with(&[("DB_POOL_SIZE", "3"), ("DB_MAX_OVERFLOW", "0")]).await;
+    // One worker, one pool: three connections held at once by three requests.
+    let app = spawn_app_with(&[
+        ("DB_POOL_SIZE", "3"),
+        ("DB_MAX_OVERFLOW", "0"),
+        ("HTTP_WORKERS", "1"),
+    ])
+    .await;
     // Open three pooled connections at once.
     let mut warm = Vec::new();
     for i in 0..3 {
@@ -101,6 +107,8 @@ async fn overflow_connections_close_after_the_idle_timeout() {
         ("DB_POOL_SIZE", "1"),
         ("DB_MAX_OVERFLOW", "3"),
         ("DB_POOL_IDLE_TIMEOUT", "1"),
+        // One worker, one pool: the burst of four takes all of its overflow.
+        ("HTTP_WORKERS", "1"),
     ])
     .await;
     let mut burst = Vec::new();
@@ -142,4 +150,101 @@ async fn connections_past_their_max_lifetime_are_replaced() {
     app.create_account("second", 1).await;
     let after = app.db.ledger_pids().await;
     assert_ne!(before, after, "the old connection was closed and replaced");
+}
+
+/// With a pool per worker, each worker opens and drives its own connections: a request
+/// is served while the application's runtime (here the test's, which runs the server's
+/// handle) cannot run at all. With connections driven on that runtime, the request
+/// would wait for it.
+#[tokio::test]
+async fn with_a_pool_per_worker_requests_need_no_other_thread_than_their_worker() {
+    let app = spawn_app_with(&[
+        ("HTTP_WORKERS", "2"),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "3"),
+    ])
+    .await;
+    // Each worker once, so that the server is up and both workers have built their pools.
+    for i in 0..2 {
+        let answer = app
+            .post_json("/accounts", &json!({ "name": format!("warm-{i}") }))
+            .await;
+        assert_eq!(answer.status, 201);
+    }
+    let url = app.url("/accounts");
+    let client = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            // Two fresh TCP connections: Actix hands one to each worker.
+            let mut answers = Vec::new();
+            for i in 0..2 {
+                let started = Instant::now();
+                let status = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .timeout(Duration::from_secs(3))
+                    .build()
+                    .expect("client")
+                    .post(&url)
+                    .json(&json!({ "name": format!("unblocked-{i}") }))
+                    .send()
+                    .await
+                    .map(|answer| answer.status());
+                answers.push((status, started.elapsed()));
+            }
+            answers
+        })
+    });
+    // Blocks the application's runtime thread while the requests run.
+    std::thread::sleep(Duration::from_secs(4));
+    let answers = client.join().expect("client thread");
+    for (status, took) in answers {
+        assert_eq!(status.expect("answered"), 201);
+        assert!(
+            took < Duration::from_secs(2),
+            "served in {took:?} while the application's runtime was blocked"
+        );
+    }
+    assert_eq!(
+        app.db
+            .scalar("SELECT count(*) FROM accounts WHERE name LIKE 'unblocked-%'")
+            .await,
+        2
+    );
+}
+
+/// A pool per worker splits the budget, it does not multiply it: under a burst far
+/// beyond it the service holds at most `DB_POOL_SIZE + DB_MAX_OVERFLOW` pooled
+/// connections, and the pools together report that as their maximum.
+#[tokio::test]
+async fn a_pool_per_worker_keeps_the_whole_service_within_the_budget() {
+    let app = spawn_app_with(&[
+        ("HTTP_WORKERS", "2"),
+        ("DB_POOL_SIZE", "2"),
+        ("DB_MAX_OVERFLOW", "3"),
+    ])
+    .await;
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let request = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("client")
+                .post(app.url(&format!("/_test/write-then-sleep?name=burst{i}&ms=200")));
+            tokio::spawn(request.send())
+        })
+        .collect();
+    let mut peak = 0;
+    while !burst.iter().all(|b| b.is_finished()) {
+        peak = peak.max(app.db.sessions("ledger", None).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for b in burst {
+        assert_eq!(b.await.expect("join").expect("answer").status(), 201);
+    }
+    assert!(peak <= 5, "{peak} server connections for a budget of 5");
+    assert!(peak >= 3, "the burst used both workers' pools: {peak}");
+    assert_eq!(app.pool.status().max_size, 5);
 }

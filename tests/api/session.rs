@@ -228,14 +228,13 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
     let db = TestDb::migrated().await;
     let config = crate::support::config_for(&db.name, &Default::default());
     let metrics = actix_web::web::Data::new(ledger::metrics::Metrics::new(&config.db));
-    let sessions = actix_diesel_session::Database::builder(
-        config.db.url.clone(),
-        config.db.session_config(false),
-    )
-    .observer(metrics.db().clone())
-    .build()
-    .expect("pool");
-    let pool = sessions.pool().clone();
+    let sessions =
+        actix_diesel_session::Database::builder(config.db.url.clone(), config.db.session_config(2))
+            .observer(metrics.db().clone())
+            .build()
+            .expect("pool");
+    let pool = sessions.clone();
+    // The test thread builds the service: it is the worker whose pool the request uses.
     let health = actix_web::web::Data::new(ledger::health::Health::new(&sessions));
     let state = ledger::app::AppState {
         db: actix_web::web::Data::new(sessions),
@@ -271,7 +270,7 @@ async fn a_cancelled_request_rolls_back_and_leaves_no_open_transaction() {
     );
     assert_eq!(db.accounts_named("rcancel").await, 0);
     // The connection went back clean (or was closed): the pool serves again.
-    let mut conn = pool.get().await.expect("connection");
+    let mut conn = pool.pool_here().get().await.expect("connection");
     use diesel_async::RunQueryDsl;
     diesel::sql_query("SELECT 1")
         .execute(&mut *conn)

@@ -33,8 +33,10 @@ impl Service {
         let mut all = vec![
             ("DATABASE_URL", db.url.as_str()),
             ("RUN_MIGRATIONS", "false"),
+            // Enough for a pool per worker of 4: the in-flight writes (3) may all land on
+            // one worker, and the drain requests must not wait behind them.
             ("DB_POOL_SIZE", "2"),
-            ("DB_MAX_OVERFLOW", "3"),
+            ("DB_MAX_OVERFLOW", "7"),
             ("RUST_LOG", "info"),
         ];
         all.extend_from_slice(vars);
@@ -248,13 +250,14 @@ async fn a_request_outliving_the_shutdown_timeout_is_dropped_and_rolled_back() {
 }
 
 /// A request in flight across a graceful stop commits on its pooled connection, after
-/// warming that connection up on another TCP connection (which, with two workers, Actix
-/// hands to the other worker).
-async fn a_request_across_a_graceful_stop_commits(workers: &str) {
+/// warming a connection up on another TCP connection (which, with two workers, Actix
+/// hands to the other worker). `budget` is `DB_POOL_SIZE + DB_MAX_OVERFLOW` (all of it
+/// `DB_POOL_SIZE`).
+async fn a_request_across_a_graceful_stop_commits(workers: &str, budget: &str) {
     crate::support::init_logging();
     let db = TestDb::migrated().await;
     let overrides = std::collections::HashMap::from([
-        ("DB_POOL_SIZE", "1".to_owned()),
+        ("DB_POOL_SIZE", budget.to_owned()),
         ("DB_MAX_OVERFLOW", "0".to_owned()),
         ("SHUTDOWN_TIMEOUT_SECS", "10".to_owned()),
         ("HTTP_WORKERS", workers.to_owned()),
@@ -273,7 +276,8 @@ async fn a_request_across_a_graceful_stop_commits(workers: &str) {
             .unwrap()
     };
 
-    // The first worker opens the only pooled connection, then goes idle.
+    // The first worker opens a pooled connection (with one pool, the only one), then
+    // goes idle.
     let warm = fresh()
         .post(format!("{base}/accounts"))
         .json(&json!({ "name": "warm", "balance": 1 }))
@@ -281,8 +285,9 @@ async fn a_request_across_a_graceful_stop_commits(workers: &str) {
         .await
         .unwrap();
     assert_eq!(warm.status(), 201);
-    // The next one holds that connection across the stop: it has written and still holds
-    // its transaction when the stop begins.
+    // The next one, on the other worker, holds a connection across the stop (with one
+    // pool, the first worker's; with a pool per worker, its own worker's): it has written
+    // and still holds its transaction when the stop begins.
     let slow = tokio::spawn(
         fresh()
             .post(format!(
@@ -307,12 +312,22 @@ async fn a_request_across_a_graceful_stop_commits(workers: &str) {
     assert_eq!(db.accounts_named("across-stop").await, 1);
 }
 
-/// A graceful stop lets every worker's in-flight request commit, even when the worker
-/// that opened the request's pooled connection is idle and stops first: connections are
-/// driven by the application's runtime, not by the worker that happened to open them.
+/// With one pool for two workers (a budget of one connection is too small for a pool
+/// per worker), a graceful stop lets every worker's in-flight request commit, even when
+/// the worker that opened the request's pooled connection is idle and stops first: that
+/// pool's connections are driven by the application's runtime, not by the worker that
+/// happened to open them.
 #[tokio::test]
 async fn a_graceful_stop_keeps_connections_opened_by_an_idle_worker_alive() {
-    a_request_across_a_graceful_stop_commits("2").await;
+    a_request_across_a_graceful_stop_commits("2", "1").await;
+}
+
+/// With a pool per worker, each worker drives its own connections, and the idle worker
+/// that stops first takes only its own down: the other worker's request across the stop
+/// commits on its worker's connection.
+#[tokio::test]
+async fn a_graceful_stop_with_a_pool_per_worker_lets_the_busy_worker_commit() {
+    a_request_across_a_graceful_stop_commits("2", "3").await;
 }
 
 /// With a single worker, pooled connections are driven by that worker's own runtime (no
@@ -320,5 +335,5 @@ async fn a_graceful_stop_keeps_connections_opened_by_an_idle_worker_alive() {
 /// request: a request across a graceful stop still commits on its connection.
 #[tokio::test]
 async fn a_graceful_stop_with_one_worker_keeps_the_connections_it_drives_alive() {
-    a_request_across_a_graceful_stop_commits("1").await;
+    a_request_across_a_graceful_stop_commits("1", "1").await;
 }

@@ -43,7 +43,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init(); // the session layer logs through `log`; RUST_LOG=warn shows it
     let url = DatabaseUrl::parse(&std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?)?;
     let port: u16 = std::env::var("PORT").map_or(Ok(8080), |p| p.parse())?;
-    let db = Database::builder(url, SessionConfig::default()).build()?;
+    // A pool per Actix worker, each driven on its worker (Actix starts one per CPU).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut config = SessionConfig::default();
+    config.worker_pools = workers;
+    let db = Database::builder(url, config).build()?;
     diesel::sql_query(
         "CREATE TABLE IF NOT EXISTS notes (id bigserial PRIMARY KEY, body text NOT NULL)",
     )
@@ -65,6 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .wrap(app_db.middleware()),
             )
     })
+    .workers(workers)
     .bind(("127.0.0.1", port))?
     .run() // until Ctrl-C or SIGTERM, then finishes the requests in flight
     .await?;

@@ -60,6 +60,14 @@ pub struct SessionConfig {
     /// shutdown an idle worker stops first, so connections it had opened would die under
     /// the requests other workers are still finishing.
     pub drive_on_callers_runtime: bool,
+    /// Give each of this many Actix workers a pool of its own, opened and driven on that
+    /// worker (0 or 1, the default: one pool for all). Set it to the server's worker
+    /// count: a request and its connection's socket then stay on one thread, which spares
+    /// two cross-thread wake-ups per round trip. The budget (`pool_size + max_overflow`)
+    /// is split among the workers, one connection kept for the application's own pool
+    /// ([`crate::Database::pool`]); with fewer connections than workers plus one there
+    /// is one pool for all. See the README, "A pool per worker".
+    pub worker_pools: usize,
     /// Keep each connection's prepared statements for its later transactions (true).
     /// Turn it off behind a transaction pooler that does not track prepared statements
     /// (PgBouncer in transaction mode before 1.21, or without `max_prepared_statements`):
@@ -94,6 +102,7 @@ impl Default for SessionConfig {
             after_commit_timeout: Duration::from_secs(5),
             echo: false,
             drive_on_callers_runtime: false,
+            worker_pools: 0,
             statement_cache: true,
             startup_options: true,
         }

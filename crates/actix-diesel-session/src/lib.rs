@@ -58,6 +58,7 @@ mod replica;
 mod session;
 mod tls;
 mod url;
+mod workers;
 
 use std::sync::Arc;
 
@@ -80,6 +81,7 @@ pub use crate::session::{
 pub use crate::url::{DatabaseUrl, SslMode};
 
 use crate::session::Settings;
+use crate::workers::WorkerPools;
 
 /// A database for request sessions: the pool, the connector it opens connections with,
 /// and the settings every session shares. Cheap to clone; clones share everything.
@@ -87,6 +89,8 @@ use crate::session::Settings;
 pub struct Database {
     settings: Arc<Settings>,
     config: Arc<SessionConfig>,
+    /// The workers' own pools, with [`SessionConfig::worker_pools`].
+    workers: Option<Arc<WorkerPools>>,
 }
 
 /// Builds a [`Database`]; see [`Database::builder`].
@@ -115,12 +119,39 @@ impl Database {
     /// The middleware that runs each request's session; wrap it around the scopes or
     /// resources whose handlers take a [`DbSession`].
     pub fn middleware(&self) -> SessionMiddleware {
-        SessionMiddleware::new(self.settings.clone())
+        SessionMiddleware::new(self.settings.clone(), self.workers.clone())
     }
 
-    /// The pool (for its status, or for work outside requests).
+    /// The application's pool, for work outside requests. With per-worker pools
+    /// ([`SessionConfig::worker_pools`]) it keeps one connection of the budget, and the
+    /// sessions run on their worker's pool ([`Database::pool_here`]); otherwise the
+    /// sessions run on it too.
     pub fn pool(&self) -> &DbPool {
         &self.settings.pool
+    }
+
+    /// The pool the sessions of the calling thread run on: its worker's own pool once the
+    /// worker has built its first session middleware, otherwise [`Database::pool`]. For
+    /// handlers that check connections out themselves.
+    pub fn pool_here(&self) -> DbPool {
+        self.workers
+            .as_ref()
+            .and_then(WorkerPools::pool_here)
+            .unwrap_or_else(|| self.settings.pool.clone())
+    }
+
+    /// The figures of all the pools together (the application's and every worker's):
+    /// what health and metrics report as the pool.
+    pub fn status(&self) -> deadpool::Status {
+        let mut total = self.settings.pool.status();
+        for pool in self.workers.iter().flat_map(|w| w.pools()) {
+            let status = pool.status();
+            total.max_size += status.max_size;
+            total.size += status.size;
+            total.available += status.available;
+            total.waiting += status.waiting;
+        }
+        total
     }
 
     /// The connector the pool opens connections with. Make connectors for other purposes
@@ -160,6 +191,9 @@ impl Database {
     /// in use when they come back; check-outs fail from now on.
     pub fn close(&self) {
         self.settings.pool.close();
+        for pool in self.workers.iter().flat_map(|w| w.pools()) {
+            pool.close();
+        }
         if let Some(replicas) = &self.settings.replicas {
             replicas.close();
         }
@@ -208,14 +242,27 @@ impl DatabaseBuilder {
         }
         let cfg = self.config;
         let connector = Connector::for_sessions(&self.url, &cfg);
+        let per_worker = cfg.worker_pools > 1 && cfg.max_connections() > cfg.worker_pools;
+        if cfg.worker_pools > 1 && !per_worker {
+            log::info!(
+                "{} pooled connections cannot give {} workers one each besides the application's: one pool for all",
+                cfg.max_connections(),
+                cfg.worker_pools
+            );
+        }
+        let application_cfg = if per_worker {
+            WorkerPools::application_share(&cfg)
+        } else {
+            cfg.clone()
+        };
         let pool = pool::build(
-            &cfg,
+            &application_cfg,
             connector.clone(),
             self.observer.clone(),
             pool::RecyclePing::Select1,
         )
         .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
-        pool::spawn_reaper(&pool, &cfg, self.observer.clone());
+        pool::spawn_reaper(&pool, &application_cfg, self.observer.clone());
         let mut settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
         if !self.replicas.is_empty() {
             let replicas = replica::Replicas::start(
@@ -229,9 +276,14 @@ impl DatabaseBuilder {
             .map_err(|e| SessionError::internal(format!("building a replica pool failed: {e}")))?;
             settings.replicas = Some(replicas);
         }
+        let settings = Arc::new(settings);
+        let workers = per_worker
+            .then(|| WorkerPools::new(&cfg, settings.clone(), cfg.worker_pools))
+            .flatten();
         Ok(Database {
-            settings: Arc::new(settings),
+            settings,
             config: Arc::new(cfg),
+            workers,
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use actix_diesel_session::DbPool;
+use actix_diesel_session::Database;
 use ledger::{Application, Config};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -36,7 +36,8 @@ pub fn config_for(db: &str, overrides: &HashMap<&str, String>) -> Config {
 pub struct TestApp {
     pub address: String,
     pub db: TestDb,
-    pub pool: DbPool,
+    /// The session layer's database: `pool.status()` is all its pools together.
+    pub pool: Database,
     pub client: reqwest::Client,
 }
 
@@ -73,7 +74,7 @@ pub async fn spawn_app_on(db: TestDb, overrides: &[(&str, &str)]) -> TestApp {
         .await
         .expect("application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
-    let pool = app.pool().clone();
+    let pool = app.database().clone();
     tokio::spawn(app.run_until_stopped());
     TestApp {
         address,

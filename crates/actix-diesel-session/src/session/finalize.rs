@@ -38,6 +38,7 @@ use super::watch::WatchHandle;
 use crate::error::SessionError;
 use crate::observe::Reason;
 use crate::replica::{CommitPosition, ReadAfter};
+use crate::workers::WorkerPools;
 
 /// The finalizing middleware: one transaction per request, committed before the response
 /// when the status is below 400, rolled back otherwise (see the crate docs for the whole
@@ -64,16 +65,20 @@ use crate::replica::{CommitPosition, ReadAfter};
 #[derive(Clone)]
 pub struct SessionMiddleware {
     settings: Arc<Settings>,
+    /// The workers' own pools: each worker's services run on its own
+    /// ([`crate::SessionConfig::worker_pools`]).
+    workers: Option<Arc<WorkerPools>>,
     options: Arc<TxOptions>,
 }
 
 impl SessionMiddleware {
-    pub(crate) fn new(settings: Arc<Settings>) -> Self {
+    pub(crate) fn new(settings: Arc<Settings>, workers: Option<Arc<WorkerPools>>) -> Self {
         let mut options = TxOptions::default();
         options.begin = options.begin_sql() + &settings.begin_suffix;
         options.replica_begin = options.replica_begin_sql() + &settings.begin_suffix;
         SessionMiddleware {
             settings,
+            workers,
             options: Arc::new(options),
         }
     }
@@ -208,9 +213,15 @@ where
     type Future = Ready<Result<SessionService<S>, ()>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
+        // Called on the worker that will run the service: its own pool, if it has one.
+        let settings = self
+            .workers
+            .as_ref()
+            .and_then(WorkerPools::settings_here)
+            .unwrap_or_else(|| self.settings.clone());
         ready(Ok(SessionService {
             service: Rc::new(service),
-            settings: self.settings.clone(),
+            settings,
             options: self.options.clone(),
         }))
     }

@@ -1,0 +1,248 @@
+//! A pool per Actix worker ([`crate::SessionConfig::worker_pools`]).
+//!
+//! Each Actix worker is a thread with a single-threaded runtime of its own. With one pool
+//! driven on the application's runtime, every round trip of a request crosses threads
+//! twice (the worker writes, the application's runtime reads the socket and wakes the
+//! worker): measured at about a fifth of the service's CPU per request. With a pool per
+//! worker whose connections are opened and driven on that worker, a request and its
+//! connection's socket stay on one thread, and every core still serves requests.
+//!
+//! It is also what makes driving connections on a worker safe under a graceful shutdown:
+//! an idle worker stops first, and its runtime stops with it, but the connections that die
+//! with it were only ever used by its own requests, which have all finished.
+//!
+//! The budget stays the configured one, split, not multiplied: one connection stays with
+//! the application's pool (the one [`crate::Database::pool`] returns: background work, the
+//! replicas' lag samples), and the other `pool_size + max_overflow - 1` are shared out
+//! among the workers, the base (`pool_size`) first, as evenly as whole connections allow.
+//! A worker cannot borrow another's idle connections: a check-out waits for its own
+//! worker's. Actix hands TCP connections to its workers in turn, so under load each
+//! worker sees its share of the traffic; a single long-lived client connection sees one
+//! worker's share of the pool.
+//!
+//! A worker takes a share when its first session middleware is built (Actix builds each
+//! worker's services on that worker), and gives it back when its thread ends (a worker
+//! Actix restarts after a panic takes the share again). A thread that asks once every share
+//! is taken (more threads than [`crate::SessionConfig::worker_pools`] says) runs its
+//! sessions on the application's pool.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::ThreadId;
+
+use crate::config::SessionConfig;
+use crate::pool::{self, DbPool};
+use crate::session::Settings;
+
+/// The per-worker pools of one [`crate::Database`].
+pub(crate) struct WorkerPools {
+    /// The configuration of the whole database (its full budget).
+    config: SessionConfig,
+    /// The application's settings: the connector, observer, renderer and replicas a
+    /// worker's settings share.
+    base: Arc<Settings>,
+    /// Each worker's `(pool_size, max_connections)`, from [`shares`].
+    shares: Vec<(usize, usize)>,
+    /// One per worker share: which thread holds it, and that worker's settings.
+    slots: Mutex<Vec<Option<Held>>>,
+}
+
+struct Held {
+    thread: ThreadId,
+    settings: Arc<Settings>,
+}
+
+thread_local! {
+    /// The shares this thread holds (one per database in per-worker mode): found here
+    /// without a lock, and given back when the thread ends.
+    static HELD: RefCell<Vec<Share>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A share held by the current thread; dropped (given back) when the thread ends.
+struct Share {
+    owner: Weak<WorkerPools>,
+    /// `Arc::as_ptr` of the owner, to find this database's share among the thread's.
+    key: usize,
+    index: usize,
+    settings: Arc<Settings>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if let Some(owner) = self.owner.upgrade() {
+            owner.give_back(self.index);
+        }
+    }
+}
+
+/// The shares of `total` connections with a base of `base` among `workers`: each
+/// worker's `(pool_size, max_connections)`, remainders to the first workers. `None` when
+/// there are fewer connections than workers (each worker needs one).
+pub(crate) fn shares(base: usize, total: usize, workers: usize) -> Option<Vec<(usize, usize)>> {
+    if workers == 0 || total < workers {
+        return None;
+    }
+    let split = |n: usize| (0..workers).map(move |i| n / workers + usize::from(i < n % workers));
+    Some(
+        split(base.min(total))
+            .zip(split(total))
+            .map(|(base, max)| (base.min(max), max))
+            .collect(),
+    )
+}
+
+impl WorkerPools {
+    /// Per-worker pools for `workers` workers, or `None` when the budget has fewer than
+    /// one connection per worker besides the application's own (one pool for all then).
+    pub(crate) fn new(
+        config: &SessionConfig,
+        base: Arc<Settings>,
+        workers: usize,
+    ) -> Option<Arc<WorkerPools>> {
+        let shares = shares(
+            config.pool_size,
+            config.max_connections().checked_sub(1)?,
+            workers,
+        )?;
+        Some(Arc::new(WorkerPools {
+            config: config.clone(),
+            base,
+            slots: Mutex::new(shares.iter().map(|_| None).collect()),
+            shares,
+        }))
+    }
+
+    /// The budget the application's own pool keeps: one connection, none of it kept open
+    /// when idle.
+    pub(crate) fn application_share(config: &SessionConfig) -> SessionConfig {
+        let mut cfg = config.clone();
+        cfg.pool_size = 0;
+        cfg.max_overflow = 1;
+        cfg
+    }
+
+    fn key(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as usize
+    }
+
+    /// The settings of the calling thread's share, taking a free share (and building its
+    /// pool on the calling thread's runtime) on the thread's first call. `None`: every
+    /// share is taken by other threads, or the thread runs no Tokio runtime.
+    pub(crate) fn settings_here(self: &Arc<Self>) -> Option<Arc<Settings>> {
+        let key = self.key();
+        if let Some(found) = HELD.with_borrow(|held| {
+            held.iter()
+                .find(|share| share.key == key)
+                .map(|share| share.settings.clone())
+        }) {
+            return Some(found);
+        }
+        tokio::runtime::Handle::try_current().ok()?;
+        let thread = std::thread::current().id();
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let index = slots.iter().position(Option::is_none)?;
+        let settings = match self.build_share(index) {
+            Ok(settings) => settings,
+            Err(e) => {
+                log::error!("building a worker's pool failed: {e}; it uses the application's pool");
+                return None;
+            }
+        };
+        slots[index] = Some(Held {
+            thread,
+            settings: settings.clone(),
+        });
+        drop(slots);
+        HELD.with_borrow_mut(|held| {
+            held.push(Share {
+                owner: Arc::downgrade(self),
+                key,
+                index,
+                settings: settings.clone(),
+            })
+        });
+        log::debug!("worker {thread:?} took pool share {index}");
+        Some(settings)
+    }
+
+    /// The pool of the calling thread's share, if it holds one (it never takes one).
+    pub(crate) fn pool_here(self: &Arc<Self>) -> Option<DbPool> {
+        let key = self.key();
+        HELD.with_borrow(|held| {
+            held.iter()
+                .find(|share| share.key == key)
+                .map(|share| share.settings.pool.clone())
+        })
+    }
+
+    fn build_share(&self, index: usize) -> Result<Arc<Settings>, deadpool::managed::BuildError> {
+        let (base, max) = self.shares[index];
+        let mut cfg = self.config.clone();
+        cfg.pool_size = base;
+        cfg.max_overflow = max - base;
+        // Opened and driven here, on this worker's runtime.
+        let connector = self.base.connector.clone().on_callers_runtime();
+        let pool = pool::build(
+            &cfg,
+            connector.clone(),
+            self.base.observer.clone(),
+            pool::RecyclePing::Select1,
+        )?;
+        pool::spawn_reaper(&pool, &cfg, self.base.observer.clone());
+        let mut settings = Settings::new(
+            &cfg,
+            pool,
+            connector,
+            self.base.observer.clone(),
+            self.base.render.clone(),
+        );
+        settings.replicas = self.base.replicas.clone();
+        Ok(Arc::new(settings))
+    }
+
+    /// Gives a share back when its thread ends: its pool closes (its connections died
+    /// with the thread's runtime) and the next worker to start takes the share.
+    fn give_back(&self, index: usize) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = slots.get_mut(index).and_then(Option::take) {
+            held.settings.pool.close();
+            log::debug!("worker {:?} gave pool share {index} back", held.thread);
+        }
+    }
+
+    /// The pools of the shares taken.
+    pub(crate) fn pools(&self) -> Vec<DbPool> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .flatten()
+            .map(|held| held.settings.pool.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares;
+
+    #[test]
+    fn shares_split_the_budget_exactly_with_the_base_first() {
+        // The ledger's defaults on two workers: 5 + 10 - 1 = 14 connections.
+        assert_eq!(shares(5, 14, 2), Some(vec![(3, 7), (2, 7)]));
+        assert_eq!(shares(2, 3, 2), Some(vec![(1, 2), (1, 1)]));
+        for (base, total, workers) in [(5, 14, 3), (1, 7, 4), (9, 9, 4), (20, 3, 3)] {
+            let split = shares(base, total, workers).unwrap();
+            assert_eq!(split.len(), workers);
+            assert_eq!(split.iter().map(|s| s.1).sum::<usize>(), total);
+            assert_eq!(split.iter().map(|s| s.0).sum::<usize>(), base.min(total));
+            assert!(split.iter().all(|&(b, m)| m >= 1 && b <= m));
+        }
+    }
+
+    #[test]
+    fn shares_refuse_fewer_connections_than_workers() {
+        assert_eq!(shares(1, 1, 2), None);
+        assert_eq!(shares(0, 0, 1), None);
+        assert_eq!(shares(1, 1, 0), None);
+    }
+}
