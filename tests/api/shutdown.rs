@@ -33,8 +33,9 @@ impl Service {
         let mut all = vec![
             ("DATABASE_URL", db.url.as_str()),
             ("RUN_MIGRATIONS", "false"),
-            // Enough for a pool per worker of 4: the in-flight writes (3) may all land on
-            // one worker, and the drain requests must not wait behind them.
+            // A pool per worker of 4 (with 9 connections, 1 the application's): the
+            // in-flight writes (3) may all land on one worker, and the drain requests
+            // must not wait behind them.
             ("DB_POOL_SIZE", "2"),
             ("DB_MAX_OVERFLOW", "7"),
             ("RUST_LOG", "info"),
@@ -327,7 +328,8 @@ async fn a_graceful_stop_keeps_connections_opened_by_an_idle_worker_alive() {
 /// commits on its worker's connection.
 #[tokio::test]
 async fn a_graceful_stop_with_a_pool_per_worker_lets_the_busy_worker_commit() {
-    a_request_across_a_graceful_stop_commits("2", "3").await;
+    // 9 connections: 1 for the application, 4 for each worker.
+    a_request_across_a_graceful_stop_commits("2", "9").await;
 }
 
 /// With a single worker, pooled connections are driven by that worker's own runtime (no

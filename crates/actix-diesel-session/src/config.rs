@@ -65,8 +65,9 @@ pub struct SessionConfig {
     /// count: a request and its connection's socket then stay on one thread, which spares
     /// two cross-thread wake-ups per round trip. The budget (`pool_size + max_overflow`)
     /// is split among the workers, one connection kept for the application's own pool
-    /// ([`crate::Database::pool`]); with fewer connections than workers plus one there
-    /// is one pool for all. See the README, "A pool per worker".
+    /// ([`crate::Database::pool`]; two with replicas); with fewer than 4 connections per
+    /// worker there is one pool for all, driven on the runtime that built the
+    /// [`crate::Database`]. See the crate's README, "Pool, probes, TLS".
     pub worker_pools: usize,
     /// Keep each connection's prepared statements for its later transactions (true).
     /// Turn it off behind a transaction pooler that does not track prepared statements

@@ -53,6 +53,11 @@ pub struct Connector {
     /// The runtime that opens and drives connections; `None` outside any runtime, where
     /// connections use the runtime of their caller.
     io: Option<tokio::runtime::Handle>,
+    /// The runtime that sends cancel requests: the one that made the connector, also when
+    /// connections are driven on their callers' runtimes. A worker's runtime may be
+    /// stopping when a statement is given up on (a shutdown timeout), and a cancel
+    /// spawned there would never be sent.
+    cancel_io: Option<tokio::runtime::Handle>,
     /// The bound on a whole attempt.
     attempt_timeout: Duration,
     /// `config` without the timeouts in `options` (the URL's own `options` kept), for
@@ -132,6 +137,7 @@ impl Connector {
     ) -> Self {
         let made = Connector {
             io: self.io.clone(),
+            cancel_io: self.cancel_io.clone(),
             statement_cache: self.statement_cache,
             ..Connector::configure(
                 self.url.clone(),
@@ -214,6 +220,7 @@ impl Connector {
             config,
             tls,
             io: tokio::runtime::Handle::try_current().ok(),
+            cancel_io: tokio::runtime::Handle::try_current().ok(),
             attempt_timeout: connect_timeout,
             plain,
             startup_options: true,
@@ -221,12 +228,15 @@ impl Connector {
         }
     }
 
-    /// Drives each connection on the runtime of whoever opens it instead, for a service
-    /// with a single Actix worker (see [`crate::SessionConfig::drive_on_callers_runtime`]): that worker then runs both the requests and their
-    /// connections' sockets, and a round trip costs no wake-up of another thread (two per
-    /// round trip otherwise, about a fifth of the service's CPU per request). The hazard
-    /// the application's runtime guards against, an idle worker stopping first under a
-    /// graceful shutdown, needs a second worker.
+    /// Drives each connection on the runtime of whoever opens it instead, for a pool that
+    /// only one Actix worker uses (a single worker, see
+    /// [`crate::SessionConfig::drive_on_callers_runtime`], or a worker's own pool, see
+    /// [`crate::SessionConfig::worker_pools`]): that worker then runs both the requests
+    /// and their connections' sockets, and a round trip costs no wake-up of another thread
+    /// (two per round trip otherwise, about a fifth of the service's CPU per request). The
+    /// hazard the application's runtime guards against, an idle worker stopping first
+    /// under a graceful shutdown, needs another worker using the same connections. Cancel
+    /// requests are still sent from the runtime that made the connector.
     pub fn on_callers_runtime(mut self) -> Self {
         self.io = None;
         self
@@ -261,7 +271,7 @@ impl Connector {
     /// the server is executing, nor free its locks, until the server next writes to it.
     pub fn cancel(&self, token: tokio_postgres::CancelToken) {
         let Some(io) = self
-            .io
+            .cancel_io
             .clone()
             .or_else(|| tokio::runtime::Handle::try_current().ok())
         else {

@@ -191,8 +191,8 @@ impl Database {
     /// in use when they come back; check-outs fail from now on.
     pub fn close(&self) {
         self.settings.pool.close();
-        for pool in self.workers.iter().flat_map(|w| w.pools()) {
-            pool.close();
+        if let Some(workers) = &self.workers {
+            workers.close();
         }
         if let Some(replicas) = &self.settings.replicas {
             replicas.close();
@@ -242,16 +242,26 @@ impl DatabaseBuilder {
         }
         let cfg = self.config;
         let connector = Connector::for_sessions(&self.url, &cfg);
-        let per_worker = cfg.worker_pools > 1 && cfg.max_connections() > cfg.worker_pools;
+        // The application's own pool with per-worker pools: background work, and the
+        // primary's lag samples apart from it with replicas.
+        let application = if self.replicas.is_empty() { 1 } else { 2 };
+        let per_worker = cfg.worker_pools > 1
+            && workers::shares(
+                cfg.pool_size,
+                cfg.max_connections().saturating_sub(application),
+                cfg.worker_pools,
+            )
+            .is_some();
         if cfg.worker_pools > 1 && !per_worker {
             log::info!(
-                "{} pooled connections cannot give {} workers one each besides the application's: one pool for all",
+                "{} pooled connections cannot give {} workers {} each besides the application's {application}: one pool for all, driven on the application's runtime",
                 cfg.max_connections(),
-                cfg.worker_pools
+                cfg.worker_pools,
+                workers::MIN_WORKER_SHARE,
             );
         }
         let application_cfg = if per_worker {
-            WorkerPools::application_share(&cfg)
+            WorkerPools::application_share(&cfg, application)
         } else {
             cfg.clone()
         };
@@ -278,7 +288,7 @@ impl DatabaseBuilder {
         }
         let settings = Arc::new(settings);
         let workers = per_worker
-            .then(|| WorkerPools::new(&cfg, settings.clone(), cfg.worker_pools))
+            .then(|| WorkerPools::new(&cfg, settings.clone(), cfg.worker_pools, application))
             .flatten();
         Ok(Database {
             settings,

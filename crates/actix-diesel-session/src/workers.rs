@@ -12,13 +12,17 @@
 //! with it were only ever used by its own requests, which have all finished.
 //!
 //! The budget stays the configured one, split, not multiplied: one connection stays with
-//! the application's pool (the one [`crate::Database::pool`] returns: background work, the
-//! replicas' lag samples), and the other `pool_size + max_overflow - 1` are shared out
-//! among the workers, the base (`pool_size`) first, as evenly as whole connections allow.
+//! the application's pool (the one [`crate::Database::pool`] returns, for background
+//! work), two with replicas (the primary's lag samples must not queue behind other
+//! background work), and the rest are shared out among the workers, the base
+//! (`pool_size`) first, as evenly as whole connections allow.
 //! A worker cannot borrow another's idle connections: a check-out waits for its own
 //! worker's. Actix hands TCP connections to its workers in turn, so under load each
-//! worker sees its share of the traffic; a single long-lived client connection sees one
-//! worker's share of the pool.
+//! worker sees its share of the traffic, but a client that keeps one connection (a load
+//! balancer's keep-alive) stays on one worker, and one slow request takes a whole
+//! connection of that worker's share. So per-worker pools are used only when every
+//! worker gets at least [`MIN_WORKER_SHARE`] connections; a smaller budget keeps one
+//! pool for all, driven on the application's runtime.
 //!
 //! A worker takes a share when its first session middleware is built (Actix builds each
 //! worker's services on that worker), and gives it back when its thread ends (a worker
@@ -30,9 +34,15 @@ use std::cell::RefCell;
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::config::SessionConfig;
 use crate::pool::{self, DbPool};
 use crate::session::Settings;
+
+/// The fewest connections a worker's pool may have: with fewer, a few slow requests on
+/// one worker would make its other requests wait while other workers' connections idle.
+pub const MIN_WORKER_SHARE: usize = 4;
 
 /// The per-worker pools of one [`crate::Database`].
 pub(crate) struct WorkerPools {
@@ -45,6 +55,8 @@ pub(crate) struct WorkerPools {
     shares: Vec<(usize, usize)>,
     /// One per worker share: which thread holds it, and that worker's settings.
     slots: Mutex<Vec<Option<Held>>>,
+    /// Set by [`WorkerPools::close`]: no share is taken any more.
+    closed: AtomicBool,
 }
 
 struct Held {
@@ -77,9 +89,9 @@ impl Drop for Share {
 
 /// The shares of `total` connections with a base of `base` among `workers`: each
 /// worker's `(pool_size, max_connections)`, remainders to the first workers. `None` when
-/// there are fewer connections than workers (each worker needs one).
+/// a worker would get fewer than [`MIN_WORKER_SHARE`].
 pub(crate) fn shares(base: usize, total: usize, workers: usize) -> Option<Vec<(usize, usize)>> {
-    if workers == 0 || total < workers {
+    if workers == 0 || total < workers * MIN_WORKER_SHARE {
         return None;
     }
     let split = |n: usize| (0..workers).map(move |i| n / workers + usize::from(i < n % workers));
@@ -92,16 +104,18 @@ pub(crate) fn shares(base: usize, total: usize, workers: usize) -> Option<Vec<(u
 }
 
 impl WorkerPools {
-    /// Per-worker pools for `workers` workers, or `None` when the budget has fewer than
-    /// one connection per worker besides the application's own (one pool for all then).
+    /// Per-worker pools for `workers` workers, or `None` when the budget, less the
+    /// application's `application` connections, has fewer than [`MIN_WORKER_SHARE`]
+    /// per worker (one pool for all then).
     pub(crate) fn new(
         config: &SessionConfig,
         base: Arc<Settings>,
         workers: usize,
+        application: usize,
     ) -> Option<Arc<WorkerPools>> {
         let shares = shares(
             config.pool_size,
-            config.max_connections().checked_sub(1)?,
+            config.max_connections().checked_sub(application)?,
             workers,
         )?;
         Some(Arc::new(WorkerPools {
@@ -109,15 +123,16 @@ impl WorkerPools {
             base,
             slots: Mutex::new(shares.iter().map(|_| None).collect()),
             shares,
+            closed: AtomicBool::new(false),
         }))
     }
 
-    /// The budget the application's own pool keeps: one connection, none of it kept open
-    /// when idle.
-    pub(crate) fn application_share(config: &SessionConfig) -> SessionConfig {
+    /// The budget the application's own pool keeps: `connections`, none of them kept
+    /// open when idle.
+    pub(crate) fn application_share(config: &SessionConfig, connections: usize) -> SessionConfig {
         let mut cfg = config.clone();
         cfg.pool_size = 0;
-        cfg.max_overflow = 1;
+        cfg.max_overflow = connections;
         cfg
     }
 
@@ -127,7 +142,8 @@ impl WorkerPools {
 
     /// The settings of the calling thread's share, taking a free share (and building its
     /// pool on the calling thread's runtime) on the thread's first call. `None`: every
-    /// share is taken by other threads, or the thread runs no Tokio runtime.
+    /// share is taken by other threads, the pools are closed, or the thread runs no Tokio
+    /// runtime.
     pub(crate) fn settings_here(self: &Arc<Self>) -> Option<Arc<Settings>> {
         let key = self.key();
         if let Some(found) = HELD.with_borrow(|held| {
@@ -137,10 +153,21 @@ impl WorkerPools {
         }) {
             return Some(found);
         }
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
         tokio::runtime::Handle::try_current().ok()?;
         let thread = std::thread::current().id();
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let index = slots.iter().position(Option::is_none)?;
+        let Some(index) = slots.iter().position(Option::is_none) else {
+            // More workers than shares (a worker restarted before the one it replaces
+            // gave its share back, or more workers than configured).
+            log::warn!(
+                "thread {thread:?} found every one of the {} worker pools taken; its sessions use the application's pool",
+                slots.len()
+            );
+            return None;
+        };
         let settings = match self.build_share(index) {
             Ok(settings) => settings,
             Err(e) => {
@@ -210,6 +237,14 @@ impl WorkerPools {
         }
     }
 
+    /// Closes the pools of the shares taken; no share is taken from now on.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for pool in self.pools() {
+            pool.close();
+        }
+    }
+
     /// The pools of the shares taken.
     pub(crate) fn pools(&self) -> Vec<DbPool> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -223,26 +258,29 @@ impl WorkerPools {
 
 #[cfg(test)]
 mod tests {
-    use super::shares;
+    use super::{shares, MIN_WORKER_SHARE};
 
     #[test]
     fn shares_split_the_budget_exactly_with_the_base_first() {
         // The ledger's defaults on two workers: 5 + 10 - 1 = 14 connections.
         assert_eq!(shares(5, 14, 2), Some(vec![(3, 7), (2, 7)]));
-        assert_eq!(shares(2, 3, 2), Some(vec![(1, 2), (1, 1)]));
-        for (base, total, workers) in [(5, 14, 3), (1, 7, 4), (9, 9, 4), (20, 3, 3)] {
+        assert_eq!(shares(2, 9, 2), Some(vec![(1, 5), (1, 4)]));
+        for (base, total, workers) in [(5, 14, 3), (1, 17, 4), (9, 9, 2), (20, 12, 3)] {
             let split = shares(base, total, workers).unwrap();
             assert_eq!(split.len(), workers);
             assert_eq!(split.iter().map(|s| s.1).sum::<usize>(), total);
             assert_eq!(split.iter().map(|s| s.0).sum::<usize>(), base.min(total));
-            assert!(split.iter().all(|&(b, m)| m >= 1 && b <= m));
+            assert!(split.iter().all(|&(b, m)| m >= MIN_WORKER_SHARE && b <= m));
         }
     }
 
     #[test]
-    fn shares_refuse_fewer_connections_than_workers() {
-        assert_eq!(shares(1, 1, 2), None);
+    fn shares_refuse_fewer_than_the_minimum_per_worker() {
+        // The defaults on four workers: 14 connections are fewer than 4 each.
+        assert_eq!(shares(5, 14, 4), None);
+        assert_eq!(shares(5, 15, 4), None);
+        assert_eq!(shares(1, 7, 2), None);
         assert_eq!(shares(0, 0, 1), None);
-        assert_eq!(shares(1, 1, 0), None);
+        assert_eq!(shares(1, 8, 0), None);
     }
 }
