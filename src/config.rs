@@ -28,7 +28,7 @@
 //! | `SHUTDOWN_DRAIN_SECS` | 5 s |
 //! | `SHUTDOWN_TIMEOUT_SECS` | 30 s |
 //! | `HOST` / `PORT` | 127.0.0.1 / 8080 |
-//! | `HTTP_WORKERS` | the CPUs available (Actix's default) |
+//! | `HTTP_WORKERS` | the CPUs available, at most one per 4 pooled connections (see [`default_http_workers`]) |
 //! | `DATABASE_REPLICA_URLS` | none (comma-separated URLs) |
 //! | `DB_REPLICA_POOL_SIZE` | `DB_POOL_SIZE` |
 //! | `DB_REPLICA_MAX_LAG` | 5000 ms |
@@ -283,6 +283,15 @@ impl Config {
             statement_cache: env.boolean("DB_STATEMENT_CACHE", true)?,
             startup_options: env.boolean("DB_STARTUP_OPTIONS", true)?,
         };
+        let http_workers = env.int_in(
+            "HTTP_WORKERS",
+            default_http_workers(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                &db,
+            ),
+            1,
+            MAX_HTTP_WORKERS,
+        )?;
         Ok(Config {
             db,
             run_migrations: env.boolean("RUN_MIGRATIONS", true)?,
@@ -317,14 +326,25 @@ impl Config {
                 })?,
             },
             port: env.int_in("PORT", DEFAULT_PORT as usize, 0, u16::MAX as usize)? as u16,
-            http_workers: env.int_in(
-                "HTTP_WORKERS",
-                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-                1,
-                MAX_HTTP_WORKERS,
-            )?,
+            http_workers,
         })
     }
+}
+
+/// `HTTP_WORKERS` when unset: one worker per CPU, as Actix does, but no more workers than
+/// the pool can give a pool of their own ([`actix_diesel_session::MIN_WORKER_SHARE`]
+/// connections each, after the application's own one, two with replicas), and at least
+/// one. Each worker then drives its own connections (no cross-thread wake-up per round
+/// trip). In a container with one or two CPUs that is one worker per CPU with the default
+/// pool (15 connections); on a large machine it is as many workers as 15 connections
+/// keep busy (3): the database's connections, not the service's CPUs, bound a service
+/// whose requests each hold one, and a worker thread can drive several at once. Raise
+/// `DB_POOL_SIZE` / `DB_MAX_OVERFLOW` (or set `HTTP_WORKERS`) for more.
+pub fn default_http_workers(cpus: usize, db: &DbConfig) -> usize {
+    let application = if db.replica_urls.is_empty() { 1 } else { 2 };
+    let fed = (db.pool_size + db.max_overflow).saturating_sub(application)
+        / actix_diesel_session::MIN_WORKER_SHARE;
+    cpus.min(fed).max(1)
 }
 
 impl ConfigError {
@@ -502,7 +522,13 @@ mod tests {
         assert!(!c.db.echo);
         assert!(c.db.statement_cache);
         assert!(c.db.startup_options);
-        assert!(c.http_workers >= 1);
+        assert_eq!(
+            c.http_workers,
+            default_http_workers(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                &c.db
+            )
+        );
         assert_eq!(
             config(&[URL, ("HTTP_WORKERS", "1")]).unwrap().http_workers,
             1
@@ -600,5 +626,27 @@ mod tests {
         assert!(!format!("{c}").contains("s3cret"));
         assert!(!format!("{c:?}").contains("s3cret"));
         assert!(format!("{c}").contains("app:***@db"));
+    }
+
+    #[test]
+    fn the_default_worker_count_is_the_cpus_the_pool_can_give_a_pool_each() {
+        let db = |vars: &[(&str, &str)]| {
+            let mut all = vec![URL];
+            all.extend_from_slice(vars);
+            config(&all).unwrap().db
+        };
+        let defaults = db(&[]);
+        // 15 connections, 1 the application's: 14 feed 3 workers of 4.
+        assert_eq!(default_http_workers(1, &defaults), 1);
+        assert_eq!(default_http_workers(2, &defaults), 2);
+        assert_eq!(default_http_workers(64, &defaults), 3);
+        // Replicas keep a second connection for the application: 13 feed 3.
+        let replicas = db(&[("DATABASE_REPLICA_URLS", "postgres://r@replica/app")]);
+        assert_eq!(default_http_workers(64, &replicas), 3);
+        let small = db(&[("DB_POOL_SIZE", "2"), ("DB_MAX_OVERFLOW", "2")]);
+        assert_eq!(default_http_workers(8, &small), 1);
+        let large = db(&[("DB_POOL_SIZE", "20"), ("DB_MAX_OVERFLOW", "45")]);
+        assert_eq!(default_http_workers(8, &large), 8);
+        assert_eq!(default_http_workers(64, &large), 16);
     }
 }

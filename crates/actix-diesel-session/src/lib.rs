@@ -79,6 +79,7 @@ pub use crate::session::{
     DbSession, ErrorRenderer, Isolation, Retry, SessionConn, SessionMiddleware, SessionService,
 };
 pub use crate::url::{DatabaseUrl, SslMode};
+pub use crate::workers::MIN_WORKER_SHARE;
 
 use crate::session::Settings;
 use crate::workers::WorkerPools;
