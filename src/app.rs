@@ -25,6 +25,10 @@ use crate::health::{self, Health};
 use crate::metrics::{self, Metrics};
 use crate::{api, openapi, request_id};
 
+/// After the server stopped: how long requests cut off by the shutdown timeout get to give
+/// their connections up and cancel their statements (milliseconds, normally).
+const SHUTDOWN_CLEANUP: Duration = Duration::from_secs(2);
+
 /// Access log: peer, request line, status, size, duration and the request id.
 const ACCESS_LOG_FORMAT: &str = r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#;
 
@@ -112,7 +116,13 @@ impl Application {
     /// Serves until stopped, then closes the pool and the readiness connection.
     pub async fn run_until_stopped(self) -> io::Result<()> {
         let result = self.server.await;
-        self.db.close();
+        // Requests cut off by the shutdown timeout give their connections up, and cancel
+        // what they were running, as their workers stop: give that a moment.
+        if !self.db.shut_down(SHUTDOWN_CLEANUP).await {
+            log::warn!(
+                "requests cut off at shutdown had not ended within {SHUTDOWN_CLEANUP:?}; the server ends their statements when it next writes to them"
+            );
+        }
         self.health.close();
         log::info!("stopped");
         result

@@ -250,6 +250,54 @@ async fn a_request_outliving_the_shutdown_timeout_is_dropped_and_rolled_back() {
     );
 }
 
+/// A statement still running when the shutdown timeout cuts its request off is cancelled
+/// on the server, also when its worker's runtime is the one stopping (a pool per worker):
+/// closing the socket alone would leave the backend running it, holding its locks, until
+/// it ends (PostgreSQL notices a closed client only when it next writes to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_outliving_the_shutdown_timeout_is_cancelled_on_the_server() {
+    let db = TestDb::migrated().await;
+    let mut service = Service::start(
+        &db,
+        &[
+            ("SHUTDOWN_DRAIN_SECS", "0"),
+            ("SHUTDOWN_TIMEOUT_SECS", "1"),
+            ("HTTP_WORKERS", "2"),
+        ],
+    )
+    .await;
+    let overdue = service.spawn_post("/_test/write-then-pg-sleep?name=overdue&ms=60000");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            db.sessions("ledger", Some("active")).await == 1
+        })
+        .await,
+        "the request's pg_sleep runs"
+    );
+
+    service.signal(libc::SIGTERM);
+    let status = service
+        .exit(Duration::from_secs(1) + EXIT_MARGIN)
+        .await
+        .unwrap_or_else(|| panic!("no exit in time:\n{}", service.log()));
+    assert!(status.success(), "{status:?}\n{}", service.log());
+    let answer = overdue.await.expect("task");
+    assert!(
+        answer.as_ref().is_none_or(|a| a.status != 201),
+        "the cut-off request was not acknowledged: {answer:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            db.sessions("ledger", None).await == 0
+        })
+        .await,
+        "the backend running the statement ended, cancelled: {} left\n{}",
+        db.sessions("ledger", None).await,
+        service.log()
+    );
+    assert_eq!(db.accounts_named("overdue").await, 0);
+}
+
 /// A request in flight across a graceful stop commits on its pooled connection, after
 /// warming a connection up on another TCP connection (which, with two workers, Actix
 /// hands to the other worker). `budget` is `DB_POOL_SIZE + DB_MAX_OVERFLOW` (all of it

@@ -73,6 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .bind(("127.0.0.1", port))?
     .run() // until Ctrl-C or SIGTERM, then finishes the requests in flight
     .await?;
-    db.close();
+    // Requests a shutdown timeout cut off cancel their statements on the way out.
+    db.shut_down(std::time::Duration::from_secs(2)).await;
     Ok(())
 }

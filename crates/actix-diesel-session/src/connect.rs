@@ -17,7 +17,9 @@
 //! connecting in the background, so a silent server cannot collect a pile of half-open
 //! attempts that would all turn into server connections at once when it recovers.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use diesel::connection::CacheSize;
 use diesel::ConnectionError;
@@ -58,6 +60,10 @@ pub struct Connector {
     /// stopping when a statement is given up on (a shutdown timeout), and a cancel
     /// spawned there would never be sent.
     cancel_io: Option<tokio::runtime::Handle>,
+    /// Cancel requests under way (shared by every connector made from this one), so that
+    /// a shutdown can wait for them before the process exits: see
+    /// [`crate::Database::shut_down`].
+    cancels: Arc<AtomicUsize>,
     /// The bound on a whole attempt.
     attempt_timeout: Duration,
     /// `config` without the timeouts in `options` (the URL's own `options` kept), for
@@ -138,6 +144,7 @@ impl Connector {
         let made = Connector {
             io: self.io.clone(),
             cancel_io: self.cancel_io.clone(),
+            cancels: self.cancels.clone(),
             statement_cache: self.statement_cache,
             ..Connector::configure(
                 self.url.clone(),
@@ -221,6 +228,7 @@ impl Connector {
             tls,
             io: tokio::runtime::Handle::try_current().ok(),
             cancel_io: tokio::runtime::Handle::try_current().ok(),
+            cancels: Arc::new(AtomicUsize::new(0)),
             attempt_timeout: connect_timeout,
             plain,
             startup_options: true,
@@ -278,7 +286,9 @@ impl Connector {
             return;
         };
         let tls = self.tls.clone();
+        let pending = PendingCancel::new(&self.cancels);
         io.spawn(async move {
+            let _pending = pending;
             let sent = async {
                 match tls {
                     Tls::Enabled { connector, .. } => token.cancel_query(connector).await,
@@ -293,6 +303,20 @@ impl Connector {
                 Err(_) => log::warn!("cancel request got no answer within {CANCEL_TIMEOUT:?}"),
             }
         });
+    }
+
+    /// Waits until no cancel request of this connector (or of one made from it) is under
+    /// way, or `within` has passed; whether none is left.
+    pub(crate) async fn cancels_sent(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        // Polled: a shutdown waits here once, for milliseconds.
+        while self.cancels.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     async fn establish_here(&self) -> Result<AsyncPgConnection, ConnectionError> {
@@ -327,6 +351,23 @@ impl Connector {
             // Fail closed: never fall back to plain text when TLS could not be set up.
             Tls::Broken(e) => Err(ConnectionError::BadConnection(e.clone())),
         }
+    }
+}
+
+/// Counts a cancel request as under way until it is dropped (sent, failed, timed out, or
+/// its task dropped with a runtime that stopped).
+struct PendingCancel(Arc<AtomicUsize>);
+
+impl PendingCancel {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        PendingCancel(count.clone())
+    }
+}
+
+impl Drop for PendingCancel {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

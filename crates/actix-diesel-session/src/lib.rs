@@ -38,7 +38,8 @@
 //!     .bind(("127.0.0.1", 8080))?
 //!     .run()
 //!     .await?;
-//!     db.close();
+//!     // Requests a shutdown timeout cut off cancel their statements on the way out.
+//!     db.shut_down(std::time::Duration::from_secs(2)).await;
 //!     Ok(())
 //! }
 //! ```
@@ -61,6 +62,7 @@ mod url;
 mod workers;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix_web::HttpResponse;
 
@@ -186,6 +188,36 @@ impl Database {
             .as_ref()
             .map(|replicas| replicas.statuses())
             .unwrap_or_default()
+    }
+
+    /// Ends the database after the server has stopped: waits, up to `within`, for the
+    /// requests the server cut off (a shutdown timeout) to give their connections up and
+    /// for the cancel requests that sends for statements still running to be sent, then
+    /// closes the pools ([`Database::close`]). Returns whether everything finished in time.
+    ///
+    /// Actix answers a forced stop before the worker has dropped its requests (the worker
+    /// thread drops them as its runtime stops, and Actix does not join it): a process that
+    /// exited at once would lose those cancel requests, and the server would go on
+    /// running the statements, holding their locks, until they end. A connection still
+    /// checked out once the server has stopped belongs to such a request.
+    pub async fn shut_down(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut released = false;
+        while Instant::now() < deadline {
+            let status = self.status();
+            if status.size == status.available {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let sent = self
+            .settings
+            .connector
+            .cancels_sent(deadline.saturating_duration_since(Instant::now()))
+            .await;
+        self.close();
+        released && sent
     }
 
     /// Closes the pool (and the replicas' pools): idle connections close now, connections
