@@ -28,7 +28,7 @@
 //! | `SHUTDOWN_DRAIN_SECS` | 5 s |
 //! | `SHUTDOWN_TIMEOUT_SECS` | 30 s |
 //! | `HOST` / `PORT` | 127.0.0.1 / 8080 |
-//! | `HTTP_WORKERS` | the CPUs available, at most one per 4 pooled connections (see [`default_http_workers`]) |
+//! | `HTTP_WORKERS` | the CPUs available, but no more than the pool gives 4 connections each (see [`default_http_workers`]) |
 //! | `DATABASE_REPLICA_URLS` | none (comma-separated URLs) |
 //! | `DB_REPLICA_POOL_SIZE` | `DB_POOL_SIZE` |
 //! | `DB_REPLICA_MAX_LAG` | 5000 ms |

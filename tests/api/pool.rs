@@ -152,19 +152,20 @@ async fn connections_past_their_max_lifetime_are_replaced() {
     assert_ne!(before, after, "the old connection was closed and replaced");
 }
 
+/// Two workers with a pool each: 9 connections, 1 for the application, 4 for each worker.
+const A_POOL_PER_WORKER: [(&str, &str); 3] = [
+    ("HTTP_WORKERS", "2"),
+    ("DB_POOL_SIZE", "4"),
+    ("DB_MAX_OVERFLOW", "5"),
+];
+
 /// With a pool per worker, each worker opens and drives its own connections: a request
 /// is served while the application's runtime (here the test's, which runs the server's
 /// handle) cannot run at all. With connections driven on that runtime, the request
 /// would wait for it.
 #[tokio::test]
 async fn with_a_pool_per_worker_requests_need_no_other_thread_than_their_worker() {
-    let app = spawn_app_with(&[
-        // 9 connections: 1 for the application, 4 for each worker.
-        ("HTTP_WORKERS", "2"),
-        ("DB_POOL_SIZE", "4"),
-        ("DB_MAX_OVERFLOW", "5"),
-    ])
-    .await;
+    let app = spawn_app_with(&A_POOL_PER_WORKER).await;
     // Each worker once, so that the server is up and both workers have built their pools.
     for i in 0..2 {
         let answer = app
@@ -221,13 +222,7 @@ async fn with_a_pool_per_worker_requests_need_no_other_thread_than_their_worker(
 /// connections, and the pools together report that as their maximum.
 #[tokio::test]
 async fn a_pool_per_worker_keeps_the_whole_service_within_the_budget() {
-    let app = spawn_app_with(&[
-        // 9 connections: 1 for the application, 4 for each worker.
-        ("HTTP_WORKERS", "2"),
-        ("DB_POOL_SIZE", "4"),
-        ("DB_MAX_OVERFLOW", "5"),
-    ])
-    .await;
+    let app = spawn_app_with(&A_POOL_PER_WORKER).await;
     let burst: Vec<_> = (0..20)
         .map(|i| {
             let request = reqwest::Client::builder()

@@ -277,32 +277,50 @@ impl Connector {
     /// Asks the server, in the background and within `CANCEL_TIMEOUT` (5 s), to cancel what
     /// the connection of `token` is running: closing a socket does not stop a statement
     /// the server is executing, nor free its locks, until the server next writes to it.
+    ///
+    /// Sent from the caller's runtime (no other thread to wake), or from the runtime that
+    /// made the connector when the caller's is stopping (a worker dropping its requests at
+    /// a forced shutdown: without a runtime context, or one that no longer runs tasks).
     pub fn cancel(&self, token: tokio_postgres::CancelToken) {
-        let Some(io) = self
-            .cancel_io
-            .clone()
-            .or_else(|| tokio::runtime::Handle::try_current().ok())
-        else {
-            return;
-        };
-        let tls = self.tls.clone();
-        let pending = PendingCancel::new(&self.cancels);
-        io.spawn(async move {
-            let _pending = pending;
-            let sent = async {
-                match tls {
-                    Tls::Enabled { connector, .. } => token.cancel_query(connector).await,
-                    Tls::Disabled | Tls::Broken(_) => {
-                        token.cancel_query(tokio_postgres::NoTls).await
+        let send = || {
+            let (token, tls) = (token.clone(), self.tls.clone());
+            let pending = PendingCancel::new(&self.cancels);
+            async move {
+                let _pending = pending;
+                let sent = async {
+                    match tls {
+                        Tls::Enabled { connector, .. } => token.cancel_query(connector).await,
+                        Tls::Disabled | Tls::Broken(_) => {
+                            token.cancel_query(tokio_postgres::NoTls).await
+                        }
+                    }
+                };
+                match tokio::time::timeout(CANCEL_TIMEOUT, sent).await {
+                    Ok(Ok(())) => log::debug!("cancel request sent"),
+                    Ok(Err(e)) => log::warn!("cancel request failed: {}", with_causes(&e)),
+                    Err(_) => {
+                        log::warn!("cancel request got no answer within {CANCEL_TIMEOUT:?}")
                     }
                 }
-            };
-            match tokio::time::timeout(CANCEL_TIMEOUT, sent).await {
-                Ok(Ok(())) => log::debug!("cancel request sent"),
-                Ok(Err(e)) => log::warn!("cancel request failed: {}", with_causes(&e)),
-                Err(_) => log::warn!("cancel request got no answer within {CANCEL_TIMEOUT:?}"),
             }
-        });
+        };
+        if let Ok(here) = tokio::runtime::Handle::try_current() {
+            // A runtime that is shutting down drops a task at once: finished before it ran.
+            if !here.spawn(send()).is_finished() {
+                return;
+            }
+        }
+        if let Some(io) = &self.cancel_io {
+            io.spawn(send());
+        }
+    }
+
+    /// Sends cancel requests as `primary` does (from its runtime when the caller's is
+    /// stopping) and counts them with its own, so that one wait at shutdown covers both.
+    pub(crate) fn sharing_cancels_with(mut self, primary: &Connector) -> Self {
+        self.cancel_io = primary.cancel_io.clone();
+        self.cancels = primary.cancels.clone();
+        self
     }
 
     /// Waits until no cancel request of this connector (or of one made from it) is under

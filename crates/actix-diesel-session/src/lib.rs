@@ -191,21 +191,25 @@ impl Database {
     }
 
     /// Ends the database after the server has stopped: waits, up to `within`, for the
-    /// requests the server cut off (a shutdown timeout) to give their connections up and
-    /// for the cancel requests that sends for statements still running to be sent, then
-    /// closes the pools ([`Database::close`]). Returns whether everything finished in time.
+    /// sessions the server cut off (a shutdown timeout) to give their connections up,
+    /// primary and replicas, and for the cancel requests they send for statements still
+    /// running to be sent, then closes the pools ([`Database::close`]). Returns whether
+    /// everything finished in time.
     ///
     /// Actix answers a forced stop before the worker has dropped its requests (the worker
     /// thread drops them as its runtime stops, and Actix does not join it): a process that
     /// exited at once would lose those cancel requests, and the server would go on
     /// running the statements, holding their locks, until they end. A connection still
-    /// checked out once the server has stopped belongs to such a request.
+    /// checked out once the server has stopped belongs to such a request, or to work
+    /// outside requests (an application's own check-outs, a replica's lag sample), which
+    /// this waits for as well. Connections a handler checked out itself
+    /// ([`Database::pool_here`]) get no cancel request when dropped: only sessions do.
     pub async fn shut_down(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
+        let in_use = |s: &deadpool::Status| s.size > s.available;
         let mut released = false;
         while Instant::now() < deadline {
-            let status = self.status();
-            if status.size == status.available {
+            if !in_use(&self.status()) && !self.replicas().iter().any(|r| in_use(&r.pool)) {
                 released = true;
                 break;
             }
@@ -313,6 +317,7 @@ impl DatabaseBuilder {
                 &cfg,
                 &self.replica_config,
                 &settings.pool,
+                &settings.connector,
                 &settings.observer,
                 &settings.render,
             )

@@ -287,6 +287,7 @@ impl Replicas {
         cfg: &SessionConfig,
         replica_cfg: &ReplicaConfig,
         primary: &DbPool,
+        primary_connector: &Connector,
         observer: &Arc<dyn SessionObserver>,
         render: &ErrorRenderer,
     ) -> Result<Arc<Replicas>, deadpool::managed::BuildError> {
@@ -296,7 +297,8 @@ impl Replicas {
         for url in urls {
             // The primary's settings, pooler flags included: replicas sit behind the same
             // kind of pooler as the primary, if any.
-            let connector = Connector::for_sessions(url, cfg);
+            let connector =
+                Connector::for_sessions(url, cfg).sharing_cancels_with(primary_connector);
             let pool = pool::build(
                 &pool_cfg,
                 connector.clone(),

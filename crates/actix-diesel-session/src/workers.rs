@@ -153,12 +153,13 @@ impl WorkerPools {
         }) {
             return Some(found);
         }
-        if self.closed.load(Ordering::Acquire) {
-            return None;
-        }
         tokio::runtime::Handle::try_current().ok()?;
         let thread = std::thread::current().id();
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock that `close` sets it under: no share is built after.
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
         let Some(index) = slots.iter().position(Option::is_none) else {
             // More workers than shares (a worker restarted before the one it replaces
             // gave its share back, or more workers than configured).
@@ -239,7 +240,10 @@ impl WorkerPools {
 
     /// Closes the pools of the shares taken; no share is taken from now on.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        {
+            let _slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            self.closed.store(true, Ordering::Release);
+        }
         for pool in self.pools() {
             pool.close();
         }
