@@ -4,7 +4,9 @@
 //!
 //! `DATABASE_URL=postgres://... PORT=8080 cargo run -p actix-diesel-session --example service`
 
-use actix_diesel_session::{Database, DatabaseUrl, DbSession, SessionConfig, SessionError};
+use actix_diesel_session::{
+    Database, DatabaseUrl, DbSession, SessionConfig, SessionError, MIN_WORKER_SHARE,
+};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use diesel::sql_types::{BigInt, Text};
 use diesel::OptionalExtension;
@@ -43,9 +45,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init(); // the session layer logs through `log`; RUST_LOG=warn shows it
     let url = DatabaseUrl::parse(&std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?)?;
     let port: u16 = std::env::var("PORT").map_or(Ok(8080), |p| p.parse())?;
-    // A pool per Actix worker, each driven on its worker (Actix starts one per CPU).
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // A pool per Actix worker, each driven on its worker: one worker per CPU, but no more
+    // than the pool can give MIN_WORKER_SHARE connections each after the application's own.
     let mut config = SessionConfig::default();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = cpus
+        .min((config.max_connections() - 1) / MIN_WORKER_SHARE)
+        .max(1);
     config.worker_pools = workers;
     let db = Database::builder(url, config).build()?;
     diesel::sql_query(
