@@ -258,6 +258,23 @@ impl TestDb {
             .map(|row| row.get(0))
             .collect()
     }
+
+    /// Whether a session of `application_name` is idle inside a transaction after a
+    /// statement of its own: not right after its `BEGIN`, when the handler may not even
+    /// have its connection yet.
+    pub async fn holds_a_written_transaction(&self, application_name: &str) -> bool {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = $2 \
+                   AND state = 'idle in transaction' AND query NOT ILIKE 'BEGIN%'",
+                &[&self.name, &application_name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0)
+    }
 }
 
 impl Drop for TestDb {
@@ -831,15 +848,16 @@ impl TestApp {
         self.db.session_states(&self.application_name).await
     }
 
-    /// Waits (bounded) until one of the pool's sessions is idle inside a transaction: a
-    /// handler wrote and holds its transaction open.
+    /// Waits (bounded) until one of the pool's sessions is idle inside a transaction after
+    /// a statement past its `BEGIN`: a handler wrote and holds its transaction open. (Right
+    /// after the `BEGIN` the session is idle in a transaction too, while the handler is
+    /// still waiting for its connection: a request cut off then ends no transaction.)
     pub async fn wait_for_open_transaction(&self) {
         assert!(
             eventually(SLACK, || async {
-                self.session_states()
+                self.db
+                    .holds_a_written_transaction(&self.application_name)
                     .await
-                    .iter()
-                    .any(|s| s == "idle in transaction")
             })
             .await,
             "a handler holds an open transaction: {:?}",
