@@ -42,11 +42,12 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// Every connection is opened, and its socket driven, on the Tokio runtime that created
 /// the `Connector` (normally the runtime that builds the application, the one `main`
-/// runs on; see [`crate::SessionConfig::drive_on_callers_runtime`]), not on whichever Actix worker first
-/// needed it: diesel-async spawns the task that drives a connection's socket on the
-/// current runtime, and a worker's runtime stops with the worker. During a graceful
-/// shutdown an idle worker stops first, so connections it had opened would die under the
-/// requests other workers are still finishing.
+/// runs on), not on whichever Actix worker first needed it: diesel-async spawns the task
+/// that drives a connection's socket on the current runtime, and a worker's runtime stops
+/// with the worker. During a graceful shutdown an idle worker stops first, so connections
+/// it had opened would die under the requests other workers are still finishing. A pool
+/// that only one worker uses is the exception ([`Connector::on_callers_runtime`]: a
+/// single worker, or a worker's own pool).
 #[derive(Clone, Debug)]
 pub struct Connector {
     url: DatabaseUrl,

@@ -270,6 +270,8 @@ impl DatabaseBuilder {
     /// Builds the pool (without connecting) and starts its reaper (see
     /// [`SessionConfig::idle_timeout`]) on the current Tokio runtime, which also opens and
     /// drives the connections unless [`SessionConfig::drive_on_callers_runtime`] is set.
+    /// With [`SessionConfig::worker_pools`], each worker's pool is built, and driven, by
+    /// that worker when it builds its first [`SessionMiddleware`].
     /// Fails outside a Tokio runtime (call it from `#[actix_web::main]`, say).
     pub fn build(self) -> Result<Database, SessionError> {
         if tokio::runtime::Handle::try_current().is_err() {
