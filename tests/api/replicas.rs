@@ -735,3 +735,69 @@ async fn a_silent_replica_delays_the_measurement_of_no_other_server() {
     }
     drop(primary);
 }
+
+/// With a pool per worker, each worker has a pool of each replica too, opened and driven
+/// by that worker: reads on the replica are served while the application's runtime (here
+/// the test's, which also runs the lag measurements) cannot run at all. With the replica's
+/// connections driven on that runtime, the reads would wait for it.
+#[tokio::test]
+async fn with_a_pool_per_worker_replica_reads_need_no_other_thread_than_their_worker() {
+    // Primary: 10 connections, 2 the application's, 4 per worker; replica: 10, 1 shared,
+    // 5 + 4 for the workers.
+    let (primary, _replica, app) = replicated(&[
+        ("HTTP_WORKERS", "2"),
+        ("DB_POOL_SIZE", "5"),
+        ("DB_MAX_OVERFLOW", "5"),
+    ])
+    .await;
+    let id = readable_account(&app).await;
+    let url = app.url(&format!("/accounts/{id}"));
+    // Each worker once, on a fresh TCP connection (Actix hands them out in turn), so
+    // that both have built their pools.
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("client")
+    };
+    for _ in 0..2 {
+        assert_eq!(fresh().get(&url).send().await.expect("read").status(), 200);
+    }
+    let before = Scrape::take(&app).await;
+    let reads = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                let started = Instant::now();
+                let status = fresh().get(&url).send().await.map(|a| a.status());
+                answers.push((status, started.elapsed()));
+            }
+            answers
+        })
+    });
+    // Blocks the application's runtime thread while the reads run (well within the
+    // maximum lag, so the replica stays eligible).
+    std::thread::sleep(Duration::from_secs(2));
+    for (status, took) in reads.join().expect("reads") {
+        assert_eq!(status.expect("answered"), StatusCode::OK);
+        assert!(
+            took < Duration::from_secs(1),
+            "served in {took:?} while the application's runtime was blocked"
+        );
+    }
+    let after = Scrape::take(&app).await;
+    assert_eq!(
+        after.delta(&before, ON_REPLICA),
+        2.0,
+        "both reads ran on the replica"
+    );
+    // The replica's budget split, not multiplied: 1 shared + 5 + 4; the primary's too.
+    assert_eq!(app.pool.replicas()[0].pool.max_size, 10);
+    assert_eq!(app.pool.status().max_size, 10);
+    drop(primary);
+}

@@ -148,11 +148,7 @@ impl Database {
     pub fn status(&self) -> deadpool::Status {
         let mut total = self.settings.pool.status();
         for pool in self.workers.iter().flat_map(|w| w.pools()) {
-            let status = pool.status();
-            total.max_size += status.max_size;
-            total.size += status.size;
-            total.available += status.available;
-            total.waiting += status.waiting;
+            add_status(&mut total, pool.status());
         }
         total
     }
@@ -183,11 +179,22 @@ impl Database {
 
     /// What the latest measurement of each replica found (none without replicas).
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.settings
+        let mut statuses = self
+            .settings
             .replicas
             .as_ref()
             .map(|replicas| replicas.statuses())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // With per-worker pools, a replica's pool figures are its shared pool's and every
+        // worker's own together.
+        if let Some(workers) = &self.workers {
+            for (index, status) in statuses.iter_mut().enumerate() {
+                for pool in workers.replica_pools(index) {
+                    add_status(&mut status.pool, pool.status());
+                }
+            }
+        }
+        statuses
     }
 
     /// Ends the database after the server has stopped: waits, up to `within`, for the
@@ -235,6 +242,14 @@ impl Database {
             replicas.close();
         }
     }
+}
+
+/// Adds one pool's figures to a sum of pools'.
+fn add_status(total: &mut deadpool::Status, status: deadpool::Status) {
+    total.max_size += status.max_size;
+    total.size += status.size;
+    total.available += status.available;
+    total.waiting += status.waiting;
 }
 
 impl DatabaseBuilder {
@@ -314,9 +329,14 @@ impl DatabaseBuilder {
         pool::spawn_reaper(&pool, &application_cfg, self.observer.clone());
         let mut settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
         if !self.replicas.is_empty() {
+            // Each worker gets pools of the replicas too only if it has one of the primary.
+            let mut replica_session_cfg = cfg.clone();
+            if !per_worker {
+                replica_session_cfg.worker_pools = 0;
+            }
             let replicas = replica::Replicas::start(
                 &self.replicas,
-                &cfg,
+                &replica_session_cfg,
                 &self.replica_config,
                 &settings.pool,
                 &settings.connector,

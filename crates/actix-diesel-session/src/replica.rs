@@ -277,9 +277,50 @@ pub(crate) struct Replicas {
     next: AtomicUsize,
     samples: Mutex<Samples>,
     closed: AtomicBool,
+    /// A replica's pool limits, as configured (before any split among workers).
+    pool_cfg: SessionConfig,
+    /// Each worker's `(pool_size, max_connections)` of every replica, with per-worker
+    /// pools; `None`: workers use the replicas' shared pools.
+    worker_shares: Option<Vec<(usize, usize)>>,
 }
 
 impl Replicas {
+    /// The pools of every replica for the worker holding share `index`, opened and driven
+    /// by the calling thread (empty when workers use the shared pools).
+    pub(crate) fn worker_pools(
+        &self,
+        index: usize,
+        observer: &Arc<dyn SessionObserver>,
+        render: &ErrorRenderer,
+    ) -> Result<Vec<Arc<Settings>>, deadpool::managed::BuildError> {
+        let Some(&(base, max)) = self.worker_shares.as_ref().and_then(|s| s.get(index)) else {
+            return Ok(Vec::new());
+        };
+        let mut cfg = self.pool_cfg.clone();
+        cfg.pool_size = base;
+        cfg.max_overflow = max - base;
+        self.members
+            .iter()
+            .map(|member| {
+                let connector = member.settings.connector.clone().on_callers_runtime();
+                let pool = pool::build(
+                    &cfg,
+                    connector.clone(),
+                    observer.clone(),
+                    pool::RecyclePing::Empty,
+                )?;
+                pool::spawn_reaper(&pool, &cfg, observer.clone());
+                Ok(Arc::new(Settings::new(
+                    &cfg,
+                    pool,
+                    connector,
+                    observer.clone(),
+                    render.clone(),
+                )))
+            })
+            .collect()
+    }
+
     /// Builds a pool per replica (without connecting) and starts the monitoring task on
     /// the current Tokio runtime.
     pub(crate) fn start(
@@ -291,8 +332,27 @@ impl Replicas {
         observer: &Arc<dyn SessionObserver>,
         render: &ErrorRenderer,
     ) -> Result<Arc<Replicas>, deadpool::managed::BuildError> {
+        // `worker_pools` is 0 unless the primary has per-worker pools.
+        let workers = cfg.worker_pools;
         let mut pool_cfg = cfg.clone();
         pool_cfg.pool_size = replica_cfg.pool_size;
+        // With per-worker pools for the primary, each worker gets a pool of each replica
+        // too, when the replica's budget allows (as for the primary: one connection kept
+        // for the shared pool, at least `MIN_WORKER_SHARE` per worker).
+        let worker_shares = (workers > 1)
+            .then(|| {
+                crate::workers::shares(
+                    pool_cfg.pool_size,
+                    pool_cfg.max_connections().saturating_sub(1),
+                    workers,
+                )
+            })
+            .flatten();
+        let shared_cfg = if worker_shares.is_some() {
+            crate::workers::WorkerPools::application_share(&pool_cfg, 1)
+        } else {
+            pool_cfg.clone()
+        };
         let mut members = Vec::with_capacity(urls.len());
         for url in urls {
             // The primary's settings, pooler flags included: replicas sit behind the same
@@ -300,12 +360,12 @@ impl Replicas {
             let connector =
                 Connector::for_sessions(url, cfg).sharing_cancels_with(primary_connector);
             let pool = pool::build(
-                &pool_cfg,
+                &shared_cfg,
                 connector.clone(),
                 observer.clone(),
                 pool::RecyclePing::Empty,
             )?;
-            pool::spawn_reaper(&pool, &pool_cfg, observer.clone());
+            pool::spawn_reaper(&pool, &shared_cfg, observer.clone());
             let monitor = connector.with_settings(
                 &format!("{}-monitor", cfg.application_name),
                 Some(cfg.probe_timeout),
@@ -315,7 +375,7 @@ impl Replicas {
             members.push(Member {
                 name: server_name(url),
                 settings: Arc::new(Settings::new(
-                    &pool_cfg,
+                    &shared_cfg,
                     pool,
                     connector,
                     observer.clone(),
@@ -332,6 +392,8 @@ impl Replicas {
             next: AtomicUsize::new(0),
             samples: Mutex::new(Samples::default()),
             closed: AtomicBool::new(false),
+            pool_cfg,
+            worker_shares,
         });
         spawn_monitors(
             &replicas,
@@ -715,6 +777,8 @@ mod tests {
             next: AtomicUsize::new(0),
             samples: Mutex::new(Samples::default()),
             closed: AtomicBool::new(false),
+            pool_cfg: SessionConfig::default(),
+            worker_shares: None,
         }
     }
 

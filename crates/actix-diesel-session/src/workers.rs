@@ -24,6 +24,10 @@
 //! worker gets at least [`MIN_WORKER_SHARE`] connections; a smaller budget keeps one
 //! pool for all, driven on the application's runtime.
 //!
+//! Each worker also gets a pool of each replica, the replica's budget split the same way
+//! (one connection kept for its shared pool), when that allows [`MIN_WORKER_SHARE`] per
+//! worker; otherwise the workers share that replica's pool.
+//!
 //! A worker takes a share when its first session middleware is built (Actix builds each
 //! worker's services on that worker), and gives it back when its thread ends (a worker
 //! Actix restarts after a panic takes the share again). A thread that asks once every share
@@ -224,7 +228,11 @@ impl WorkerPools {
             self.base.observer.clone(),
             self.base.render.clone(),
         );
-        settings.replicas = self.base.replicas.clone();
+        if let Some(replicas) = &self.base.replicas {
+            settings.replica_pools =
+                replicas.worker_pools(index, &self.base.observer, &self.base.render)?;
+            settings.replicas = Some(replicas.clone());
+        }
         Ok(Arc::new(settings))
     }
 
@@ -234,6 +242,9 @@ impl WorkerPools {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = slots.get_mut(index).and_then(Option::take) {
             held.settings.pool.close();
+            for replica in &held.settings.replica_pools {
+                replica.pool.close();
+            }
             log::debug!("worker {:?} gave pool share {index} back", held.thread);
         }
     }
@@ -244,9 +255,25 @@ impl WorkerPools {
             let _slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             self.closed.store(true, Ordering::Release);
         }
-        for pool in self.pools() {
-            pool.close();
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for held in slots.iter().flatten() {
+            held.settings.pool.close();
+            for replica in &held.settings.replica_pools {
+                replica.pool.close();
+            }
         }
+    }
+
+    /// The workers' own pools of the replica at `index` (none when they use its shared
+    /// pool).
+    pub(crate) fn replica_pools(&self, index: usize) -> Vec<DbPool> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .flatten()
+            .filter_map(|held| held.settings.replica_pools.get(index))
+            .map(|replica| replica.pool.clone())
+            .collect()
     }
 
     /// The pools of the shares taken.

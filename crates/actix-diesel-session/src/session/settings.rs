@@ -35,6 +35,9 @@ pub(crate) struct Settings {
     pub(crate) echo: bool,
     /// The replicas that read-only sessions may run on (none by default).
     pub(crate) replicas: Option<Arc<Replicas>>,
+    /// This worker's own pool of each replica, by the replica's index, with per-worker
+    /// pools (empty otherwise: sessions use the replica's shared pool).
+    pub(crate) replica_pools: Vec<Arc<Settings>>,
     /// Bound on a replica's check-out plus BEGIN before the read goes to the primary.
     pub(crate) replica_checkout_timeout: Duration,
     /// See [`SessionConfig::statement_cache`].
@@ -64,6 +67,7 @@ impl Settings {
             after_commit_timeout: cfg.after_commit_timeout,
             echo: cfg.echo,
             replicas: None,
+            replica_pools: Vec::new(),
             // A replica that does not hand out a connection within the probe timeout is
             // treated like one that is down: the primary can still serve the read in time.
             replica_checkout_timeout: cfg.checkout_timeout.min(cfg.probe_timeout),

@@ -263,13 +263,18 @@ impl Slot {
             None => self.begin_on_primary(&begin(&options.begin)?).await?,
             Some((replicas, index)) => {
                 let replica = &replicas.members[index];
+                // This worker's own pool of the replica, if it has one.
+                let replica_settings = settings
+                    .replica_pools
+                    .get(index)
+                    .unwrap_or(&replica.settings);
                 // Its own BEGIN, which states the isolation level (see `TxOptions`).
                 let on_replica = self
                     .deadlines
                     .checkout(
                         settings.replica_checkout_timeout,
                         settings,
-                        TxConn::begin(&replica.settings, &begin(&options.replica_begin)?),
+                        TxConn::begin(replica_settings, &begin(&options.replica_begin)?),
                     )
                     .await;
                 match on_replica {
