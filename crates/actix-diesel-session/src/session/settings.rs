@@ -68,8 +68,9 @@ impl Settings {
             echo: cfg.echo,
             replicas: None,
             replica_pools: Vec::new(),
-            // A replica that does not hand out a connection within the probe timeout is
-            // treated like one that is down: the primary can still serve the read in time.
+            // A replica that does not hand out a connection within the probe timeout loses
+            // the read to the primary, which can still serve it in time (and counts as
+            // down, unless its pool only had every connection in use: `Slot::open`).
             replica_checkout_timeout: cfg.checkout_timeout.min(cfg.probe_timeout),
             statement_cache: cfg.statement_cache,
             begin_suffix: cfg.begin_suffix(),

@@ -286,8 +286,16 @@ impl Slot {
                         tx
                     }
                     Err(e) => {
-                        // Nothing has been read yet: the primary can serve it.
-                        replicas.mark_down(replica, &e.to_string());
+                        // Nothing has been read yet: the primary can serve it. A pool
+                        // whose every connection was in use only had no connection to
+                        // spare (with a pool per worker, this worker's share of the
+                        // replica): that says nothing of the replica, which other workers
+                        // go on using. Otherwise connecting or BEGIN failed, or took too
+                        // long: it counts as down until its next measurement.
+                        let status = replica_settings.pool.status();
+                        if status.size < status.max_size || status.available > 0 {
+                            replicas.mark_down(replica, &e.to_string());
+                        }
                         settings
                             .observer
                             .read_routed(ReadTarget::Primary, ReadReason::Down);
