@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{eventually, spawn_app_with};
+use crate::support::{eventually, requests_while_blocked, spawn_app_with};
 
 #[tokio::test]
 async fn an_exhausted_pool_answers_503_after_the_timeout_and_readiness_still_answers() {
@@ -166,7 +166,8 @@ const A_POOL_PER_WORKER: [(&str, &str); 3] = [
 #[tokio::test]
 async fn with_a_pool_per_worker_requests_need_no_other_thread_than_their_worker() {
     let app = spawn_app_with(&A_POOL_PER_WORKER).await;
-    // Each worker once, so that the server is up and both workers have built their pools.
+    // The server is up (each worker builds its pool as it starts; connections open on
+    // first use, below).
     for i in 0..2 {
         let answer = app
             .post_json("/accounts", &json!({ "name": format!("warm-{i}") }))
@@ -174,34 +175,12 @@ async fn with_a_pool_per_worker_requests_need_no_other_thread_than_their_worker(
         assert_eq!(answer.status, 201);
     }
     let url = app.url("/accounts");
-    let client = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            // Two fresh TCP connections: Actix hands one to each worker.
-            let mut answers = Vec::new();
-            for i in 0..2 {
-                let started = Instant::now();
-                let status = reqwest::Client::builder()
-                    .pool_max_idle_per_host(0)
-                    .timeout(Duration::from_secs(3))
-                    .build()
-                    .expect("client")
-                    .post(&url)
-                    .json(&json!({ "name": format!("unblocked-{i}") }))
-                    .send()
-                    .await
-                    .map(|answer| answer.status());
-                answers.push((status, started.elapsed()));
-            }
-            answers
-        })
-    });
     // Blocks the application's runtime thread while the requests run.
-    std::thread::sleep(Duration::from_secs(4));
-    let answers = client.join().expect("client thread");
+    let answers = requests_while_blocked(2, Duration::from_secs(4), move |client, i| {
+        client
+            .post(&url)
+            .json(&json!({ "name": format!("unblocked-{i}") }))
+    });
     for (status, took) in answers {
         assert_eq!(status.expect("answered"), 201);
         assert!(

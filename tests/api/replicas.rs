@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::metrics::Scrape;
 use crate::support::pg_cluster::PgCluster;
 use crate::support::proxy::{Mode, Proxy};
-use crate::support::{eventually, spawn_app_on, TestApp, TestDb, SLACK};
+use crate::support::{eventually, requests_while_blocked, spawn_app_on, TestApp, TestDb, SLACK};
 
 const ON_REPLICA: &str = r#"db_reads_total{target="replica",reason="replica"}"#;
 const LAGGING: &str = r#"db_reads_total{target="primary",reason="lagging"}"#;
@@ -765,25 +765,11 @@ async fn with_a_pool_per_worker_replica_reads_need_no_other_thread_than_their_wo
         assert_eq!(fresh().get(&url).send().await.expect("read").status(), 200);
     }
     let before = Scrape::take(&app).await;
-    let reads = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let mut answers = Vec::new();
-            for _ in 0..2 {
-                let started = Instant::now();
-                let status = fresh().get(&url).send().await.map(|a| a.status());
-                answers.push((status, started.elapsed()));
-            }
-            answers
-        })
-    });
     // Blocks the application's runtime thread while the reads run (well within the
     // maximum lag, so the replica stays eligible).
-    std::thread::sleep(Duration::from_secs(2));
-    for (status, took) in reads.join().expect("reads") {
+    let reads =
+        requests_while_blocked(2, Duration::from_secs(2), move |client, _| client.get(&url));
+    for (status, took) in reads {
         assert_eq!(status.expect("answered"), StatusCode::OK);
         assert!(
             took < Duration::from_secs(1),

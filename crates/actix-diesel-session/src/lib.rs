@@ -319,15 +319,14 @@ impl DatabaseBuilder {
         } else {
             cfg.clone()
         };
-        let pool = pool::build(
+        let mut settings = Settings::with_new_pool(
             &application_cfg,
-            connector.clone(),
-            self.observer.clone(),
+            connector,
+            &self.observer,
+            &self.render,
             pool::RecyclePing::Select1,
         )
         .map_err(|e| SessionError::internal(format!("building the pool failed: {e}")))?;
-        pool::spawn_reaper(&pool, &application_cfg, self.observer.clone());
-        let mut settings = Settings::new(&cfg, pool, connector, self.observer, self.render);
         if !self.replicas.is_empty() {
             // Each worker gets pools of the replicas too only if it has one of the primary.
             let mut replica_session_cfg = cfg.clone();

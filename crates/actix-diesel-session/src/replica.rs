@@ -302,21 +302,14 @@ impl Replicas {
         self.members
             .iter()
             .map(|member| {
-                let connector = member.settings.connector.clone().on_callers_runtime();
-                let pool = pool::build(
+                Settings::with_new_pool(
                     &cfg,
-                    connector.clone(),
-                    observer.clone(),
+                    member.settings.connector.clone().on_callers_runtime(),
+                    observer,
+                    render,
                     pool::RecyclePing::Empty,
-                )?;
-                pool::spawn_reaper(&pool, &cfg, observer.clone());
-                Ok(Arc::new(Settings::new(
-                    &cfg,
-                    pool,
-                    connector,
-                    observer.clone(),
-                    render.clone(),
-                )))
+                )
+                .map(Arc::new)
             })
             .collect()
     }
@@ -359,13 +352,6 @@ impl Replicas {
             // kind of pooler as the primary, if any.
             let connector =
                 Connector::for_sessions(url, cfg).sharing_cancels_with(primary_connector);
-            let pool = pool::build(
-                &shared_cfg,
-                connector.clone(),
-                observer.clone(),
-                pool::RecyclePing::Empty,
-            )?;
-            pool::spawn_reaper(&pool, &shared_cfg, observer.clone());
             let monitor = connector.with_settings(
                 &format!("{}-monitor", cfg.application_name),
                 Some(cfg.probe_timeout),
@@ -374,13 +360,13 @@ impl Replicas {
             );
             members.push(Member {
                 name: server_name(url),
-                settings: Arc::new(Settings::new(
+                settings: Arc::new(Settings::with_new_pool(
                     &shared_cfg,
-                    pool,
                     connector,
-                    observer.clone(),
-                    render.clone(),
-                )),
+                    observer,
+                    render,
+                    pool::RecyclePing::Empty,
+                )?),
                 monitor,
                 measured: Mutex::new(Measured::default()),
             });

@@ -214,20 +214,13 @@ impl WorkerPools {
         cfg.max_overflow = max - base;
         // Opened and driven here, on this worker's runtime.
         let connector = self.base.connector.clone().on_callers_runtime();
-        let pool = pool::build(
+        let mut settings = Settings::with_new_pool(
             &cfg,
-            connector.clone(),
-            self.base.observer.clone(),
+            connector,
+            &self.base.observer,
+            &self.base.render,
             pool::RecyclePing::Select1,
         )?;
-        pool::spawn_reaper(&pool, &cfg, self.base.observer.clone());
-        let mut settings = Settings::new(
-            &cfg,
-            pool,
-            connector,
-            self.base.observer.clone(),
-            self.base.render.clone(),
-        );
         if let Some(replicas) = &self.base.replicas {
             settings.replica_pools =
                 replicas.worker_pools(index, &self.base.observer, &self.base.render)?;

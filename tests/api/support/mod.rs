@@ -93,6 +93,41 @@ pub async fn within<T>(
 /// bounds at least `SLACK` away from the timeout or hang a regression would run into.
 pub const SLACK: Duration = Duration::from_secs(2);
 
+/// Sends `count` requests made by `request`, one after the other and each on a new TCP
+/// connection (so Actix hands them to its workers in turn), from a thread and runtime of
+/// their own, while the calling thread sleeps for `block`: each one's status (or error)
+/// and how long it took. With the calling thread's runtime running the service's
+/// handle, its background tasks and whatever the application's runtime drives, this
+/// shows which requests need no thread but their worker's.
+pub fn requests_while_blocked(
+    count: usize,
+    block: Duration,
+    request: impl Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + 'static,
+) -> Vec<(reqwest::Result<reqwest::StatusCode>, Duration)> {
+    let client = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("client");
+        runtime.block_on(async {
+            let mut answers = Vec::new();
+            for i in 0..count {
+                let started = std::time::Instant::now();
+                let status = request(&client, i).send().await.map(|a| a.status());
+                answers.push((status, started.elapsed()));
+            }
+            answers
+        })
+    });
+    std::thread::sleep(block);
+    client.join().expect("the requests' thread")
+}
+
 /// Polls `check` every 50 ms until it holds or `within` passes; returns whether it held.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where

@@ -9,7 +9,7 @@ use crate::config::SessionConfig;
 use crate::connect::Connector;
 use crate::error::SessionError;
 use crate::observe::SessionObserver;
-use crate::pool::DbPool;
+use crate::pool::{self, DbPool, RecyclePing};
 use crate::replica::Replicas;
 
 /// How the middleware turns a [`SessionError`] into the response it sends instead of the
@@ -48,6 +48,27 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The settings of sessions on a new pool for `cfg` (built without connecting,
+    /// through `connector`, pinging with `ping`), its reaper started on the current
+    /// runtime. One recipe for the application's pool, a worker's, and a replica's.
+    pub(crate) fn with_new_pool(
+        cfg: &SessionConfig,
+        connector: Connector,
+        observer: &Arc<dyn SessionObserver>,
+        render: &ErrorRenderer,
+        ping: RecyclePing,
+    ) -> Result<Self, deadpool::managed::BuildError> {
+        let pool = pool::build(cfg, connector.clone(), observer.clone(), ping)?;
+        pool::spawn_reaper(&pool, cfg, observer.clone());
+        Ok(Settings::new(
+            cfg,
+            pool,
+            connector,
+            observer.clone(),
+            render.clone(),
+        ))
+    }
+
     pub(crate) fn new(
         cfg: &SessionConfig,
         pool: DbPool,
