@@ -341,9 +341,9 @@ impl Config {
 /// whose requests each hold one, and a worker thread can drive several at once. Raise
 /// `DB_POOL_SIZE` / `DB_MAX_OVERFLOW` (or set `HTTP_WORKERS`) for more.
 pub fn default_http_workers(cpus: usize, db: &DbConfig) -> usize {
-    let application = if db.replica_urls.is_empty() { 1 } else { 2 };
-    let fed = (db.pool_size + db.max_overflow).saturating_sub(application)
-        / actix_diesel_session::MIN_WORKER_SHARE;
+    let fed = db
+        .session_config(cpus)
+        .max_worker_pools(!db.replica_urls.is_empty());
     cpus.min(fed).max(1)
 }
 

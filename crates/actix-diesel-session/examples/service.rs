@@ -4,9 +4,7 @@
 //!
 //! `DATABASE_URL=postgres://... PORT=8080 cargo run -p actix-diesel-session --example service`
 
-use actix_diesel_session::{
-    Database, DatabaseUrl, DbSession, SessionConfig, SessionError, MIN_WORKER_SHARE,
-};
+use actix_diesel_session::{Database, DatabaseUrl, DbSession, SessionConfig, SessionError};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use diesel::sql_types::{BigInt, Text};
 use diesel::OptionalExtension;
@@ -49,9 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // than the pool can give MIN_WORKER_SHARE connections each after the application's own.
     let mut config = SessionConfig::default();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = cpus
-        .min((config.max_connections() - 1) / MIN_WORKER_SHARE)
-        .max(1);
+    let workers = cpus.min(config.max_worker_pools(false)).max(1);
     config.worker_pools = workers;
     let db = Database::builder(url, config).build()?;
     diesel::sql_query(

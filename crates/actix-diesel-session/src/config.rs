@@ -116,6 +116,16 @@ impl SessionConfig {
         self.pool_size + self.max_overflow
     }
 
+    /// The most workers this budget gives a pool of their own
+    /// ([`SessionConfig::worker_pools`]): [`crate::MIN_WORKER_SHARE`] connections each,
+    /// after the application's own (one, two `with_replicas`). A server with more workers
+    /// than this runs them all on one pool.
+    pub fn max_worker_pools(&self, with_replicas: bool) -> usize {
+        self.max_connections()
+            .saturating_sub(crate::workers::application_connections(with_replicas))
+            / crate::workers::MIN_WORKER_SHARE
+    }
+
     /// Client-side bound on a handler's statement: the statement timeout plus
     /// [`DEADLINE_MARGIN`]. `None` without a statement timeout: a handler's statement may
     /// then run, or wait for a lock, as long as the server lets it.

@@ -296,16 +296,17 @@ impl DatabaseBuilder {
         }
         let cfg = self.config;
         let connector = Connector::for_sessions(&self.url, &cfg);
-        // The application's own pool with per-worker pools: background work, and the
-        // primary's lag samples apart from it with replicas.
-        let application = if self.replicas.is_empty() { 1 } else { 2 };
-        let per_worker = cfg.worker_pools > 1
-            && workers::shares(
-                cfg.pool_size,
-                cfg.max_connections().saturating_sub(application),
-                cfg.worker_pools,
-            )
-            .is_some();
+        let application = workers::application_connections(!self.replicas.is_empty());
+        let shares = (cfg.worker_pools > 1)
+            .then(|| {
+                workers::shares(
+                    cfg.pool_size,
+                    cfg.max_connections().saturating_sub(application),
+                    cfg.worker_pools,
+                )
+            })
+            .flatten();
+        let per_worker = shares.is_some();
         if cfg.worker_pools > 1 && !per_worker {
             log::info!(
                 "{} pooled connections cannot give {} workers {} each besides the application's {application}: one pool for all, driven on the application's runtime",
@@ -314,8 +315,10 @@ impl DatabaseBuilder {
                 workers::MIN_WORKER_SHARE,
             );
         }
+        // The application's own pool: with per-worker pools, its connections, none kept
+        // open when idle.
         let application_cfg = if per_worker {
-            WorkerPools::application_share(&cfg, application)
+            workers::share_config(&cfg, (0, application))
         } else {
             cfg.clone()
         };
@@ -346,9 +349,7 @@ impl DatabaseBuilder {
             settings.replicas = Some(replicas);
         }
         let settings = Arc::new(settings);
-        let workers = per_worker
-            .then(|| WorkerPools::new(&cfg, settings.clone(), cfg.worker_pools, application))
-            .flatten();
+        let workers = shares.map(|shares| WorkerPools::new(&cfg, settings.clone(), shares));
         Ok(Database {
             settings,
             config: Arc::new(cfg),

@@ -293,12 +293,10 @@ impl Replicas {
         observer: &Arc<dyn SessionObserver>,
         render: &ErrorRenderer,
     ) -> Result<Vec<Arc<Settings>>, deadpool::managed::BuildError> {
-        let Some(&(base, max)) = self.worker_shares.as_ref().and_then(|s| s.get(index)) else {
+        let Some(&share) = self.worker_shares.as_ref().and_then(|s| s.get(index)) else {
             return Ok(Vec::new());
         };
-        let mut cfg = self.pool_cfg.clone();
-        cfg.pool_size = base;
-        cfg.max_overflow = max - base;
+        let cfg = crate::workers::share_config(&self.pool_cfg, share);
         self.members
             .iter()
             .map(|member| {
@@ -342,7 +340,7 @@ impl Replicas {
             })
             .flatten();
         let shared_cfg = if worker_shares.is_some() {
-            crate::workers::WorkerPools::application_share(&pool_cfg, 1)
+            crate::workers::share_config(&pool_cfg, (0, 1))
         } else {
             pool_cfg.clone()
         };

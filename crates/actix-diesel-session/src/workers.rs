@@ -48,6 +48,25 @@ use crate::session::Settings;
 /// one worker would make its other requests wait while other workers' connections idle.
 pub const MIN_WORKER_SHARE: usize = 4;
 
+/// The connections the application's own pool keeps when the workers have pools of
+/// their own: one for background work, and one more with replicas, so that the primary's
+/// lag samples never queue behind other background work.
+pub(crate) fn application_connections(with_replicas: bool) -> usize {
+    if with_replicas {
+        2
+    } else {
+        1
+    }
+}
+
+/// `cfg` with the limits of one share from [`shares`].
+pub(crate) fn share_config(cfg: &SessionConfig, (base, max): (usize, usize)) -> SessionConfig {
+    let mut cfg = cfg.clone();
+    cfg.pool_size = base;
+    cfg.max_overflow = max - base;
+    cfg
+}
+
 /// The per-worker pools of one [`crate::Database`].
 pub(crate) struct WorkerPools {
     /// The configuration of the whole database (its full budget).
@@ -108,36 +127,19 @@ pub(crate) fn shares(base: usize, total: usize, workers: usize) -> Option<Vec<(u
 }
 
 impl WorkerPools {
-    /// Per-worker pools for `workers` workers, or `None` when the budget, less the
-    /// application's `application` connections, has fewer than [`MIN_WORKER_SHARE`]
-    /// per worker (one pool for all then).
+    /// Per-worker pools of the given [`shares`] of `config`'s budget.
     pub(crate) fn new(
         config: &SessionConfig,
         base: Arc<Settings>,
-        workers: usize,
-        application: usize,
-    ) -> Option<Arc<WorkerPools>> {
-        let shares = shares(
-            config.pool_size,
-            config.max_connections().checked_sub(application)?,
-            workers,
-        )?;
-        Some(Arc::new(WorkerPools {
+        shares: Vec<(usize, usize)>,
+    ) -> Arc<WorkerPools> {
+        Arc::new(WorkerPools {
             config: config.clone(),
             base,
             slots: Mutex::new(shares.iter().map(|_| None).collect()),
             shares,
             closed: AtomicBool::new(false),
-        }))
-    }
-
-    /// The budget the application's own pool keeps: `connections`, none of them kept
-    /// open when idle.
-    pub(crate) fn application_share(config: &SessionConfig, connections: usize) -> SessionConfig {
-        let mut cfg = config.clone();
-        cfg.pool_size = 0;
-        cfg.max_overflow = connections;
-        cfg
+        })
     }
 
     fn key(self: &Arc<Self>) -> usize {
@@ -208,10 +210,7 @@ impl WorkerPools {
     }
 
     fn build_share(&self, index: usize) -> Result<Arc<Settings>, deadpool::managed::BuildError> {
-        let (base, max) = self.shares[index];
-        let mut cfg = self.config.clone();
-        cfg.pool_size = base;
-        cfg.max_overflow = max - base;
+        let cfg = share_config(&self.config, self.shares[index]);
         // Opened and driven here, on this worker's runtime.
         let connector = self.base.connector.clone().on_callers_runtime();
         let mut settings = Settings::with_new_pool(
@@ -244,11 +243,8 @@ impl WorkerPools {
 
     /// Closes the pools of the shares taken; no share is taken from now on.
     pub(crate) fn close(&self) {
-        {
-            let _slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            self.closed.store(true, Ordering::Release);
-        }
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::Release);
         for held in slots.iter().flatten() {
             held.settings.pool.close();
             for replica in &held.settings.replica_pools {
@@ -282,7 +278,29 @@ impl WorkerPools {
 
 #[cfg(test)]
 mod tests {
-    use super::{shares, MIN_WORKER_SHARE};
+    use super::{application_connections, shares, MIN_WORKER_SHARE};
+    use crate::SessionConfig;
+
+    #[test]
+    fn max_worker_pools_is_the_most_workers_that_get_shares() {
+        for (pool_size, max_overflow) in [(5, 10), (2, 2), (4, 5), (20, 45), (1, 0)] {
+            let mut cfg = SessionConfig::default();
+            (cfg.pool_size, cfg.max_overflow) = (pool_size, max_overflow);
+            for with_replicas in [false, true] {
+                let most = cfg.max_worker_pools(with_replicas);
+                let total = cfg
+                    .max_connections()
+                    .saturating_sub(application_connections(with_replicas));
+                for workers in 1..=most + 2 {
+                    assert_eq!(
+                        shares(pool_size, total, workers).is_some(),
+                        workers <= most,
+                        "{pool_size} + {max_overflow}, replicas {with_replicas}, {workers} workers"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn shares_split_the_budget_exactly_with_the_base_first() {
